@@ -1,0 +1,253 @@
+// Package nixbuild is the Nix prepare step: it looks package attributes up
+// in a package set, realises them and reports their runtime closure.
+package nixbuild
+
+import (
+	"cmp"
+	"context"
+	_ "embed"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+)
+
+//go:embed prepare.nix
+var prepareNix []byte
+
+// DefaultTimeout bounds one whole prepare step (evaluation and builds).
+const DefaultTimeout = 30 * time.Minute
+
+// Request is what to prepare.
+type Request struct {
+	Packages []string // attribute paths, e.g. "htop", "xorg.xev"
+	System   string   // Nix system, e.g. "x86_64-linux"
+	Tag      string   // selects the source revision, see Source
+}
+
+// Package is one requested attribute and the store path it realised to.
+type Package struct {
+	Name string // as requested
+	Out  string // realised store path
+}
+
+// StorePath is one node of the runtime closure graph.
+type StorePath struct {
+	Path       string   `json:"path"`
+	NarSize    int64    `json:"narSize"`
+	References []string `json:"references"`
+}
+
+// Result is a realised package list and its runtime closure.
+type Result struct {
+	// Packages in request order; their Out paths make the symlink forest.
+	Packages []Package
+	// Closure holds every store path the packages need at run time, sorted
+	// by path, with references sorted.
+	Closure []StorePath
+}
+
+// Builder runs the prepare step against one package source.
+type Builder struct {
+	source   Source
+	timeout  time.Duration
+	options  map[string]string
+	binDir   string
+	logLines int
+	progress func(line string)
+
+	writeOnce  sync.Once
+	exprPath   string
+	writeError error
+}
+
+// Opt configures a Builder.
+type Opt func(*Builder)
+
+// WithTimeout bounds a whole Build; zero means DefaultTimeout.
+func WithTimeout(d time.Duration) Opt { return func(b *Builder) { b.timeout = d } }
+
+// WithOptions passes Nix settings (`--option NAME VALUE`) to every Nix
+// call, e.g. {"substituters": ""} for hosts without a binary cache.
+func WithOptions(options map[string]string) Opt {
+	return func(b *Builder) { maps.Copy(b.options, options) }
+}
+
+// WithBinDir runs Nix's commands from dir instead of looking them up in PATH.
+func WithBinDir(dir string) Opt { return func(b *Builder) { b.binDir = dir } }
+
+// WithProgress receives every line Nix writes to stderr (build logs).
+func WithProgress(f func(line string)) Opt { return func(b *Builder) { b.progress = f } }
+
+// WithLogTail sets how many of Nix's last log lines a BuildError carries.
+func WithLogTail(lines int) Opt { return func(b *Builder) { b.logLines = lines } }
+
+// New returns a Builder for source.
+func New(source Source, opts ...Opt) *Builder {
+	b := &Builder{source: source, options: map[string]string{}, logLines: 30}
+	for _, opt := range opts {
+		opt(b)
+	}
+	if b.timeout <= 0 {
+		b.timeout = DefaultTimeout
+	}
+	return b
+}
+
+// Source is the package source this Builder reads.
+func (b *Builder) Source() Source { return b.source }
+
+// Build realises the requested packages and returns their closure. Missing
+// attributes are reported all at once as a *NotFoundError; failures of Nix
+// as a *BuildError carrying the end of Nix's log.
+func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
+	if len(req.Packages) == 0 {
+		return nil, fmt.Errorf("no packages requested: %w", errdefs.ErrInvalidArgument)
+	}
+	ctx, cancel := context.WithTimeoutCause(ctx, b.timeout, fmt.Errorf("nix prepare step exceeded its timeout of %s: %w", b.timeout, context.DeadlineExceeded))
+	defer cancel()
+	res, err := b.build(ctx, req)
+	if err != nil && ctx.Err() != nil {
+		if cause := context.Cause(ctx); cause != nil && !errors.Is(err, cause) {
+			err = fmt.Errorf("%w (%w)", cause, err)
+		}
+	}
+	return res, err
+}
+
+func (b *Builder) build(ctx context.Context, req Request) (*Result, error) {
+	expr, err := b.expression()
+	if err != nil {
+		return nil, err
+	}
+	source, err := b.source.argument(req.Tag)
+	if err != nil {
+		return nil, err
+	}
+	pkgJSON, err := json.Marshal(req.Packages)
+	if err != nil {
+		return nil, err
+	}
+	log.G(ctx).WithFields(log.Fields{"packages": req.Packages, "system": req.System, "source": b.source.String()}).Info("evaluating packages")
+
+	// --read-write-mode lets evaluation write the .drv files it computes,
+	// so that they can be realised below.
+	out, err := b.run(ctx, "evaluate", "nix-instantiate", b.args("--eval", "--strict", "--json", "--read-write-mode", expr,
+		"--argstr", "source", source,
+		"--argstr", "packages", string(pkgJSON),
+		"--argstr", "system", req.System)...)
+	if err != nil {
+		return nil, err
+	}
+	var eval struct {
+		Missing     []string `json:"missing"`
+		NotPackages []string `json:"notPackages"`
+		Packages    []struct {
+			Name string `json:"name"`
+			Drv  string `json:"drv"`
+			Out  string `json:"out"`
+		} `json:"packages"`
+	}
+	if err := json.Unmarshal(out, &eval); err != nil {
+		return nil, &BuildError{Stage: "evaluate", Err: fmt.Errorf("reading evaluation result: %w", err)}
+	}
+	if len(eval.Missing) > 0 {
+		return nil, &NotFoundError{Packages: eval.Missing}
+	}
+	if len(eval.NotPackages) > 0 {
+		return nil, &NotPackageError{Attributes: eval.NotPackages}
+	}
+
+	res := &Result{}
+	var drvs, outs []string
+	for _, p := range eval.Packages {
+		res.Packages = append(res.Packages, Package{Name: p.Name, Out: p.Out})
+		drvs = append(drvs, p.Drv)
+		outs = append(outs, p.Out)
+	}
+	slices.Sort(drvs)
+	drvs = slices.Compact(drvs)
+
+	log.G(ctx).WithField("derivations", len(drvs)).Info("realising packages")
+	if _, err := b.run(ctx, "build", "nix-store", b.args(append([]string{"--realise"}, drvs...)...)...); err != nil {
+		return nil, err
+	}
+
+	info, err := b.run(ctx, "query", "nix", b.args(append([]string{
+		"--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive"}, outs...)...)...)
+	if err != nil {
+		return nil, err
+	}
+	res.Closure, err = parsePathInfo(info)
+	if err != nil {
+		return nil, &BuildError{Stage: "query", Err: err}
+	}
+	return res, nil
+}
+
+func (b *Builder) args(args ...string) []string {
+	var opts []string
+	for _, k := range slices.Sorted(maps.Keys(b.options)) {
+		opts = append(opts, "--option", k, b.options[k])
+	}
+	return append(opts, args...)
+}
+
+// expression writes prepare.nix to a private temporary file once per Builder.
+func (b *Builder) expression() (string, error) {
+	b.writeOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "nixery-prepare-")
+		if err != nil {
+			b.writeError = fmt.Errorf("writing prepare.nix: %w", err)
+			return
+		}
+		b.exprPath = filepath.Join(dir, "prepare.nix")
+		if err := os.WriteFile(b.exprPath, prepareNix, 0o400); err != nil {
+			b.writeError = fmt.Errorf("writing prepare.nix: %w", err)
+		}
+	})
+	return b.exprPath, b.writeError
+}
+
+// Close removes the Builder's temporary files.
+func (b *Builder) Close() error {
+	if b.exprPath == "" {
+		return nil
+	}
+	return os.RemoveAll(filepath.Dir(b.exprPath))
+}
+
+// parsePathInfo reads `nix path-info --json`: a list of objects with a
+// "path" field up to Nix 2.18, an object keyed by path since 2.19.
+func parsePathInfo(data []byte) ([]StorePath, error) {
+	var list []StorePath
+	if err := json.Unmarshal(data, &list); err != nil {
+		var byPath map[string]*StorePath
+		if err2 := json.Unmarshal(data, &byPath); err2 != nil {
+			return nil, fmt.Errorf("reading nix path-info output: %w", err)
+		}
+		for path, sp := range byPath {
+			if sp == nil {
+				return nil, fmt.Errorf("nix path-info: %s is not valid", path)
+			}
+			sp.Path = path
+			list = append(list, *sp)
+		}
+	}
+	for i := range list {
+		if list[i].Path == "" {
+			return nil, fmt.Errorf("nix path-info: entry %d has no path", i)
+		}
+		list[i].References = slices.Sorted(slices.Values(list[i].References))
+	}
+	slices.SortFunc(list, func(a, b StorePath) int { return cmp.Compare(a.Path, b.Path) })
+	return list, nil
+}

@@ -1,0 +1,270 @@
+package nixbuild
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+)
+
+func TestSourceArgument(t *testing.T) {
+	hex := "0123456789abcdef0123456789abcdef01234567"
+	for _, tc := range []struct {
+		src    Source
+		tag    string
+		want   string
+		pinned bool
+	}{
+		{Source{"path", "/pkgs"}, "latest", `{"path":"/pkgs","type":"path"}`, false},
+		{Source{"path", "/pkgs"}, hex, `{"path":"/pkgs","type":"path"}`, false},
+		{GitSource("https://example.org/pkgs.git"), "latest", `{"type":"git","url":"https://example.org/pkgs.git"}`, false},
+		{GitSource("/srv/pkgs"), hex, `{"rev":"` + hex + `","type":"git","url":"/srv/pkgs"}`, true},
+		{GitSource("/srv/pkgs"), "release-1", `{"ref":"release-1","type":"git","url":"/srv/pkgs"}`, false},
+		{ChannelSource("nixos-24.05"), "latest", `{"type":"channel","url":"https://github.com/NixOS/nixpkgs/archive/nixos-24.05.tar.gz"}`, false},
+		{ChannelSource("nixos-24.05"), hex, `{"type":"channel","url":"https://github.com/NixOS/nixpkgs/archive/` + hex + `.tar.gz"}`, true},
+		{ChannelSource("<nixpkgs>"), "latest", `{"lookup":"nixpkgs","type":"channel"}`, false},
+		{ChannelSource("https://mirror.example/nixpkgs.tar.gz"), "", `{"type":"channel","url":"https://mirror.example/nixpkgs.tar.gz"}`, false},
+	} {
+		got, err := tc.src.argument(tc.tag)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != tc.want {
+			t.Errorf("%v tag %s: got %s, want %s", tc.src, tc.tag, got, tc.want)
+		}
+		if p := tc.src.Pinned(tc.tag); p != tc.pinned {
+			t.Errorf("%v tag %s: pinned %v", tc.src, tc.tag, p)
+		}
+	}
+	if _, err := (Source{}).argument("latest"); !errdefs.IsFailedPrecondition(err) {
+		t.Errorf("zero source: %v", err)
+	}
+}
+
+func TestParsePathInfo(t *testing.T) {
+	want := []StorePath{
+		{Path: "/nix/store/a-glibc", NarSize: 10, References: []string{"/nix/store/a-glibc"}},
+		{Path: "/nix/store/b-htop", NarSize: 20, References: []string{"/nix/store/a-glibc", "/nix/store/b-htop"}},
+	}
+	for name, in := range map[string]string{
+		"nix-2.8": `[{"path":"/nix/store/b-htop","narSize":20,"references":["/nix/store/b-htop","/nix/store/a-glibc"]},
+		             {"path":"/nix/store/a-glibc","narSize":10,"references":["/nix/store/a-glibc"]}]`,
+		"nix-2.19": `{"/nix/store/b-htop":{"narSize":20,"references":["/nix/store/b-htop","/nix/store/a-glibc"]},
+		              "/nix/store/a-glibc":{"narSize":10,"references":["/nix/store/a-glibc"]}}`,
+	} {
+		got, err := parsePathInfo([]byte(in))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !slices.EqualFunc(got, want, func(a, b StorePath) bool {
+			return a.Path == b.Path && a.NarSize == b.NarSize && slices.Equal(a.References, b.References)
+		}) {
+			t.Errorf("%s: got %+v", name, got)
+		}
+	}
+	for _, bad := range []string{`nope`, `{"/nix/store/x":null}`, `[{"narSize":1}]`} {
+		if _, err := parsePathInfo([]byte(bad)); err == nil {
+			t.Errorf("%s parsed", bad)
+		}
+	}
+}
+
+func TestTail(t *testing.T) {
+	tl := newTail(3)
+	for _, l := range []string{"a", "b", "c", "d", "e"} {
+		tl.add(l)
+	}
+	if got := tl.String(); got != "c\nd\ne" {
+		t.Errorf("tail = %q", got)
+	}
+	tl = newTail(3)
+	tl.add("x")
+	if got := tl.String(); got != "x" {
+		t.Errorf("tail = %q", got)
+	}
+}
+
+func newTestBuilder(t *testing.T, dir string, opts ...Opt) *Builder {
+	t.Helper()
+	testutil.RequireNix(t)
+	src, err := PathSource(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := New(src, append([]Opt{WithOptions(testutil.NixOptions())}, opts...)...)
+	t.Cleanup(func() { b.Close() })
+	return b
+}
+
+func TestBuild(t *testing.T) {
+	b := newTestBuilder(t, testutil.TestPkgs())
+	res, err := b.Build(context.Background(), Request{
+		Packages: []string{"1password", "haskellpackages.hello", "htop"},
+		System:   "x86_64-linux",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, p := range res.Packages {
+		names = append(names, p.Name)
+		if _, err := os.Stat(p.Out); err != nil {
+			t.Errorf("%s not realised: %v", p.Name, err)
+		}
+	}
+	if !slices.Equal(names, []string{"1password", "haskellpackages.hello", "htop"}) {
+		t.Errorf("packages %v", names)
+	}
+	byName := map[string]StorePath{}
+	for _, sp := range res.Closure {
+		byName[sp.Path[len("/nix/store/")+33:]] = sp
+		if sp.NarSize <= 0 {
+			t.Errorf("%s has narSize %d", sp.Path, sp.NarSize)
+		}
+	}
+	for _, want := range []string{"htop-3.2.2", "glibc-2.36", "ncurses-6.4", "libnl-3.7.0", "hello-1.0", "1password-cli-2.0", "bash-interactive-5.2"} {
+		if _, ok := byName[want]; !ok {
+			t.Errorf("closure lacks %s: %v", want, res.Closure)
+		}
+	}
+	if refs := byName["htop-3.2.2"].References; !slices.ContainsFunc(refs, func(r string) bool { return strings.HasSuffix(r, "-ncurses-6.4") }) {
+		t.Errorf("htop does not reference ncurses: %v", refs)
+	}
+	// The script's shebang is a real runtime reference.
+	if refs := byName["hello-1.0"].References; !slices.ContainsFunc(refs, func(r string) bool { return strings.HasSuffix(r, "-bash-interactive-5.2") }) {
+		t.Errorf("hello does not reference bash: %v", refs)
+	}
+}
+
+func TestBuildSystem(t *testing.T) {
+	b := newTestBuilder(t, testutil.TestPkgs())
+	x86, err := b.Build(context.Background(), Request{Packages: []string{"htop"}, System: "x86_64-linux"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	arm, err := b.Build(context.Background(), Request{Packages: []string{"htop"}, System: "aarch64-linux"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if x86.Packages[0].Out == arm.Packages[0].Out {
+		t.Errorf("aarch64-linux and x86_64-linux give the same store path %s", arm.Packages[0].Out)
+	}
+}
+
+func TestBuildNotFound(t *testing.T) {
+	b := newTestBuilder(t, testutil.TestPkgs())
+	_, err := b.Build(context.Background(), Request{
+		Packages: []string{"alsomissing", "haskellpackages.nosuch", "htop", "nosuchpkg", "htop.bin"},
+		System:   "x86_64-linux",
+	})
+	var nf *NotFoundError
+	if !errors.As(err, &nf) || !errdefs.IsNotFound(err) {
+		t.Fatalf("got %v, want NotFoundError", err)
+	}
+	if want := []string{"alsomissing", "haskellpackages.nosuch", "nosuchpkg", "htop.bin"}; !slices.Equal(nf.Packages, want) {
+		t.Errorf("missing %v, want %v", nf.Packages, want)
+	}
+	if !strings.Contains(err.Error(), "could not find Nix packages: [alsomissing haskellpackages.nosuch nosuchpkg htop.bin]") {
+		t.Errorf("message %q", err)
+	}
+
+	_, err = b.Build(context.Background(), Request{Packages: []string{"haskellpackages"}, System: "x86_64-linux"})
+	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "haskellpackages") {
+		t.Errorf("package set as package: %v", err)
+	}
+}
+
+// writePkgs writes a package set that extends the test set with extra
+// attributes given as Nix source.
+func writePkgs(t *testing.T, extra string) string {
+	t.Helper()
+	dir := t.TempDir()
+	src := `{ system ? builtins.currentSystem, ... }:
+let base = import ` + testutil.TestPkgs() + ` { inherit system; }; in base // {
+` + extra + `
+}`
+	if err := os.WriteFile(filepath.Join(dir, "default.nix"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+func TestBuildFailure(t *testing.T) {
+	dir := writePkgs(t, `broken = derivation {
+    name = "broken-1.0"; inherit system; builder = "/bin/bash";
+    args = [ "-c" "for i in $(seq 1 100); do echo line $i >&2; done; echo the-marker-of-failure >&2; exit 3" ];
+    PATH = "/usr/bin:/bin";
+    salt = "`+time.Now().String()+`";
+  };`)
+	b := newTestBuilder(t, dir)
+	_, err := b.Build(context.Background(), Request{Packages: []string{"broken", "htop"}, System: "x86_64-linux"})
+	var be *BuildError
+	if !errors.As(err, &be) {
+		t.Fatalf("got %v, want BuildError", err)
+	}
+	if be.Stage != "build" || !strings.Contains(be.Log, "the-marker-of-failure") {
+		t.Errorf("stage %s, log:\n%s", be.Stage, be.Log)
+	}
+	if strings.Contains(be.Log, "line 5\n") {
+		t.Errorf("log is not only the tail:\n%s", be.Log)
+	}
+}
+
+func TestBuildEvalError(t *testing.T) {
+	dir := writePkgs(t, `bad = throw "this package was removed";`)
+	b := newTestBuilder(t, dir)
+	_, err := b.Build(context.Background(), Request{Packages: []string{"bad"}, System: "x86_64-linux"})
+	var be *BuildError
+	if !errors.As(err, &be) || be.Stage != "evaluate" || !strings.Contains(err.Error(), "this package was removed") {
+		t.Errorf("got %v", err)
+	}
+}
+
+func TestBuildTimeout(t *testing.T) {
+	dir := writePkgs(t, `hang = derivation {
+    name = "hang-1.0"; inherit system; builder = "/bin/bash";
+    args = [ "-c" "echo $$ > /tmp/nixbuild-hang-pid; exec sleep 600" ];
+    PATH = "/usr/bin:/bin";
+    salt = "`+time.Now().String()+`";
+  };`)
+	b := newTestBuilder(t, dir, WithTimeout(3*time.Second))
+	start := time.Now()
+	_, err := b.Build(context.Background(), Request{Packages: []string{"hang"}, System: "x86_64-linux"})
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "timeout of 3s") {
+		t.Fatalf("got %v", err)
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Errorf("timeout took %s to take effect", d)
+	}
+	// The builder itself (in its own session under Nix) must be gone too.
+	pid, err := os.ReadFile("/tmp/nixbuild-hang-pid")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove("/tmp/nixbuild-hang-pid")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat("/proc/" + strings.TrimSpace(string(pid))); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("builder %s still runs after the timeout", pid)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(time.Second, cancel)
+	_, err = newTestBuilder(t, dir).Build(ctx, Request{Packages: []string{"hang"}, System: "x86_64-linux"})
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("cancel: %v", err)
+	}
+}

@@ -1,0 +1,50 @@
+package nixbuild
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/containerd/errdefs"
+)
+
+// NotFoundError names every requested package the package set lacks.
+type NotFoundError struct {
+	Packages []string
+}
+
+func (e *NotFoundError) Error() string {
+	return fmt.Sprintf("could not find Nix packages: [%s]", strings.Join(e.Packages, " "))
+}
+
+// Is makes errdefs.IsNotFound true for it.
+func (e *NotFoundError) Is(target error) bool { return target == errdefs.ErrNotFound }
+
+// NotPackageError names requested attributes that exist but are not
+// derivations (a nested package set, a function).
+type NotPackageError struct {
+	Attributes []string
+}
+
+func (e *NotPackageError) Error() string {
+	return fmt.Sprintf("not Nix packages (attribute sets or functions, not derivations): [%s]", strings.Join(e.Attributes, " "))
+}
+
+// Is makes errdefs.IsInvalidArgument true for it.
+func (e *NotPackageError) Is(target error) bool { return target == errdefs.ErrInvalidArgument }
+
+// BuildError is a failed Nix evaluation or build, with the end of its log.
+type BuildError struct {
+	Stage string // "evaluate", "build" or "query"
+	Log   string // the last lines Nix wrote to stderr
+	Err   error
+}
+
+func (e *BuildError) Error() string {
+	msg := fmt.Sprintf("nix %s failed: %v", e.Stage, e.Err)
+	if e.Log != "" {
+		msg += "\n--- end of nix log ---\n" + e.Log
+	}
+	return msg
+}
+
+func (e *BuildError) Unwrap() error { return e.Err }

@@ -1,0 +1,77 @@
+# The Nix half of the prepare step. nixery-snapshotter evaluates this file
+# with `--argstr` arguments only: package names and source locations arrive
+# as JSON strings and are read with fromJSON, never spliced into Nix code.
+#
+# It asks nothing of the package set but that it is an attribute set of
+# derivations (or a function returning one): no lib, no runCommand.
+{ source, packages, system }:
+let
+  inherit (builtins)
+    attrNames filter foldl' fromJSON getAttr hasAttr isAttrs isFunction
+    listToAttrs map match replaceStrings split;
+
+  src = fromJSON source;
+
+  tree =
+    if src.type == "path" then /. + src.path
+    else if src.type == "git" then
+      builtins.fetchGit ({ url = src.url; }
+        // (if src ? rev then { inherit (src) rev; allRefs = true; } else { })
+        // (if src ? ref then { inherit (src) ref; } else { }))
+    else if src.type == "channel" then
+      (if src ? lookup then builtins.findFile builtins.nixPath src.lookup
+       else builtins.fetchTarball src.url)
+    else throw "unknown package source type ${src.type}";
+
+  imported = import tree;
+  pkgs = if isFunction imported then imported { inherit system; } else imported;
+
+  upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
+  lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
+  toLower = replaceStrings upper lower;
+
+  # Image references are lower case, the package set is not
+  # (haskellPackages): top-level names are also looked up case-insensitively.
+  # Built only when an exact lookup misses.
+  lowerTopLevel = listToAttrs (map (n: { name = toLower n; value = n; })
+    (filter (n: match ".*[A-Z].*" n != null) (attrNames pkgs)));
+
+  # A component that starts with a digit is not a valid Nix identifier, so
+  # package sets prefix it with "_" (nixpkgs' _1password).
+  candidates = name: [ name ] ++ (if match "[0-9].*" name != null then [ ("_" + name) ] else [ ]);
+
+  lookupIn = set: name:
+    let hits = filter (n: hasAttr n set) (candidates name);
+    in if hits == [ ] then null else getAttr (builtins.head hits) set;
+
+  lookupTop = name:
+    let exact = lookupIn pkgs name;
+    in if exact != null then exact
+       else if hasAttr name lowerTopLevel then getAttr (getAttr name lowerTopLevel) pkgs
+       else null;
+
+  fetch = name:
+    let
+      path = filter (s: s != [ ]) (split "\\." name);
+      step = acc: component:
+        if acc == null || !(isAttrs acc) then null else lookupIn acc component;
+      first = lookupTop (builtins.head path);
+    in foldl' step first (builtins.tail path);
+
+  isDerivation = v: isAttrs v && v ? type && v.type == "derivation";
+
+  requested = fromJSON packages;
+  fetched = map (name: { inherit name; value = fetch name; }) requested;
+  missing = map (r: r.name) (filter (r: r.value == null) fetched);
+  notPackages = map (r: r.name) (filter (r: r.value != null && !(isDerivation r.value)) fetched);
+  ok = missing == [ ] && notPackages == [ ];
+in
+{
+  inherit missing notPackages;
+  packages = if !ok then [ ] else map (r: {
+    inherit (r) name;
+    # Not `outPath`: toJSON would turn the whole set into that string.
+    drv = r.value.drvPath;
+    out = r.value.outPath;
+  }) fetched;
+}

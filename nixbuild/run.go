@@ -1,0 +1,105 @@
+package nixbuild
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/log"
+)
+
+// killGrace is how long Nix gets to stop its builders after SIGTERM before
+// its whole process group is killed.
+const killGrace = 5 * time.Second
+
+// run executes one Nix command and returns its stdout. stderr is logged line
+// by line and its tail kept for errors. Cancelling ctx ends the command's
+// whole process group: Nix interrupts its builders on SIGTERM, and SIGKILL
+// follows if it does not exit in time.
+func (b *Builder) run(ctx context.Context, stage, name string, args ...string) ([]byte, error) {
+	bin := name
+	if b.binDir != "" {
+		bin = b.binDir + "/" + name
+	}
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error {
+		pgid := cmd.Process.Pid
+		_ = syscall.Kill(-pgid, syscall.SIGTERM)
+		time.AfterFunc(killGrace, func() { _ = syscall.Kill(-pgid, syscall.SIGKILL) })
+		return nil
+	}
+	cmd.WaitDelay = killGrace + time.Second
+	var stdout bytes.Buffer
+	cmd.Stdout = &stdout
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+
+	logger := log.G(ctx).WithField("nix", name)
+	logger.WithField("args", args).Debug("running nix")
+	if err := cmd.Start(); err != nil {
+		return nil, &BuildError{Stage: stage, Err: fmt.Errorf("start %s: %w", name, err)}
+	}
+	tail := newTail(b.logLines)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		scanner := bufio.NewScanner(stderr)
+		scanner.Buffer(make([]byte, 64*1024), 1024*1024)
+		for scanner.Scan() {
+			line := scanner.Text()
+			tail.add(line)
+			logger.Debug(line)
+			if b.progress != nil {
+				b.progress(line)
+			}
+		}
+		_, _ = io.Copy(io.Discard, stderr)
+	}()
+	wg.Wait()
+	err = cmd.Wait()
+	if err != nil {
+		if ctxErr := ctx.Err(); ctxErr != nil {
+			err = ctxErr
+		}
+		return nil, &BuildError{Stage: stage, Log: tail.String(), Err: fmt.Errorf("%s: %w", name, err)}
+	}
+	return stdout.Bytes(), nil
+}
+
+// tail keeps the last n lines written to it.
+type tail struct {
+	lines []string
+	next  int
+	full  bool
+}
+
+func newTail(n int) *tail { return &tail{lines: make([]string, n)} }
+
+func (t *tail) add(line string) {
+	if len(t.lines) == 0 {
+		return
+	}
+	t.lines[t.next] = line
+	t.next = (t.next + 1) % len(t.lines)
+	t.full = t.full || t.next == 0
+}
+
+func (t *tail) String() string {
+	var out []string
+	if t.full {
+		out = append(out, t.lines[t.next:]...)
+	}
+	out = append(out, t.lines[:t.next]...)
+	return strings.Join(out, "\n")
+}

@@ -1,0 +1,98 @@
+package nixbuild
+
+import (
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"strings"
+
+	"github.com/containerd/errdefs"
+)
+
+// commitHash is a full git commit id: a tag of this shape pins a revision.
+var commitHash = regexp.MustCompile(`^[0-9a-f]{40}$`)
+
+const latestTag = "latest"
+
+// Source is where package sets come from. The image tag selects a revision
+// of it, as in Nixery: for git, a 40-hex tag is a commit, any other tag a
+// ref and `latest` the default branch; for channels, a tag other than
+// `latest` replaces the channel; a path has a single revision.
+type Source struct {
+	kind string // "path", "git" or "channel"
+	loc  string
+}
+
+// PathSource is a local directory whose default.nix is a package set (or a
+// function `{ system ? ..., ... }` returning one), such as a nixpkgs checkout.
+func PathSource(dir string) (Source, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return Source{}, fmt.Errorf("package set path %q: %w", dir, err)
+	}
+	return Source{kind: "path", loc: abs}, nil
+}
+
+// GitSource is a git repository holding a package set at its top.
+func GitSource(url string) Source { return Source{kind: "git", loc: url} }
+
+// ChannelSource is a nixpkgs channel or commit ("nixos-24.05", a commit id,
+// a tarball URL) or a Nix search path entry such as "<nixpkgs>".
+func ChannelSource(name string) Source { return Source{kind: "channel", loc: name} }
+
+func (s Source) String() string { return s.kind + ":" + s.loc }
+
+// IsZero reports whether no source was configured.
+func (s Source) IsZero() bool { return s.kind == "" }
+
+// Pinned reports whether the package set for tag is fixed, so that results
+// built from it may be cached.
+func (s Source) Pinned(tag string) bool {
+	switch s.kind {
+	case "git":
+		return commitHash.MatchString(tag)
+	case "channel":
+		return commitHash.MatchString(s.revision(tag))
+	}
+	return false
+}
+
+func (s Source) revision(tag string) string {
+	if tag == "" || tag == latestTag {
+		return s.loc
+	}
+	return tag
+}
+
+// argument is the JSON that prepare.nix reads as its `source` argument.
+func (s Source) argument(tag string) (string, error) {
+	arg := map[string]string{"type": s.kind}
+	switch s.kind {
+	case "path":
+		arg["path"] = s.loc
+	case "git":
+		arg["url"] = s.loc
+		switch {
+		case tag == "" || tag == latestTag:
+		case commitHash.MatchString(tag):
+			arg["rev"] = tag
+		default:
+			arg["ref"] = tag
+		}
+	case "channel":
+		rev := s.revision(tag)
+		switch {
+		case strings.HasPrefix(rev, "<") && strings.HasSuffix(rev, ">"):
+			arg["lookup"] = strings.TrimSuffix(strings.TrimPrefix(rev, "<"), ">")
+		case strings.Contains(rev, "://"):
+			arg["url"] = rev
+		default:
+			arg["url"] = "https://github.com/NixOS/nixpkgs/archive/" + rev + ".tar.gz"
+		}
+	default:
+		return "", fmt.Errorf("no package source configured: %w", errdefs.ErrFailedPrecondition)
+	}
+	b, err := json.Marshal(arg)
+	return string(b), err
+}

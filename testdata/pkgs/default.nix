@@ -1,0 +1,94 @@
+# An offline, nixpkgs-shaped package set for tests and the demo.
+#
+# nixpkgs cannot be downloaded on air-gapped hosts, so these packages are
+# built from the host's own programs (Debian 12, x86_64): each one copies its
+# binaries into the store and points their ELF interpreter and run path at
+# separate library packages. The attribute names are nixpkgs' names, so the
+# same image references work against real nixpkgs.
+#
+# Needs Nix with `sandbox = false` (the builders read the host's /usr) and,
+# for the aarch64-linux variants, `extra-platforms = aarch64-linux`. The
+# aarch64 variants carry the host's files: they exist to test image metadata.
+{ system ? builtins.currentSystem, ... }:
+let
+  mk = name: attrs: derivation ({
+    inherit name system;
+    builder = "/bin/bash";
+    args = [ ./builder.sh ];
+    PATH = "/usr/bin:/bin";
+    libs = "";
+    bins = "";
+    files = "";
+    script = "";
+    scriptName = "";
+    libDeps = [ ];
+    interpreter = "${glibc}/lib/ld-linux-x86-64.so.2";
+  } // attrs);
+
+  lib = name: libs: libDeps: mk name { inherit libs libDeps; };
+  program = name: bins: libDeps: mk name { inherit bins; libDeps = [ glibc ] ++ libDeps; };
+  script = name: scriptName: text: mk name {
+    inherit scriptName;
+    script = "#!${bashInteractive}/bin/bash\n${text}\n";
+  };
+
+  glibc = mk "glibc-2.36" {
+    libs = "ld-linux-x86-64.so.2 libc.so.6 libm.so.6 libpthread.so.0 libdl.so.2 librt.so.1 libresolv.so.2";
+    interpreter = "";
+  };
+  ncurses = lib "ncurses-6.4" "libtinfo.so.6 libncursesw.so.6" [ glibc ];
+  pcre2 = lib "pcre2-10.42" "libpcre2-8.so.0" [ glibc ];
+  zlib = lib "zlib-1.2.13" "libz.so.1" [ glibc ];
+  libnl = lib "libnl-3.7.0" "libnl-3.so.200 libnl-genl-3.so.200" [ glibc ];
+  oniguruma = lib "oniguruma-6.9.8" "libonig.so.5" [ glibc ];
+  libselinux = lib "libselinux-3.4" "libselinux.so.1" [ glibc pcre2 ];
+  attr = lib "attr-2.5.1" "libattr.so.1" [ glibc ];
+  acl = lib "acl-2.3.1" "libacl.so.1" [ glibc attr ];
+  gmp = lib "gmp-6.2.1" "libgmp.so.10" [ glibc ];
+  jqLib = lib "jq-1.6-lib" "libjq.so.1" [ glibc oniguruma ];
+
+  bashInteractive = program "bash-interactive-5.2" "bash" [ ncurses ];
+  coreutils = program "coreutils-9.1" (builtins.concatStringsSep " " [
+    "[" "b2sum" "base32" "base64" "basename" "basenc" "cat" "chgrp" "chmod" "chown"
+    "cksum" "comm" "cp" "csplit" "cut" "date" "dd" "df" "dir" "dircolors" "dirname"
+    "du" "echo" "env" "expand" "expr" "factor" "false" "fmt" "fold" "groups" "head"
+    "hostid" "id" "install" "join" "link" "ln" "logname" "ls" "md5sum" "mkdir"
+    "mkfifo" "mknod" "mktemp" "mv" "nice" "nl" "nohup" "nproc" "numfmt" "od" "paste"
+    "pathchk" "pr" "printenv" "printf" "ptx" "pwd" "readlink" "realpath" "rm" "rmdir"
+    "seq" "sha1sum" "sha224sum" "sha256sum" "sha384sum" "sha512sum" "shred" "shuf"
+    "sleep" "sort" "split" "stat" "stty" "sum" "sync" "tac" "tail" "tee" "test"
+    "timeout" "touch" "tr" "true" "truncate" "tsort" "tty" "uname" "unexpand" "uniq"
+    "unlink" "vdir" "wc" "whoami" "yes"
+  ]) [ libselinux pcre2 acl attr gmp ];
+in
+{
+  inherit glibc ncurses pcre2 zlib libnl oniguruma libselinux attr acl gmp;
+  inherit bashInteractive coreutils;
+  bash = bashInteractive;
+
+  moreutils = program "moreutils-0.67" "sponge ifne pee mispipe isutf8" [ ];
+  nano = program "nano-7.2" "nano" [ ncurses ];
+  htop = program "htop-3.2.2" "htop" [ ncurses libnl ];
+  git = program "git-2.39.5" "git" [ pcre2 zlib ];
+  # jq's library lives in its own package output, as in nixpkgs' jq.
+  jq = mk "jq-1.6" {
+    bins = "jq";
+    libDeps = [ glibc oniguruma jqLib ];
+  };
+
+  cacert = mk "nss-cacert-3.87" {
+    files = "/etc/ssl/certs/ca-certificates.crt=etc/ssl/certs/ca-bundle.crt";
+  };
+  iana-etc = mk "iana-etc-20230316" {
+    files = "/etc/protocols=etc/protocols /etc/services=etc/services";
+  };
+
+  # A nested package set with a camelCase name, reached as
+  # `haskellpackages.hello` from a (lower-case) image reference.
+  haskellPackages = {
+    hello = script "hello-1.0" "hello" "echo 'Hello from haskellPackages.hello'";
+  };
+
+  # An attribute whose registry name starts with a digit (`1password`).
+  _1password = script "1password-cli-2.0" "op" "echo 'op 2.0 (offline test build)'";
+}
