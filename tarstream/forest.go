@@ -1,0 +1,138 @@
+package tarstream
+
+import (
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"path"
+	"path/filepath"
+	"slices"
+
+	"github.com/containerd/errdefs"
+)
+
+// node is a directory of the symlink forest, or a symlink when target is set.
+type node struct {
+	target   string
+	children map[string]*node
+}
+
+func (n *node) child(name string) *node {
+	if n.children == nil {
+		n.children = map[string]*node{}
+	}
+	c, ok := n.children[name]
+	if !ok {
+		c = &node{}
+		n.children[name] = c
+	}
+	return c
+}
+
+// skipped are package entries that are build metadata, not runtime files.
+var skipped = map[string]bool{"nix-support": true}
+
+// WriteSymlinkForest writes the top layer of an image: the packages' trees
+// merged under /, as nixpkgs' symlinkJoin does, with directories created
+// and everything else a symlink to its absolute store path. Where packages
+// collide, the first in the given order wins. It also adds /tmp (mode 1777)
+// and, when a package provides bin/env, /usr/bin/env for #! lines.
+func WriteSymlinkForest(w io.Writer, packages []string, opts ...Opt) error {
+	o := newOptions(opts)
+	root := &node{}
+	for _, pkg := range packages {
+		if !path.IsAbs(pkg) || path.Clean(pkg) != pkg {
+			return fmt.Errorf("package path %q is not a clean absolute path: %w", pkg, errdefs.ErrInvalidArgument)
+		}
+		info, err := os.Lstat(o.onDisk(pkg))
+		if err != nil {
+			return fmt.Errorf("package %s: %w", pkg, err)
+		}
+		if !info.IsDir() {
+			continue // a single-file package has nothing to link into /
+		}
+		if err := merge(root, o.onDisk(pkg), pkg, true); err != nil {
+			return fmt.Errorf("package %s: %w", pkg, err)
+		}
+	}
+
+	if env := lookup(root, "bin", "env"); env != nil && env.target != "" {
+		if bin := lookup(root, "usr", "bin"); bin == nil || bin.target == "" {
+			if usr := root.child("usr"); usr.target == "" {
+				if e := usr.child("bin").child("env"); e.target == "" && e.children == nil {
+					e.target = env.target
+				}
+			}
+		}
+	}
+	if tmp, ok := root.children["tmp"]; !ok || tmp.target == "" {
+		root.child("tmp")
+	}
+
+	tw := newWriter(w)
+	if err := emit(tw, root, ""); err != nil {
+		return err
+	}
+	return tw.close()
+}
+
+// merge adds the entries of directory dir (store location target) to n.
+func merge(n *node, dir, target string, top bool) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if top && skipped[e.Name()] {
+			continue
+		}
+		c := n.child(e.Name())
+		switch {
+		case c.target != "":
+			// Taken by an earlier package.
+		case e.IsDir():
+			if err := merge(c, filepath.Join(dir, e.Name()), path.Join(target, e.Name()), false); err != nil {
+				return err
+			}
+		case c.children == nil:
+			c.target = path.Join(target, e.Name())
+		}
+	}
+	return nil
+}
+
+func emit(tw *writer, n *node, name string) error {
+	for _, k := range slices.Sorted(maps.Keys(n.children)) {
+		c := n.children[k]
+		entry := path.Join(name, k)
+		if c.target != "" {
+			if err := tw.symlink(entry, c.target); err != nil {
+				return err
+			}
+			continue
+		}
+		mode := int64(parentDirMode)
+		if entry == "tmp" {
+			mode = 0o1777
+		}
+		if err := tw.dir(entry, mode); err != nil {
+			return err
+		}
+		if err := emit(tw, c, entry); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// lookup follows names from n, or returns nil.
+func lookup(n *node, names ...string) *node {
+	for _, name := range names {
+		if n == nil || n.children == nil {
+			return nil
+		}
+		n = n.children[name]
+	}
+	return n
+}

@@ -1,0 +1,264 @@
+package tarstream
+
+import (
+	"archive/tar"
+	"bytes"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+)
+
+const (
+	htop  = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-htop-3.2.2"
+	glibc = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-glibc-2.36"
+	core  = "/nix/store/cccccccccccccccccccccccccccccccc-coreutils-9.1"
+)
+
+var longName = strings.Repeat("long-directory-name/", 8) + "file-with-a-name-past-100-bytes.txt"
+
+// makeStore writes a small store below root. perm and mtime vary between
+// calls to show that neither reaches the tar.
+func makeStore(t *testing.T, root string, perm os.FileMode, mtime time.Time) {
+	t.Helper()
+	files := map[string]string{
+		htop + "/bin/htop":               "#!htop binary",
+		htop + "/share/man/man1/htop.1":  "man page",
+		htop + "/share/" + longName:      "long",
+		htop + "/share/ünïcödé-名前.txt":   "unicode",
+		htop + "/nix-support/propagated": "",
+		glibc + "/lib/libc.so.6":         "libc",
+		glibc + "/lib/libm.so.6":         "libm",
+		core + "/bin/env":                "env",
+		core + "/bin/ls":                 "ls",
+		core + "/share/man/man1/ls.1":    "ls man page",
+	}
+	for name, content := range files {
+		p := filepath.Join(root, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(content), perm); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, exe := range []string{htop + "/bin/htop", core + "/bin/env", core + "/bin/ls"} {
+		if err := os.Chmod(filepath.Join(root, exe), perm|0o111); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink("libc.so.6", filepath.Join(root, glibc, "lib/libc.so")); err != nil {
+		t.Fatal(err)
+	}
+	// A hard link, as `nix-store --optimise` makes them.
+	if err := os.Link(filepath.Join(root, glibc, "lib/libm.so.6"), filepath.Join(root, glibc, "lib/libm-copy.so.6")); err != nil {
+		t.Fatal(err)
+	}
+	filepath.Walk(root, func(p string, _ os.FileInfo, _ error) error {
+		os.Chtimes(p, mtime, mtime)
+		return nil
+	})
+}
+
+type entry struct {
+	typ     byte
+	mode    int64
+	target  string
+	content string
+}
+
+func readTar(t *testing.T, b []byte) ([]string, map[string]entry) {
+	t.Helper()
+	tr := tar.NewReader(bytes.NewReader(b))
+	var names []string
+	entries := map[string]entry{}
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return names, entries
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h.Uid != 0 || h.Gid != 0 || h.Uname != "" || h.Gname != "" {
+			t.Errorf("%s: owner %d:%d %q:%q", h.Name, h.Uid, h.Gid, h.Uname, h.Gname)
+		}
+		if !h.ModTime.Equal(epoch) || !h.AccessTime.IsZero() || !h.ChangeTime.IsZero() {
+			t.Errorf("%s: times %v %v %v", h.Name, h.ModTime, h.AccessTime, h.ChangeTime)
+		}
+		if _, dup := entries[h.Name]; dup {
+			t.Errorf("%s written twice", h.Name)
+		}
+		content, _ := io.ReadAll(tr)
+		names = append(names, h.Name)
+		entries[h.Name] = entry{h.Typeflag, h.Mode, h.Linkname, string(content)}
+	}
+}
+
+func storeLayer(t *testing.T, root string, paths ...string) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	if err := WriteStorePaths(&buf, paths, WithRoot(root)); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func TestWriteStorePaths(t *testing.T) {
+	root := t.TempDir()
+	makeStore(t, root, 0o644, time.Now())
+	names, entries := readTar(t, storeLayer(t, root, glibc, htop))
+
+	if names[0] != "nix/" || names[1] != "nix/store/" {
+		t.Errorf("layer starts with %v, want the parent directories", names[:2])
+	}
+	for name, want := range map[string]entry{
+		"nix/":                        {typ: tar.TypeDir, mode: 0o755},
+		"nix/store/":                  {typ: tar.TypeDir, mode: 0o755},
+		entryName(htop) + "/":         {typ: tar.TypeDir, mode: 0o555},
+		entryName(htop) + "/bin/htop": {typ: tar.TypeReg, mode: 0o555, content: "#!htop binary"},
+		entryName(htop) + "/share/man/man1/htop.1": {typ: tar.TypeReg, mode: 0o444, content: "man page"},
+		entryName(htop) + "/share/" + longName:     {typ: tar.TypeReg, mode: 0o444, content: "long"},
+		entryName(htop) + "/share/ünïcödé-名前.txt":  {typ: tar.TypeReg, mode: 0o444, content: "unicode"},
+		entryName(glibc) + "/lib/libc.so":          {typ: tar.TypeSymlink, mode: 0o777, target: "libc.so.6"},
+		entryName(glibc) + "/lib/libm.so.6":        {typ: tar.TypeReg, mode: 0o444, content: "libm"},
+		entryName(glibc) + "/lib/libm-copy.so.6":   {typ: tar.TypeReg, mode: 0o444, content: "libm"},
+	} {
+		if got, ok := entries[name]; !ok || got != want {
+			t.Errorf("%s: got %+v (present %v), want %+v", name, got, ok, want)
+		}
+	}
+	// Paths come in the order given; each directory's entries in name order.
+	if i, j := indexOf(names, entryName(glibc)+"/"), indexOf(names, entryName(htop)+"/"); i > j {
+		t.Errorf("glibc at %d after htop at %d", i, j)
+	}
+	if i, j := indexOf(names, entryName(htop)+"/bin/"), indexOf(names, entryName(htop)+"/share/"); i > j {
+		t.Errorf("bin/ at %d after share/ at %d", i, j)
+	}
+}
+
+func indexOf(names []string, name string) int {
+	for i, n := range names {
+		if n == name {
+			return i
+		}
+	}
+	return -1
+}
+
+// The same store gives the same bytes whatever the files' local metadata.
+func TestWriteStorePathsReproducible(t *testing.T) {
+	a, b := t.TempDir(), t.TempDir()
+	makeStore(t, a, 0o644, time.Now())
+	makeStore(t, b, 0o600, time.Unix(12345, 0))
+	if err := os.Chown(filepath.Join(b, htop, "bin/htop"), 1000, 1000); err != nil {
+		t.Fatal(err)
+	}
+	la, lb := storeLayer(t, a, glibc, htop), storeLayer(t, b, glibc, htop)
+	if !bytes.Equal(la, lb) {
+		t.Error("layers of the same store paths differ")
+	}
+	if !bytes.Equal(la, storeLayer(t, a, glibc, htop)) {
+		t.Error("two runs differ")
+	}
+}
+
+func TestWriteStorePathsRejects(t *testing.T) {
+	root := t.TempDir()
+	makeStore(t, root, 0o644, time.Now())
+	if err := syscall.Mkfifo(filepath.Join(root, htop, "fifo"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		path string
+		want func(error) bool
+	}{
+		{"nix/store/relative", errdefs.IsInvalidArgument},
+		{"/nix/store/../../etc", errdefs.IsInvalidArgument},
+		{htop, errdefs.IsInvalidArgument}, // holds a fifo
+		{"/nix/store/dddddddddddddddddddddddddddddddd-missing", func(err error) bool { return errors.Is(err, os.ErrNotExist) }},
+	} {
+		err := WriteStorePaths(io.Discard, []string{tc.path}, WithRoot(root))
+		if err == nil || !tc.want(err) {
+			t.Errorf("%s: %v", tc.path, err)
+		}
+	}
+}
+
+func TestWriteSymlinkForest(t *testing.T) {
+	root := t.TempDir()
+	makeStore(t, root, 0o644, time.Now())
+	// A second package with bin/htop: the first in order wins.
+	other := "/nix/store/dddddddddddddddddddddddddddddddd-other"
+	os.MkdirAll(filepath.Join(root, other, "bin"), 0o755)
+	os.WriteFile(filepath.Join(root, other, "bin/htop"), nil, 0o755)
+	os.WriteFile(filepath.Join(root, other, "bin/other"), nil, 0o755)
+
+	var buf bytes.Buffer
+	if err := WriteSymlinkForest(&buf, []string{core, htop, other}, WithRoot(root)); err != nil {
+		t.Fatal(err)
+	}
+	_, entries := readTar(t, buf.Bytes())
+	for name, want := range map[string]entry{
+		"bin/":                  {typ: tar.TypeDir, mode: 0o755},
+		"bin/htop":              {typ: tar.TypeSymlink, mode: 0o777, target: htop + "/bin/htop"},
+		"bin/other":             {typ: tar.TypeSymlink, mode: 0o777, target: other + "/bin/other"},
+		"bin/ls":                {typ: tar.TypeSymlink, mode: 0o777, target: core + "/bin/ls"},
+		"share/man/man1/ls.1":   {typ: tar.TypeSymlink, mode: 0o777, target: core + "/share/man/man1/ls.1"},
+		"share/man/man1/htop.1": {typ: tar.TypeSymlink, mode: 0o777, target: htop + "/share/man/man1/htop.1"},
+		"usr/bin/env":           {typ: tar.TypeSymlink, mode: 0o777, target: core + "/bin/env"},
+		"tmp/":                  {typ: tar.TypeDir, mode: 0o1777},
+	} {
+		if got, ok := entries[name]; !ok || got != want {
+			t.Errorf("%s: got %+v (present %v), want %+v", name, got, ok, want)
+		}
+	}
+	if _, ok := entries["nix-support/"]; ok {
+		t.Error("nix-support reached the forest")
+	}
+
+	// Without a bin/env there is no /usr/bin/env, but still a /tmp.
+	buf.Reset()
+	if err := WriteSymlinkForest(&buf, []string{glibc}, WithRoot(root)); err != nil {
+		t.Fatal(err)
+	}
+	_, entries = readTar(t, buf.Bytes())
+	if _, ok := entries["usr/bin/env"]; ok {
+		t.Error("usr/bin/env without coreutils")
+	}
+	if _, ok := entries["tmp/"]; !ok {
+		t.Error("no tmp/")
+	}
+}
+
+func TestMeasure(t *testing.T) {
+	var buf bytes.Buffer
+	m := Measure(&buf)
+	io.WriteString(m, "hello ")
+	io.WriteString(m, "world")
+	if m.Size() != 11 || m.Digest().String() != "sha256:b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9" || buf.String() != "hello world" {
+		t.Errorf("size %d digest %s", m.Size(), m.Digest())
+	}
+}
+
+func BenchmarkWriteStorePaths(b *testing.B) {
+	root := b.TempDir()
+	dir := filepath.Join(root, htop)
+	os.MkdirAll(dir, 0o755)
+	chunk := bytes.Repeat([]byte("x"), 1<<20)
+	for i := 0; i < 64; i++ {
+		os.WriteFile(filepath.Join(dir, "f"+string(rune('a'+i%26))+string(rune('a'+i/26))), chunk, 0o644)
+	}
+	b.SetBytes(64 << 20)
+	for i := 0; i < b.N; i++ {
+		if err := WriteStorePaths(io.Discard, []string{htop}, WithRoot(root)); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
