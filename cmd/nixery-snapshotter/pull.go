@@ -1,0 +1,118 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/log"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
+)
+
+func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("pull", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: nixery-snapshotter pull [FLAGS] REF\n\nBuilds the image for REF (e.g. nix.local/shell/htop) from Nix packages and registers it in containerd.\n\nFlags:")
+		fs.PrintDefaults()
+	}
+	var (
+		configPath  = fs.String("config", "", "configuration file (TOML; see config.toml.example)")
+		address     = fs.String("address", "", "containerd socket (default /run/containerd/containerd.sock)")
+		namespace   = fs.String("namespace", "", "containerd namespace (default $CONTAINERD_NAMESPACE or \"default\")")
+		snapshotter = fs.String("snapshotter", "", "snapshotter to unpack into (default: the namespace's default)")
+		pkgsPath    = fs.String("pkgs-path", "", "package set: a directory whose default.nix is a nixpkgs-like set")
+		pkgsGit     = fs.String("pkgs-git", "", "package set: a git repository (the tag selects a commit or ref)")
+		pkgsChannel = fs.String("pkgs-channel", "", "package set: a nixpkgs channel or commit, or <nixpkgs> (default)")
+		timeout     = fs.Duration("timeout", 0, "bound on the Nix prepare step (default 30m)")
+		logLevel    = fs.String("log-level", "warn", "log level: debug, info, warn, error")
+		nixOptions  = keyValues{}
+	)
+	fs.Var(nixOptions, "nix-option", "Nix setting NAME=VALUE for every Nix call (repeatable), e.g. substituters=")
+	positional, err := parseInterspersed(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(positional) != 1 {
+		fs.Usage()
+		return fmt.Errorf("pull takes exactly one image reference, got %d", len(positional))
+	}
+	if err := setLogLevel(*logLevel); err != nil {
+		return err
+	}
+
+	cfg := plugin.DefaultConfig()
+	if *configPath != "" {
+		if cfg, err = plugin.LoadConfig(*configPath); err != nil {
+			return err
+		}
+	}
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "address":
+			cfg.Containerd.Address = *address
+		case "namespace":
+			cfg.Containerd.Namespace = *namespace
+		case "snapshotter":
+			cfg.Containerd.Snapshotter = *snapshotter
+		case "pkgs-path", "pkgs-git", "pkgs-channel":
+			// A source on the command line replaces the configured one.
+			cfg.Nix.PkgsPath, cfg.Nix.PkgsGit, cfg.Nix.PkgsChannel = *pkgsPath, *pkgsGit, *pkgsChannel
+		case "timeout":
+			cfg.Nix.Timeout = plugin.Duration(*timeout)
+		}
+	})
+	for k, v := range nixOptions {
+		cfg.Nix.Options[k] = v
+	}
+
+	builder, err := cfg.Nix.Builder(nixbuild.WithProgress(func(line string) {
+		fmt.Fprintln(stderr, "  nix:", line)
+	}))
+	if err != nil {
+		return err
+	}
+	defer builder.Close()
+
+	client, err := connect(ctx, cfg.Containerd)
+	if err != nil {
+		return err
+	}
+	defer client.Close()
+	ctx = namespaces.WithNamespace(ctx, cfg.Containerd.Namespace)
+
+	p := plugin.NewProvisioner(client, builder,
+		plugin.WithHost(cfg.Image.Host),
+		plugin.WithMaxLayers(cfg.Image.MaxLayers),
+		plugin.WithSnapshotter(cfg.Containerd.Snapshotter),
+		plugin.WithProgress(stderr))
+	img, err := p.Provision(ctx, positional[0])
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "%s %s\n", img.Name, img.Target.Digest)
+	return nil
+}
+
+// connect returns a client of the containerd at cfg.Address, or a clear
+// error if none answers there.
+func connect(ctx context.Context, cfg plugin.ContainerdConfig) (*containerd.Client, error) {
+	client, err := containerd.New(cfg.Address, containerd.WithDefaultNamespace(cfg.Namespace))
+	if err != nil {
+		return nil, fmt.Errorf("containerd at %s: %w", cfg.Address, err)
+	}
+	vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := client.Version(vctx); err != nil {
+		client.Close()
+		return nil, fmt.Errorf("containerd at %s does not answer: %w", cfg.Address, err)
+	}
+	log.G(ctx).WithField("address", cfg.Address).Debug("connected to containerd")
+	return client, nil
+}

@@ -1,0 +1,136 @@
+package plugin
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
+)
+
+// Config is the daemon's and the CLI's configuration file. Every key is
+// optional; DefaultConfig holds the defaults, and config.toml.example
+// documents them.
+type Config struct {
+	Containerd ContainerdConfig `toml:"containerd"`
+	Nix        NixConfig        `toml:"nix"`
+	Image      ImageConfig      `toml:"image"`
+}
+
+// ContainerdConfig says which containerd to talk to.
+type ContainerdConfig struct {
+	// Address is containerd's gRPC socket.
+	Address string `toml:"address"`
+	// Namespace images are registered in; $CONTAINERD_NAMESPACE overrides
+	// the default.
+	Namespace string `toml:"namespace"`
+	// Snapshotter to unpack into; empty means the namespace's default.
+	Snapshotter string `toml:"snapshotter"`
+}
+
+// NixConfig says where packages come from and how Nix is run.
+type NixConfig struct {
+	// Exactly one package source, or none for the `<nixpkgs>` search path entry.
+	PkgsPath    string `toml:"pkgs_path"`
+	PkgsGit     string `toml:"pkgs_git"`
+	PkgsChannel string `toml:"pkgs_channel"`
+	// Timeout bounds one whole prepare step (evaluation and builds).
+	Timeout Duration `toml:"timeout"`
+	// BinDir holds nix-instantiate, nix-store and nix; empty means PATH.
+	BinDir string `toml:"bin_dir"`
+	// Options are Nix settings passed to every call, e.g.
+	// substituters = "" on hosts that cannot reach a binary cache.
+	Options map[string]string `toml:"options"`
+}
+
+// ImageConfig shapes the images.
+type ImageConfig struct {
+	// Host is the registry host of image references.
+	Host string `toml:"host"`
+	// MaxLayers bounds the layers of an image, the symlink layer included.
+	MaxLayers int `toml:"max_layers"`
+}
+
+// Duration is a time.Duration written as "30m" in TOML.
+type Duration time.Duration
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	*d = Duration(v)
+	return err
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// DefaultConfig is the configuration without a file.
+func DefaultConfig() Config {
+	ns := os.Getenv("CONTAINERD_NAMESPACE")
+	if ns == "" {
+		ns = "default"
+	}
+	return Config{
+		Containerd: ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespace: ns},
+		Nix:        NixConfig{Timeout: Duration(nixbuild.DefaultTimeout), Options: map[string]string{}},
+		Image:      ImageConfig{Host: resolver.DefaultHost, MaxLayers: DefaultMaxLayers},
+	}
+}
+
+// LoadConfig reads path over the defaults. Unknown keys are errors, so a
+// typo does not silently fall back to a default.
+func LoadConfig(path string) (Config, error) {
+	cfg := DefaultConfig()
+	f, err := os.Open(path)
+	if err != nil {
+		return cfg, fmt.Errorf("config: %w", err)
+	}
+	defer f.Close()
+	dec := toml.NewDecoder(f).DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		return cfg, fmt.Errorf("config %s: %w: %w", path, err, errdefs.ErrInvalidArgument)
+	}
+	return cfg, nil
+}
+
+// Source is the configured package source.
+func (c NixConfig) Source() (nixbuild.Source, error) {
+	set := 0
+	for _, s := range []string{c.PkgsPath, c.PkgsGit, c.PkgsChannel} {
+		if s != "" {
+			set++
+		}
+	}
+	switch {
+	case set > 1:
+		return nixbuild.Source{}, fmt.Errorf("more than one package source (pkgs_path %q, pkgs_git %q, pkgs_channel %q): choose one: %w",
+			c.PkgsPath, c.PkgsGit, c.PkgsChannel, errdefs.ErrInvalidArgument)
+	case c.PkgsPath != "":
+		if _, err := os.Stat(c.PkgsPath + "/default.nix"); err != nil {
+			return nixbuild.Source{}, fmt.Errorf("package set %s: %w", c.PkgsPath, err)
+		}
+		return nixbuild.PathSource(c.PkgsPath)
+	case c.PkgsGit != "":
+		return nixbuild.GitSource(c.PkgsGit), nil
+	case c.PkgsChannel != "":
+		return nixbuild.ChannelSource(c.PkgsChannel), nil
+	}
+	return nixbuild.ChannelSource("<nixpkgs>"), nil
+}
+
+// Builder returns a Nix builder for this configuration.
+func (c NixConfig) Builder(opts ...nixbuild.Opt) (*nixbuild.Builder, error) {
+	src, err := c.Source()
+	if err != nil {
+		return nil, err
+	}
+	return nixbuild.New(src, append([]nixbuild.Opt{
+		nixbuild.WithTimeout(time.Duration(c.Timeout)),
+		nixbuild.WithOptions(c.Options),
+		nixbuild.WithBinDir(c.BinDir),
+	}, opts...)...), nil
+}

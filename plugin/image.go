@@ -1,0 +1,157 @@
+package plugin
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/specs-go"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
+)
+
+// StorePathsLabel prefixes the layer annotations that list a layer's store
+// paths. containerd hands annotations under containerd.io/snapshot/ to the
+// snapshotter as labels when it prepares the layer, which is how the `nix`
+// snapshotter learns what to materialise. containerd bounds a label to 4 KiB,
+// so long lists are split over StorePathsLabel.0, .1, ...
+const StorePathsLabel = "containerd.io/snapshot/nixery.store-paths"
+
+// maxLabelValue keeps key and value of one label under containerd's 4096.
+const maxLabelValue = 3900
+
+// defaultPath is the PATH of every image: the symlink forest puts packages'
+// bin/ and sbin/ directories at /bin and /sbin.
+const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// StorePathAnnotations describes a layer's store paths as annotations.
+func StorePathAnnotations(paths []string) map[string]string {
+	out := map[string]string{}
+	var chunk strings.Builder
+	flush := func() {
+		if chunk.Len() > 0 {
+			out[StorePathsLabel+"."+strconv.Itoa(len(out))] = chunk.String()
+			chunk.Reset()
+		}
+	}
+	for _, p := range paths {
+		if chunk.Len() > 0 && chunk.Len()+1+len(p) > maxLabelValue {
+			flush()
+		}
+		if chunk.Len() > 0 {
+			chunk.WriteByte(' ')
+		}
+		chunk.WriteString(p)
+	}
+	flush()
+	return out
+}
+
+// StorePathsFromLabels reads what StorePathAnnotations wrote; nil if the
+// labels name no store paths.
+func StorePathsFromLabels(labels map[string]string) []string {
+	var out []string
+	for i := 0; ; i++ {
+		v, ok := labels[StorePathsLabel+"."+strconv.Itoa(i)]
+		if !ok {
+			return out
+		}
+		out = append(out, strings.Fields(v)...)
+	}
+}
+
+// writeLayer streams one layer into the content store and returns its
+// descriptor. ref names the ingest, so that concurrent writers of the same
+// layer wait for each other instead of writing it twice at once.
+func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io.Writer) error) (ocispec.Descriptor, error) {
+	w, err := content.OpenWriter(ctx, cs, content.WithRef(ref))
+	if err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("open content writer %s: %w", ref, err)
+	}
+	committed := false
+	defer func() {
+		w.Close()
+		if !committed {
+			_ = cs.Abort(context.WithoutCancel(ctx), ref)
+		}
+	}()
+	// A writer killed mid-layer may have left part of it under this ref.
+	if err := w.Truncate(0); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("reset content writer %s: %w", ref, err)
+	}
+	// The content writer sends every Write as one gRPC message: batch them.
+	buf := bufio.NewWriterSize(w, 1<<20)
+	m := tarstream.Measure(buf)
+	if err := write(m); err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	if err := buf.Flush(); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("write layer %s: %w", ref, err)
+	}
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
+	if err := w.Commit(ctx, desc.Size, desc.Digest); err != nil && !errdefs.IsAlreadyExists(err) {
+		return ocispec.Descriptor{}, fmt.Errorf("commit layer %s: %w", desc.Digest, err)
+	}
+	committed = true
+	return desc, nil
+}
+
+// ingestRef names the ingest of a layer by what it holds.
+func ingestRef(kind string, paths []string) string {
+	return "nixery-" + kind + "-" + digest.FromString(strings.Join(paths, "\n")).Encoded()
+}
+
+// imageBlobs is a built image's manifest and config.
+type imageBlobs struct {
+	manifest ocispec.Descriptor
+	blobs    map[digest.Digest][]byte
+}
+
+// newImageBlobs writes the config and manifest of an image of layers
+// (uncompressed, so each diffID is its digest).
+func newImageBlobs(img resolver.Image, packages []string, layers []ocispec.Descriptor) (imageBlobs, error) {
+	cfg := ocispec.Image{
+		Platform: ocispec.Platform{Architecture: img.Platform.Architecture, OS: img.Platform.OS},
+		Config: ocispec.ImageConfig{
+			Env: []string{"PATH=" + defaultPath, "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"},
+		},
+		RootFS: ocispec.RootFS{Type: "layers"},
+	}
+	if slices.Contains(packages, "bashInteractive") || slices.Contains(packages, "bash") {
+		cfg.Config.Cmd = []string{"bash"}
+	}
+	for _, l := range layers {
+		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.Digest)
+	}
+	cfgBytes, err := json.Marshal(cfg)
+	if err != nil {
+		return imageBlobs{}, err
+	}
+	cfgDesc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: digest.FromBytes(cfgBytes), Size: int64(len(cfgBytes))}
+
+	manifest := ocispec.Manifest{
+		Versioned: specs.Versioned{SchemaVersion: 2},
+		MediaType: ocispec.MediaTypeImageManifest,
+		Config:    cfgDesc,
+		Layers:    layers,
+	}
+	mBytes, err := json.Marshal(manifest)
+	if err != nil {
+		return imageBlobs{}, err
+	}
+	mDesc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: digest.FromBytes(mBytes), Size: int64(len(mBytes))}
+	return imageBlobs{
+		manifest: mDesc,
+		blobs:    map[digest.Digest][]byte{mDesc.Digest: mBytes, cfgDesc.Digest: cfgBytes},
+	}, nil
+}
