@@ -53,6 +53,17 @@ type Result struct {
 	// Closure holds every store path the packages need at run time, sorted
 	// by path, with references sorted.
 	Closure []StorePath
+
+	rootDir string
+}
+
+// Release drops the garbage-collector roots that keep the closure alive
+// while it is being packed. Call it once the store paths have been read.
+func (r *Result) Release() error {
+	if r == nil || r.rootDir == "" {
+		return nil
+	}
+	return os.RemoveAll(r.rootDir)
 }
 
 // Builder runs the prepare step against one package source.
@@ -107,7 +118,8 @@ func (b *Builder) Source() Source { return b.source }
 
 // Build realises the requested packages and returns their closure. Missing
 // attributes are reported all at once as a *NotFoundError; failures of Nix
-// as a *BuildError carrying the end of Nix's log.
+// as a *BuildError carrying the end of Nix's log. The caller must Release
+// the result.
 func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
 	if len(req.Packages) == 0 {
 		return nil, fmt.Errorf("no packages requested: %w", errdefs.ErrInvalidArgument)
@@ -123,7 +135,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
 	return res, err
 }
 
-func (b *Builder) build(ctx context.Context, req Request) (*Result, error) {
+func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr error) {
 	expr, err := b.expression()
 	if err != nil {
 		return nil, err
@@ -166,7 +178,18 @@ func (b *Builder) build(ctx context.Context, req Request) (*Result, error) {
 		return nil, &NotPackageError{Attributes: eval.NotPackages}
 	}
 
-	res := &Result{}
+	// Indirect GC roots keep the packages (and so their closures) from a
+	// concurrent `nix-store --gc` until the caller has packed them.
+	rootDir, err := os.MkdirTemp("", "nixery-gcroots-")
+	if err != nil {
+		return nil, fmt.Errorf("creating GC root directory: %w", err)
+	}
+	res := &Result{rootDir: rootDir}
+	defer func() {
+		if retErr != nil {
+			res.Release()
+		}
+	}()
 	var drvs, outs []string
 	for _, p := range eval.Packages {
 		res.Packages = append(res.Packages, Package{Name: p.Name, Out: p.Out})
@@ -177,7 +200,8 @@ func (b *Builder) build(ctx context.Context, req Request) (*Result, error) {
 	drvs = slices.Compact(drvs)
 
 	log.G(ctx).WithField("derivations", len(drvs)).Info("realising packages")
-	if _, err := b.run(ctx, "build", "nix-store", b.args(append([]string{"--realise"}, drvs...)...)...); err != nil {
+	realise := append([]string{"--realise", "--add-root", filepath.Join(rootDir, "root")}, drvs...)
+	if _, err := b.run(ctx, "build", "nix-store", b.args(realise...)...); err != nil {
 		return nil, err
 	}
 

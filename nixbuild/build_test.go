@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -113,6 +114,23 @@ func TestBuild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// While the result is held, its packages are GC roots.
+	roots, err := exec.Command("nix-store", "--gc", "--print-roots").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range res.Packages {
+		if !strings.Contains(string(roots), p.Out) {
+			t.Errorf("%s is not a GC root", p.Out)
+		}
+	}
+	defer func() {
+		res.Release()
+		roots, _ := exec.Command("nix-store", "--gc", "--print-roots").Output()
+		if strings.Contains(string(roots), res.rootDir) {
+			t.Errorf("roots in %s outlive Release", res.rootDir)
+		}
+	}()
 	var names []string
 	for _, p := range res.Packages {
 		names = append(names, p.Name)

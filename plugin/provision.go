@@ -92,6 +92,7 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	if err != nil {
 		return images.Image{}, fmt.Errorf("build %s: %w", img.Ref(), err)
 	}
+	defer res.Release()
 	var roots []string
 	var closureSize int64
 	for _, pkg := range res.Packages {

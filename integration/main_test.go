@@ -1,0 +1,161 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+)
+
+// binary is the nixery-snapshotter built for this test run.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "nixery-bin-")
+	if err != nil {
+		panic(err)
+	}
+	binary = filepath.Join(dir, "nixery-snapshotter")
+	build := exec.Command("go", "build", "-o", binary, "./cmd/nixery-snapshotter")
+	build.Dir = testutil.RepoRoot()
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "building nixery-snapshotter:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// env is one test's containerd plus the configuration the CLI uses with it.
+type env struct {
+	t      *testing.T
+	ctd    *testutil.Containerd
+	config string
+	path   string // PATH for the CLI; the default when empty
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	testutil.RequireNix(t)
+	ctd := testutil.StartContainerd(t)
+	e := &env{t: t, ctd: ctd}
+	e.writeConfig(testutil.TestPkgs())
+	return e
+}
+
+// writeConfig points the CLI at containerd and at the package set in dir.
+func (e *env) writeConfig(pkgs string) {
+	e.t.Helper()
+	cfg := map[string]any{
+		"containerd": map[string]any{"address": e.ctd.Address, "namespace": "default"},
+		"nix":        map[string]any{"pkgs_path": pkgs, "options": testutil.NixOptions()},
+	}
+	b, err := toml.Marshal(cfg)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.config = filepath.Join(e.t.TempDir(), "config.toml")
+	if err := os.WriteFile(e.config, b, 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// pull runs `nixery-snapshotter pull` and returns stdout, stderr and its error.
+func (e *env) pull(args ...string) (string, string, error) {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary, append([]string{"pull", "--config", e.config}, args...)...)
+	if e.path != "" {
+		cmd.Env = append(os.Environ(), "PATH="+e.path)
+	}
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	return stdout.String(), stderr.String(), err
+}
+
+// mustPull pulls ref and returns the manifest digest it reports.
+func (e *env) mustPull(args ...string) string {
+	e.t.Helper()
+	stdout, stderr, err := e.pull(args...)
+	if err != nil {
+		e.t.Fatalf("pull %v: %v\nstderr:\n%s", args, err, stderr)
+	}
+	fields := strings.Fields(stdout)
+	if len(fields) != 2 || !strings.HasPrefix(fields[1], "sha256:") {
+		e.t.Fatalf("pull %v printed %q, want NAME DIGEST", args, stdout)
+	}
+	return fields[1]
+}
+
+// run runs a container of image with ctr and returns its output.
+func (e *env) run(image string, args ...string) string {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	id := fmt.Sprintf("c%d", time.Now().UnixNano())
+	cmd := e.ctd.Ctr(ctx, append([]string{"--namespace", "default", "run", "--rm", image, id}, args...)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		e.t.Fatalf("ctr run %s %v: %v\n%s%s", image, args, err, stdout.String(), stderr.String())
+	}
+	return stdout.String()
+}
+
+func (e *env) ctx() context.Context {
+	return namespaces.WithNamespace(context.Background(), "default")
+}
+
+// images lists the image records' names.
+func (e *env) images() []string {
+	e.t.Helper()
+	imgs, err := e.ctd.Client.ImageService().List(e.ctx())
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var names []string
+	for _, img := range imgs {
+		names = append(names, img.Name)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// content lists the digests in the content store and any ingests.
+func (e *env) content() []string {
+	e.t.Helper()
+	var out []string
+	cs := e.ctd.Client.ContentStore()
+	err := cs.Walk(e.ctx(), func(info content.Info) error {
+		out = append(out, info.Digest.String())
+		return nil
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	statuses, err := cs.ListStatuses(e.ctx())
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, s := range statuses {
+		out = append(out, "ingest:"+s.Ref)
+	}
+	sort.Strings(out)
+	return out
+}

@@ -1,0 +1,308 @@
+package integration
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
+)
+
+func TestPullAndRun(t *testing.T) {
+	e := newEnv(t)
+	for _, tc := range []struct {
+		ref  string
+		args []string
+		want string
+	}{
+		{"nix.local/shell/htop", []string{"htop", "--version"}, "htop 3.2.2"},
+		{"nix.local/shell", []string{"bash", "-c", "echo ok"}, "ok\n"},
+		{"nix.local/git", []string{"git", "--version"}, "git version 2."},
+		{"nix.local/jq", []string{"jq", "-n", "[1,2] | add"}, "3\n"},
+		{"nix.local/haskellpackages.hello", []string{"hello"}, "Hello from haskellPackages.hello"},
+		{"nix.local/1password", []string{"op"}, "op 2.0"},
+	} {
+		t.Run(tc.ref, func(t *testing.T) {
+			e.t = t
+			e.mustPull(tc.ref)
+			// ctr does not normalise names: both spellings must exist.
+			for _, name := range []string{tc.ref, tc.ref + ":latest"} {
+				if out := e.run(name, tc.args...); !strings.Contains(out, tc.want) {
+					t.Errorf("%s %v printed %q, want %q", name, tc.args, out, tc.want)
+				}
+			}
+		})
+	}
+	e.t = t
+
+	// The shell image is set up for people: bash by default, PATH,
+	// certificates, a writable /tmp, /usr/bin/env.
+	cfg := e.config_(t, "nix.local/shell:latest")
+	if !slices.Equal(cfg.Config.Cmd, []string{"bash"}) {
+		t.Errorf("Cmd %v", cfg.Config.Cmd)
+	}
+	for _, want := range []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"} {
+		if !slices.Contains(cfg.Config.Env, want) {
+			t.Errorf("Env %v lacks %s", cfg.Config.Env, want)
+		}
+	}
+	out := e.run("nix.local/shell", "bash", "-c", "stat -c %a /tmp; test -s /etc/ssl/certs/ca-bundle.crt && echo certs; /usr/bin/env echo env; ls /nix/store | wc -l")
+	if want := "1777\ncerts\nenv\n"; !strings.HasPrefix(out, want) {
+		t.Errorf("shell image: got %q, want %q first", out, want)
+	}
+	if cfg := e.config_(t, "nix.local/git:latest"); cfg.Config.Cmd != nil {
+		t.Errorf("git image has Cmd %v without bash", cfg.Config.Cmd)
+	}
+}
+
+// config_ reads the image config of a registered image.
+func (e *env) config_(t *testing.T, name string) ocispec.Image {
+	t.Helper()
+	m, img := e.manifest(t, name)
+	_ = img
+	var cfg ocispec.Image
+	e.readJSON(t, m.Config, &cfg)
+	return cfg
+}
+
+func (e *env) manifest(t *testing.T, name string) (ocispec.Manifest, images.Image) {
+	t.Helper()
+	img, err := e.ctd.Client.ImageService().Get(e.ctx(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m ocispec.Manifest
+	e.readJSON(t, img.Target, &m)
+	return m, img
+}
+
+func (e *env) readJSON(t *testing.T, desc ocispec.Descriptor, v any) {
+	t.Helper()
+	b, err := content.ReadBlob(e.ctx(), e.ctd.Client.ContentStore(), desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestPullMissingPackages(t *testing.T) {
+	e := newEnv(t)
+	e.mustPull("nix.local/htop")
+	images, blobs := e.images(), e.content()
+
+	_, stderr, err := e.pull("nix.local/nosuchpkg/alsomissing")
+	if err == nil {
+		t.Fatal("pull of missing packages succeeded")
+	}
+	if !strings.Contains(stderr, "could not find Nix packages: [alsomissing nosuchpkg]") {
+		t.Errorf("stderr does not name both packages:\n%s", stderr)
+	}
+	if got := e.images(); !slices.Equal(got, images) {
+		t.Errorf("images %v, before %v", got, images)
+	}
+	if got := e.content(); !slices.Equal(got, blobs) {
+		t.Errorf("content changed:\n%v\nbefore:\n%v", got, blobs)
+	}
+}
+
+func TestPullBuildFailure(t *testing.T) {
+	e := newEnv(t)
+	dir := t.TempDir()
+	src := `{ system ? builtins.currentSystem, ... }:
+import ` + testutil.TestPkgs() + ` { inherit system; } // {
+  broken = derivation {
+    name = "broken-1.0"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "echo compiling >&2; echo 'error: the-marker-of-failure' >&2; exit 2" ];
+    salt = "` + time.Now().String() + `";
+  };
+}`
+	if err := os.WriteFile(filepath.Join(dir, "default.nix"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.writeConfig(dir)
+	_, stderr, err := e.pull("nix.local/htop/broken")
+	if err == nil {
+		t.Fatal("pull of a failing package succeeded")
+	}
+	if !strings.Contains(stderr, "end of nix log") || !strings.Contains(stderr, "the-marker-of-failure") {
+		t.Errorf("stderr lacks the end of Nix's log:\n%s", stderr)
+	}
+	if got := e.images(); len(got) != 0 {
+		t.Errorf("images after a failed build: %v", got)
+	}
+	if got := e.content(); len(got) != 0 {
+		t.Errorf("content after a failed build: %v", got)
+	}
+}
+
+// A failure after the layers were written leaves nothing behind either.
+func TestPullFailureAfterLayers(t *testing.T) {
+	e := newEnv(t)
+	e.mustPull("nix.local/git")
+	images, blobs := e.images(), e.content()
+	_, stderr, err := e.pull("--snapshotter", "nosuchsnapshotter", "nix.local/shell/htop")
+	if err == nil {
+		t.Fatal("pull into a missing snapshotter succeeded")
+	}
+	if !strings.Contains(stderr, "nosuchsnapshotter") {
+		t.Errorf("stderr does not name the snapshotter:\n%s", stderr)
+	}
+	if !strings.Contains(stderr, "layer 1/") {
+		t.Errorf("failed before writing layers; the test no longer tests cleanup:\n%s", stderr)
+	}
+	if got := e.images(); !slices.Equal(got, images) {
+		t.Errorf("images %v, before %v", got, images)
+	}
+	if got := e.content(); !slices.Equal(got, blobs) {
+		t.Errorf("content changed:\n%v\nbefore:\n%v", got, blobs)
+	}
+}
+
+func TestPullBadReferences(t *testing.T) {
+	e := newEnv(t)
+	// Nix commands that record being called: none of them may be.
+	fake := t.TempDir()
+	marker := filepath.Join(fake, "nix-was-called")
+	for _, name := range []string{"nix", "nix-instantiate", "nix-store", "nix-build"} {
+		script := "#!/bin/sh\necho \"$0 $*\" >> " + marker + "\nexit 1\n"
+		if err := os.WriteFile(filepath.Join(fake, name), []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.path = fake + ":" + os.Getenv("PATH")
+	for _, ref := range []string{
+		"nix.local/Htop",
+		"nix.local/htop/../../etc",
+		"nix.local//htop",
+		"nix.local/htop${builtins.abort}",
+		`nix.local/"htop"`,
+		"nix.local/htop;id",
+		"nix.local/xorg..xev",
+		"nix.local/.hidden",
+		"docker.io/library/htop",
+		"htop",
+		"nix.local/htop@sha256:" + strings.Repeat("0", 64),
+		"nix.local/" + strings.Repeat("a", 256),
+		"nix.local/hto\u0440",
+		"",
+	} {
+		_, stderr, err := e.pull(ref)
+		if err == nil {
+			t.Errorf("%q: pull succeeded", ref)
+			continue
+		}
+		if !strings.Contains(stderr, "invalid reference") {
+			t.Errorf("%q: stderr does not say the reference is invalid:\n%s", ref, stderr)
+		}
+	}
+	if b, err := os.ReadFile(marker); err == nil {
+		t.Errorf("Nix was called:\n%s", b)
+	}
+	// The fake Nix is really on the CLI's PATH.
+	if _, _, err := e.pull("nix.local/htop"); err == nil {
+		t.Fatal("pull with a failing Nix succeeded")
+	}
+	if _, err := os.Stat(marker); err != nil {
+		t.Errorf("a valid reference did not reach the fake Nix: %v", err)
+	}
+}
+
+func TestPullReproducible(t *testing.T) {
+	e := newEnv(t)
+	first := e.mustPull("nix.local/shell/htop")
+	if again := e.mustPull("nix.local/shell/htop"); again != first {
+		t.Errorf("second pull gave %s, first %s", again, first)
+	}
+	if a, b := e.mustPull("nix.local/git/htop"), e.mustPull("nix.local/htop/git"); a != b {
+		t.Errorf("git/htop gave %s, htop/git %s", a, b)
+	}
+	m1, _ := e.manifest(t, "nix.local/shell/htop:latest")
+
+	// A fresh containerd gives the same bytes.
+	other := newEnv(t)
+	if d := other.mustPull("nix.local/shell/htop"); d != first {
+		t.Errorf("fresh containerd gave %s, first %s", d, first)
+	}
+	m2, _ := other.manifest(t, "nix.local/shell/htop:latest")
+	if len(m1.Layers) != len(m2.Layers) {
+		t.Fatalf("%d layers, then %d", len(m1.Layers), len(m2.Layers))
+	}
+	for i := range m1.Layers {
+		if m1.Layers[i].Digest != m2.Layers[i].Digest {
+			t.Errorf("layer %d: %s, then %s", i, m1.Layers[i].Digest, m2.Layers[i].Digest)
+		}
+	}
+	if len(m1.Layers) < 3 {
+		t.Errorf("only %d layers for shell/htop", len(m1.Layers))
+	}
+	// Every layer but the symlink layer names its store paths for the
+	// snapshotter, and together they are the closure.
+	var paths []string
+	for _, l := range m1.Layers[:len(m1.Layers)-1] {
+		p := plugin.StorePathsFromLabels(l.Annotations)
+		if len(p) == 0 {
+			t.Errorf("layer %s names no store paths", l.Digest)
+		}
+		paths = append(paths, p...)
+	}
+	if p := plugin.StorePathsFromLabels(m1.Layers[len(m1.Layers)-1].Annotations); len(p) != 0 {
+		t.Errorf("symlink layer names store paths %v", p)
+	}
+	var htop string
+	for _, p := range paths {
+		if strings.HasSuffix(p, "-htop-3.2.2") {
+			htop = p
+		}
+	}
+	closure, err := exec.Command("nix-store", "--query", "--requisites", htop).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range strings.Fields(string(closure)) {
+		if !slices.Contains(paths, p) {
+			t.Errorf("htop's closure member %s is in no layer", p)
+		}
+	}
+}
+
+func TestPullArm64(t *testing.T) {
+	e := newEnv(t)
+	e.mustPull("nix.local/shell/arm64")
+	cfg := e.config_(t, "nix.local/shell/arm64:latest")
+	if cfg.Architecture != "arm64" || cfg.OS != "linux" {
+		t.Errorf("platform %s/%s, want linux/arm64", cfg.OS, cfg.Architecture)
+	}
+	m, _ := e.manifest(t, "nix.local/shell/arm64:latest")
+	var checked int
+	for _, l := range m.Layers {
+		for _, p := range plugin.StorePathsFromLabels(l.Annotations) {
+			drv, err := exec.Command("nix-store", "--query", "--deriver", p).Output()
+			if err != nil {
+				t.Fatal(err)
+			}
+			system, err := exec.Command("nix-store", "--query", "--binding", "system", strings.TrimSpace(string(drv))).Output()
+			if err != nil {
+				t.Fatalf("system of %s: %v", drv, err)
+			}
+			if s := strings.TrimSpace(string(system)); s != "aarch64-linux" {
+				t.Errorf("%s was built for %s", p, s)
+			}
+			checked++
+		}
+	}
+	if checked == 0 {
+		t.Error("no store paths checked")
+	}
+}

@@ -1,0 +1,206 @@
+package testutil
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+)
+
+// Containerd is a containerd daemon run as a child process of a test, with
+// its own root, state and sockets.
+type Containerd struct {
+	Dir     string // holds config, root, state and sockets
+	Address string // gRPC socket
+	Client  *containerd.Client
+	cmd     *exec.Cmd
+	logPath string
+}
+
+// ContainerdOpt adds TOML to the daemon's configuration.
+type ContainerdOpt func(config *strings.Builder)
+
+// WithConfig appends TOML to containerd's configuration.
+func WithConfig(toml string) ContainerdOpt {
+	return func(c *strings.Builder) { c.WriteString(toml + "\n") }
+}
+
+// StartContainerd starts a containerd and stops it, its containers and
+// their shims when t ends. It needs root, containerd and runc.
+func StartContainerd(t testing.TB, opts ...ContainerdOpt) *Containerd {
+	t.Helper()
+	RequireRoot(t)
+	RequireCommands(t, "containerd", "containerd-shim-runc-v2", "runc", "ctr")
+
+	// Not t.TempDir: its removal would race the shims' mounts.
+	dir, err := os.MkdirTemp("", "nixery-ctd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &Containerd{Dir: dir, Address: filepath.Join(dir, "containerd.sock"), logPath: filepath.Join(dir, "containerd.log")}
+	var cfg strings.Builder
+	fmt.Fprintf(&cfg, `version = 3
+root = %q
+state = %q
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri"]
+[grpc]
+  address = %q
+[ttrpc]
+  address = %q
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.Address, c.Address+".ttrpc")
+	for _, opt := range opts {
+		opt(&cfg)
+	}
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	logFile, err := os.Create(c.logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.cmd = exec.Command("containerd", "--config", cfgPath, "--log-level", "debug")
+	c.cmd.Stdout, c.cmd.Stderr = logFile, logFile
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := c.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	logFile.Close()
+	t.Cleanup(func() { c.stop(t) })
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat(c.Address); err == nil {
+			client, err := containerd.New(c.Address)
+			if err == nil {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				_, err = client.Version(ctx)
+				cancel()
+				if err == nil {
+					c.Client = client
+					return c
+				}
+				client.Close()
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("containerd did not start; log:\n%s", c.Log())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// Log is what containerd wrote so far.
+func (c *Containerd) Log() string {
+	b, _ := os.ReadFile(c.logPath)
+	return string(b)
+}
+
+// Ctr runs the ctr client against this containerd.
+func (c *Containerd) Ctr(ctx context.Context, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "ctr", append([]string{"--address", c.Address}, args...)...)
+}
+
+func (c *Containerd) stop(t testing.TB) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if c.Client != nil {
+		c.removeContainers(ctx)
+		c.Client.Close()
+	}
+	_ = c.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { c.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		_ = c.cmd.Process.Kill()
+		<-done
+	}
+	killShims(c.Address)
+	unmountBelow(c.Dir)
+	if err := os.RemoveAll(c.Dir); err != nil {
+		t.Logf("removing %s: %v", c.Dir, err)
+	}
+}
+
+// removeContainers stops and deletes every container: runc shims outlive
+// containerd, so they must be ended here.
+func (c *Containerd) removeContainers(ctx context.Context) {
+	nss, err := c.Client.NamespaceService().List(ctx)
+	if err != nil {
+		return
+	}
+	for _, ns := range nss {
+		nctx := namespaces.WithNamespace(ctx, ns)
+		containers, err := c.Client.Containers(nctx)
+		if err != nil {
+			continue
+		}
+		for _, ctr := range containers {
+			if task, err := ctr.Task(nctx, nil); err == nil {
+				_ = task.Kill(nctx, syscall.SIGKILL)
+				if ch, err := task.Wait(nctx); err == nil {
+					select {
+					case <-ch:
+					case <-time.After(5 * time.Second):
+					}
+				}
+				_, _ = task.Delete(nctx)
+			}
+			_ = ctr.Delete(nctx, containerd.WithSnapshotCleanup)
+		}
+	}
+}
+
+// killShims ends shims started for the containerd at address.
+func killShims(address string) {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		args := strings.Split(string(b), "\x00")
+		if len(args) == 0 || !strings.HasSuffix(args[0], "containerd-shim-runc-v2") {
+			continue
+		}
+		for _, a := range args {
+			if a == address {
+				if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil {
+					_ = syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+		}
+	}
+}
+
+// unmountBelow unmounts every mount under dir, deepest first.
+func unmountBelow(dir string) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	var mounts []string
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		fields := strings.Fields(s.Text())
+		if len(fields) > 4 && strings.HasPrefix(fields[4], dir+"/") {
+			mounts = append(mounts, fields[4])
+		}
+	}
+	for i := len(mounts) - 1; i >= 0; i-- {
+		_ = syscall.Unmount(mounts[i], syscall.MNT_DETACH)
+	}
+}
