@@ -1,6 +1,6 @@
 module github.com/nixery-snapshotter/nixery-snapshotter
 
-go 1.26.8
+go 1.26.6
 
 require (
 	github.com/containerd/containerd/v2 v2.4.2

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what nixery-snapshotter's demo and tests need on Debian 12, as
+# root: Nix, runc, patchelf, the host programs the offline package set in
+# testdata/pkgs is made of, and containerd v2.4.2 built from the Go module
+# proxy. Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+containerd_version=v2.4.2
+debs=(nix-bin runc patchelf htop nano moreutils git jq ca-certificates netbase)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: run as root (it installs Debian packages and /usr/local/bin/containerd)" >&2
+  exit 1
+fi
+if ! command -v go >/dev/null; then
+  echo "setup: needs Go (1.21 or newer fetches the toolchain it needs itself)" >&2
+  exit 1
+fi
+
+missing=()
+for deb in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || missing+=("$deb")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+bins=(containerd ctr containerd-shim-runc-v2)
+need_containerd=0
+for bin in "${bins[@]}"; do
+  [ -x "/usr/local/bin/$bin" ] || need_containerd=1
+done
+/usr/local/bin/containerd --version 2>/dev/null | grep -q " ${containerd_version#v}" || need_containerd=1
+if [ "$need_containerd" -eq 1 ]; then
+  echo "setup: building containerd $containerd_version"
+  for bin in "${bins[@]}"; do
+    GOBIN=/usr/local/bin go install "github.com/containerd/containerd/v2/cmd/$bin@$containerd_version"
+  done
+fi

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: installs what it needs (hack/setup.sh), then
+# vets, checks formatting and runs every test, including the integration
+# tests against a real containerd, runc and Nix, and the fuzz seed corpora.
+# Run as root. With CI=true, a test that would skip fails instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+hack/setup.sh
+export PATH="/usr/local/bin:$PATH"
+
+unformatted=$(gofmt -l $(git ls-files '*.go'))
+if [ -n "$unformatted" ]; then
+  echo "gofmt would change:" >&2
+  echo "$unformatted" >&2
+  exit 1
+fi
+go vet ./...
+go test -count=1 "$@" ./...
