@@ -148,10 +148,10 @@ func Group(roots []string, closure []nixbuild.StorePath, opts ...Opt) ([]Layer, 
 }
 
 type group struct {
-	head       int64
-	paths      []string
-	size       int64
-	referrers  int
+	head      int64
+	paths     []string
+	size      int64
+	referrers int
 }
 
 func sumPaths(layers []group) int {

@@ -114,7 +114,7 @@ func TestGroupRejects(t *testing.T) {
 		budget  int
 		want    string
 	}{
-		"dangling reference": {[]string{"a"}, graph("a: b"), 5, "not in the closure"},
+		"dangling reference":  {[]string{"a"}, graph("a: b"), 5, "not in the closure"},
 		"root not in closure": {[]string{"x"}, graph("a:"), 5, "not in its closure"},
 		"unreachable path":    {[]string{"a"}, graph("a:", "b:"), 5, "not needed by any package"},
 		"duplicate path":      {[]string{"a"}, graph("a:", "a:"), 5, "listed twice"},
