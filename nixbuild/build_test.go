@@ -286,3 +286,71 @@ func TestBuildTimeout(t *testing.T) {
 		t.Errorf("cancel: %v", err)
 	}
 }
+
+// git runs git in dir.
+func git(t *testing.T, dir string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command("git", append([]string{"-C", dir, "-c", "user.email=t@example.org", "-c", "user.name=t"}, args...)...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("git %v: %v\n%s", args, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+func TestBuildGitSource(t *testing.T) {
+	testutil.RequireNix(t)
+	testutil.RequireCommands(t, "git")
+	// A repository whose package set gains a package on a branch.
+	repo := t.TempDir()
+	git(t, repo, "init", "-q", "-b", "main")
+	write := func(extra string) {
+		src := `{ system ? builtins.currentSystem, ... }: import ` + testutil.TestPkgs() + ` { inherit system; } // {` + extra + `}`
+		if err := os.WriteFile(filepath.Join(repo, "default.nix"), []byte(src), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		git(t, repo, "add", "default.nix")
+		git(t, repo, "commit", "-q", "-m", "packages")
+	}
+	write("")
+	first := git(t, repo, "rev-parse", "HEAD")
+	git(t, repo, "checkout", "-q", "-b", "feature")
+	write(` extra = (import ` + testutil.TestPkgs() + ` { inherit system; }).jq; `)
+	git(t, repo, "checkout", "-q", "main")
+
+	b := New(GitSource("file://"+repo), WithOptions(testutil.NixOptions()))
+	defer b.Close()
+	build := func(tag string) error {
+		res, err := b.Build(context.Background(), Request{Packages: []string{"extra"}, System: "x86_64-linux", Tag: tag})
+		res.Release()
+		return err
+	}
+	if err := build("latest"); !errdefs.IsNotFound(err) {
+		t.Errorf("default branch has extra: %v", err)
+	}
+	if err := build("feature"); err != nil {
+		t.Errorf("ref feature: %v", err)
+	}
+	if err := build(first); !errdefs.IsNotFound(err) {
+		t.Errorf("commit %s has extra: %v", first, err)
+	}
+	feature := git(t, repo, "rev-parse", "feature")
+	if err := build(feature); err != nil {
+		t.Errorf("commit %s (on a branch that is not the default): %v", feature, err)
+	}
+}
+
+func TestBuildChannelSearchPath(t *testing.T) {
+	testutil.RequireNix(t)
+	b := New(ChannelSource("<nixpkgs>"), WithOptions(testutil.NixOptions()))
+	defer b.Close()
+	t.Setenv("NIX_PATH", "nixpkgs="+testutil.TestPkgs())
+	res, err := b.Build(context.Background(), Request{Packages: []string{"htop"}, System: "x86_64-linux"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Release()
+	if !strings.HasSuffix(res.Packages[0].Out, "-htop-3.2.2") {
+		t.Errorf("got %s", res.Packages[0].Out)
+	}
+}

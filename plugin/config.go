@@ -1,8 +1,10 @@
 package plugin
 
 import (
+	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -92,6 +94,14 @@ func LoadConfig(path string) (Config, error) {
 	defer f.Close()
 	dec := toml.NewDecoder(f).DisallowUnknownFields()
 	if err := dec.Decode(&cfg); err != nil {
+		var strict *toml.StrictMissingError
+		if errors.As(err, &strict) {
+			var keys []string
+			for _, e := range strict.Errors {
+				keys = append(keys, strings.Join(e.Key(), "."))
+			}
+			return cfg, fmt.Errorf("config %s: unknown keys %s: %w", path, strings.Join(keys, ", "), errdefs.ErrInvalidArgument)
+		}
 		return cfg, fmt.Errorf("config %s: %w: %w", path, err, errdefs.ErrInvalidArgument)
 	}
 	return cfg, nil

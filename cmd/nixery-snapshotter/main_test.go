@@ -1,0 +1,43 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"flag"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestParseInterspersed(t *testing.T) {
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	ns := fs.String("namespace", "", "")
+	kv := keyValues{}
+	fs.Var(kv, "nix-option", "")
+	pos, err := parseInterspersed(fs, []string{"--nix-option", "substituters=", "nix.local/htop", "--namespace", "k8s.io", "--", "--odd"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *ns != "k8s.io" || !slices.Equal(pos, []string{"nix.local/htop", "--odd"}) {
+		t.Errorf("namespace %q positional %v", *ns, pos)
+	}
+	if v, ok := kv["substituters"]; !ok || v != "" {
+		t.Errorf("nix options %v", kv)
+	}
+	if err := kv.Set("novalue"); err == nil {
+		t.Error("NAME without =VALUE accepted")
+	}
+}
+
+func TestRunUsage(t *testing.T) {
+	var out, errOut bytes.Buffer
+	if err := run(context.Background(), []string{"frobnicate"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "unknown command") {
+		t.Errorf("unknown command: %v", err)
+	}
+	if err := run(context.Background(), []string{"pull"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "exactly one image reference") {
+		t.Errorf("pull without a reference: %v", err)
+	}
+	if err := run(context.Background(), []string{"pull", "--pkgs-path", "/a", "--pkgs-git", "b", "nix.local/htop"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "more than one package source") {
+		t.Errorf("two sources: %v", err)
+	}
+}

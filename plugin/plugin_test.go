@@ -1,0 +1,102 @@
+package plugin
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+)
+
+func TestStorePathAnnotations(t *testing.T) {
+	for _, n := range []int{0, 1, 10, 500} {
+		var paths []string
+		for i := 0; i < n; i++ {
+			paths = append(paths, fmt.Sprintf("/nix/store/%032d-package-with-a-long-name-%d", i, i))
+		}
+		labels := StorePathAnnotations(paths)
+		for k, v := range labels {
+			if !strings.HasPrefix(k, "containerd.io/snapshot/") {
+				t.Errorf("%s is not passed to snapshotters", k)
+			}
+			if len(k)+len(v) > 4096 {
+				t.Errorf("label %s is %d bytes, over containerd's limit", k, len(k)+len(v))
+			}
+		}
+		if n == 500 && len(labels) < 2 {
+			t.Errorf("500 paths in %d label(s)", len(labels))
+		}
+		if got := StorePathsFromLabels(labels); !slices.Equal(got, paths) {
+			t.Errorf("%d paths: round trip gave %d", n, len(got))
+		}
+	}
+	if got := StorePathsFromLabels(map[string]string{"containerd.io/snapshot.ref": "x"}); got != nil {
+		t.Errorf("unrelated labels gave %v", got)
+	}
+}
+
+func TestLoadConfig(t *testing.T) {
+	dir := t.TempDir()
+	write := func(s string) string {
+		p := filepath.Join(dir, fmt.Sprintf("c%d.toml", time.Now().UnixNano()))
+		if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	cfg, err := LoadConfig(write(`
+[containerd]
+namespace = "k8s.io"
+[nix]
+pkgs_path = "` + dir + `"
+timeout = "90s"
+[nix.options]
+substituters = ""
+[image]
+max_layers = 20
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Containerd.Namespace != "k8s.io" || cfg.Containerd.Address != "/run/containerd/containerd.sock" ||
+		time.Duration(cfg.Nix.Timeout) != 90*time.Second || cfg.Image.MaxLayers != 20 || cfg.Image.Host != "nix.local" {
+		t.Errorf("config %+v", cfg)
+	}
+	if v, ok := cfg.Nix.Options["substituters"]; !ok || v != "" {
+		t.Errorf("options %v", cfg.Nix.Options)
+	}
+
+	if _, err := LoadConfig(write("[nix]\npkgs_pth = \"x\"\n")); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "pkgs_pth") {
+		t.Errorf("unknown key: %v", err)
+	}
+	if _, err := LoadConfig(write("[nix]\ntimeout = \"soon\"\n")); err == nil {
+		t.Error("bad duration accepted")
+	}
+	if _, err := LoadConfig(filepath.Join(dir, "missing.toml")); err == nil {
+		t.Error("missing file accepted")
+	}
+}
+
+func TestNixSource(t *testing.T) {
+	if _, err := (NixConfig{PkgsPath: "/a", PkgsGit: "b"}).Source(); !errdefs.IsInvalidArgument(err) {
+		t.Errorf("two sources: %v", err)
+	}
+	if _, err := (NixConfig{PkgsPath: t.TempDir()}).Source(); err == nil || !strings.Contains(err.Error(), "default.nix") {
+		t.Errorf("path without default.nix: %v", err)
+	}
+	if src, err := (NixConfig{}).Source(); err != nil || src.String() != "channel:<nixpkgs>" {
+		t.Errorf("default source %v, %v", src, err)
+	}
+}
+
+func TestHumanBytes(t *testing.T) {
+	for n, want := range map[int64]string{0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 1536: "1.5 KiB", 5 << 30: "5.0 GiB"} {
+		if got := humanBytes(n); got != want {
+			t.Errorf("humanBytes(%d) = %s, want %s", n, got, want)
+		}
+	}
+}
