@@ -18,6 +18,7 @@ import (
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
@@ -189,7 +190,7 @@ func (p *Provisioner) writeLayers(ctx context.Context, img resolver.Image, res *
 		if err != nil {
 			return imageBlobs{}, fmt.Errorf("layer %d of %s: %w", i+1, img.Ref(), err)
 		}
-		desc.Annotations = StorePathAnnotations(paths)
+		desc.Annotations = snapshot.StorePathAnnotations(paths)
 		descs = append(descs, desc)
 		p.say("%s: layer %d/%d %s %s (%d store paths)", img.Ref(), i+1, len(groups)+1, desc.Digest.Encoded()[:12], humanBytes(desc.Size), len(paths))
 	}

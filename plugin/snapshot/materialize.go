@@ -1,0 +1,185 @@
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+)
+
+// storeEpoch is the mtime Nix gives store files, which tar layers carry too.
+var storeEpoch = time.Unix(1, 0)
+
+// materializer writes store paths into a layer directory without copying
+// file data: files are hard links to the store's own inodes, which Nix keeps
+// read-only (0444/0555, root-owned, mtime 1) — exactly what the layer's tar
+// would hold. Overlayfs never writes to a lower layer, so sharing is safe.
+// Where links cannot be made (the layer directory is on another filesystem
+// than the store, or a file reached the filesystem's link limit) the file
+// is cloned (reflink) or, failing that, copied.
+type materializer struct {
+	root     string // where store paths are read, "/" but in tests
+	parallel int
+	copyOnly atomic.Bool // set once links proved impossible
+	copied   atomic.Int64
+}
+
+// materialize writes paths (absolute store paths) below dir.
+func (m *materializer) materialize(ctx context.Context, dir string, paths []string) error {
+	for _, p := range paths {
+		if err := os.MkdirAll(filepath.Join(dir, filepath.Dir(p)), 0o755); err != nil {
+			return err
+		}
+	}
+	work := make(chan string)
+	errs := make(chan error, len(paths))
+	var wg sync.WaitGroup
+	for i := 0; i < max(1, m.parallel); i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for p := range work {
+				errs <- m.tree(filepath.Join(m.root, p), filepath.Join(dir, p))
+			}
+		}()
+	}
+	go func() {
+		defer close(work)
+		for _, p := range paths {
+			select {
+			case work <- p:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	close(errs)
+	var all []error
+	for err := range errs {
+		all = append(all, err)
+	}
+	if err := ctx.Err(); err != nil {
+		all = append(all, err)
+	}
+	if n := m.copied.Load(); n > 0 {
+		log.G(ctx).WithField("files", n).Debug("copied store files that could not be linked")
+	}
+	return errors.Join(all...)
+}
+
+// tree writes the store path src as dst.
+func (m *materializer) tree(src, dst string) error {
+	var dirs []string
+	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, err := filepath.Rel(src, path)
+		if err != nil {
+			return err
+		}
+		target := filepath.Join(dst, rel)
+		switch typ := d.Type(); {
+		case typ.IsDir():
+			dirs = append(dirs, target)
+			return os.Mkdir(target, 0o755)
+		case typ&fs.ModeSymlink != 0:
+			link, err := os.Readlink(path)
+			if err != nil {
+				return err
+			}
+			if err := os.Symlink(link, target); err != nil {
+				return err
+			}
+			return os.Lchown(target, 0, 0)
+		case typ.IsRegular():
+			return m.file(path, target)
+		default:
+			return fmt.Errorf("%s is a %s, which a Nix store path cannot hold", path, typ)
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("materialise %s: %w", src, err)
+	}
+	// Directories last, deepest first: read-only and with the store's
+	// mtime, as the tar layer would make them.
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if err := os.Chmod(dirs[i], 0o555); err != nil {
+			return err
+		}
+		if err := os.Chtimes(dirs[i], storeEpoch, storeEpoch); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (m *materializer) file(src, dst string) error {
+	if !m.copyOnly.Load() {
+		err := os.Link(src, dst)
+		if err == nil {
+			return nil
+		}
+		var errno syscall.Errno
+		if !errors.As(err, &errno) {
+			return err
+		}
+		switch errno {
+		case syscall.EXDEV, syscall.EPERM:
+			// Another filesystem (or links forbidden): never going to work.
+			m.copyOnly.Store(true)
+		case syscall.EMLINK:
+			// This inode is full; others may not be.
+		default:
+			return err
+		}
+	}
+	m.copied.Add(1)
+	return copyFile(src, dst)
+}
+
+// copyFile clones src to dst where the filesystem can share extents, and
+// copies it otherwise, with the store's mode and mtime.
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	info, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	mode := os.FileMode(0o444)
+	if info.Mode()&0o111 != 0 {
+		mode = 0o555
+	}
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); err != nil {
+		if _, err := io.Copy(out, in); err != nil {
+			out.Close()
+			return err
+		}
+	}
+	if err := out.Close(); err != nil {
+		return err
+	}
+	if err := os.Chmod(dst, mode); err != nil {
+		return err
+	}
+	return os.Chtimes(dst, storeEpoch, storeEpoch)
+}
