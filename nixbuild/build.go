@@ -275,3 +275,12 @@ func parsePathInfo(data []byte) ([]StorePath, error) {
 	slices.SortFunc(list, func(a, b StorePath) int { return cmp.Compare(a.Path, b.Path) })
 	return list, nil
 }
+
+// Realise makes store paths present, by substitution from the configured
+// binary caches or by building their derivers.
+func (b *Builder) Realise(ctx context.Context, paths []string) error {
+	ctx, cancel := context.WithTimeout(ctx, b.timeout)
+	defer cancel()
+	_, err := b.run(ctx, "realise", "nix-store", b.args(append([]string{"--realise"}, paths...)...)...)
+	return err
+}

@@ -11,6 +11,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
 
@@ -18,9 +19,22 @@ import (
 // optional; DefaultConfig holds the defaults, and config.toml.example
 // documents them.
 type Config struct {
-	Containerd ContainerdConfig `toml:"containerd"`
-	Nix        NixConfig        `toml:"nix"`
-	Image      ImageConfig      `toml:"image"`
+	Containerd  ContainerdConfig  `toml:"containerd"`
+	Nix         NixConfig         `toml:"nix"`
+	Image       ImageConfig       `toml:"image"`
+	Snapshotter SnapshotterConfig `toml:"snapshotter"`
+}
+
+// SnapshotterConfig is the `serve` daemon's.
+type SnapshotterConfig struct {
+	// Address is the unix socket containerd's proxy plugin connects to.
+	Address string `toml:"address"`
+	// Root holds the snapshots; on the same filesystem as /nix/store, store
+	// files are hard-linked rather than copied.
+	Root string `toml:"root"`
+	// GCRootsDir holds the Nix GC roots of store paths in snapshots; it must
+	// be below /nix/var/nix/gcroots.
+	GCRootsDir string `toml:"gc_roots_dir"`
 }
 
 // ContainerdConfig says which containerd to talk to.
@@ -32,6 +46,10 @@ type ContainerdConfig struct {
 	Namespace string `toml:"namespace"`
 	// Snapshotter to unpack into; empty means the namespace's default.
 	Snapshotter string `toml:"snapshotter"`
+	// NixSnapshotter is the name under which containerd knows our `nix`
+	// snapshotter ([proxy_plugins.NAME]). Images unpacked into it carry
+	// store-path references instead of layer blobs.
+	NixSnapshotter string `toml:"nix_snapshotter"`
 }
 
 // NixConfig says where packages come from and how Nix is run.
@@ -55,6 +73,9 @@ type ImageConfig struct {
 	Host string `toml:"host"`
 	// MaxLayers bounds the layers of an image, the symlink layer included.
 	MaxLayers int `toml:"max_layers"`
+	// WithLayers writes full tar layers even for the nix snapshotter (for
+	// export, or for other snapshotters to unpack the same image).
+	WithLayers bool `toml:"with_layers"`
 }
 
 // Duration is a time.Duration written as "30m" in TOML.
@@ -77,9 +98,14 @@ func DefaultConfig() Config {
 		ns = "default"
 	}
 	return Config{
-		Containerd: ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespace: ns},
+		Containerd: ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespace: ns, NixSnapshotter: "nix"},
 		Nix:        NixConfig{Timeout: Duration(nixbuild.DefaultTimeout), Options: map[string]string{}},
 		Image:      ImageConfig{Host: resolver.DefaultHost, MaxLayers: DefaultMaxLayers},
+		Snapshotter: SnapshotterConfig{
+			Address:    "/run/nixery-snapshotter/nixery-snapshotter.sock",
+			Root:       "/var/lib/nixery-snapshotter",
+			GCRootsDir: snapshot.DefaultGCRootsDir,
+		},
 	}
 }
 

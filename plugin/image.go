@@ -59,6 +59,23 @@ func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io
 	return desc, nil
 }
 
+// MediaTypeStorePaths is the media type of a reference layer: a JSON list
+// of store paths that the nix snapshotter materialises. It is a layer type
+// to containerd (its prefix), but no differ can apply it, so another
+// snapshotter fails clearly instead of unpacking an empty layer.
+const MediaTypeStorePaths = "application/vnd.oci.image.layer.nixery.store-paths.v1+json"
+
+// referenceLayer describes store paths by identity.
+func referenceLayer(paths []string) (ocispec.Descriptor, []byte, error) {
+	blob, err := json.Marshal(struct {
+		StorePaths []string `json:"storePaths"`
+	}{paths})
+	if err != nil {
+		return ocispec.Descriptor{}, nil, err
+	}
+	return ocispec.Descriptor{MediaType: MediaTypeStorePaths, Digest: digest.FromBytes(blob), Size: int64(len(blob))}, blob, nil
+}
+
 // ingestRef names the ingest of a layer by what it holds.
 func ingestRef(kind string, paths []string) string {
 	return "nixery-" + kind + "-" + digest.FromString(strings.Join(paths, "\n")).Encoded()

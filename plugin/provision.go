@@ -6,14 +6,18 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/defaults"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering"
@@ -37,6 +41,8 @@ type Provisioner struct {
 	host        string
 	maxLayers   int
 	snapshotter string
+	nixSnapshot string
+	layerBlobs  bool
 	progress    io.Writer
 }
 
@@ -55,13 +61,24 @@ func WithSnapshotter(name string) ProvisionerOpt {
 	return func(p *Provisioner) { p.snapshotter = name }
 }
 
+// WithNixSnapshotter names the snapshotter that materialises store paths
+// itself (default "nix"). Images unpacked into it get store-path reference
+// layers instead of tar layers, unless WithLayerBlobs is set.
+func WithNixSnapshotter(name string) ProvisionerOpt {
+	return func(p *Provisioner) { p.nixSnapshot = name }
+}
+
+// WithLayerBlobs writes full tar layers whatever the snapshotter, so the
+// image can be exported or unpacked anywhere.
+func WithLayerBlobs(on bool) ProvisionerOpt { return func(p *Provisioner) { p.layerBlobs = on } }
+
 // WithProgress writes one line per step for a person to read.
 func WithProgress(w io.Writer) ProvisionerOpt { return func(p *Provisioner) { p.progress = w } }
 
 // NewProvisioner returns a Provisioner that builds with builder and
 // registers images through client (whose namespace comes from the context).
 func NewProvisioner(client *containerd.Client, builder *nixbuild.Builder, opts ...ProvisionerOpt) *Provisioner {
-	p := &Provisioner{client: client, builder: builder, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers}
+	p := &Provisioner{client: client, builder: builder, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers, nixSnapshot: "nix"}
 	for _, opt := range opts {
 		opt(p)
 	}
@@ -131,7 +148,12 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 		}
 	}()
 
-	blobs, err := p.writeLayers(ctx, img, res, groups)
+	snapshotter, err := p.resolveSnapshotter(ctx)
+	if err != nil {
+		return images.Image{}, err
+	}
+	byReference := snapshotter == p.nixSnapshot && !p.layerBlobs
+	blobs, err := p.writeLayers(ctx, img, res, groups, byReference)
 	if err != nil {
 		return images.Image{}, err
 	}
@@ -147,9 +169,7 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 		containerd.WithResolver(fixed),
 		containerd.WithPullUnpack,
 		containerd.WithPlatformMatcher(platforms.Only(ocispec.Platform{OS: img.Platform.OS, Architecture: img.Platform.Architecture})),
-	}
-	if p.snapshotter != "" {
-		pullOpts = append(pullOpts, containerd.WithPullSnapshotter(p.snapshotter))
+		containerd.WithPullSnapshotter(snapshotter),
 	}
 	names := []string{img.Ref()}
 	if img.Tag == resolver.DefaultTag {
@@ -177,16 +197,51 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	return record, nil
 }
 
-// writeLayers streams every layer into the content store and returns the
-// image's manifest and config.
-func (p *Provisioner) writeLayers(ctx context.Context, img resolver.Image, res *nixbuild.Result, groups []layering.Layer) (imageBlobs, error) {
+// resolveSnapshotter names the snapshotter images are unpacked into: the
+// configured one, else the namespace's default, else the platform's.
+func (p *Provisioner) resolveSnapshotter(ctx context.Context) (string, error) {
+	if p.snapshotter != "" {
+		return p.snapshotter, nil
+	}
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return "", err
+	}
+	labels, err := p.client.NamespaceService().Labels(ctx, ns)
+	if errdefs.IsNotFound(err) {
+		return defaults.DefaultSnapshotter, nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("namespace %s: %w", ns, err)
+	}
+	if name := labels[defaults.DefaultSnapshotterNSLabel]; name != "" {
+		return name, nil
+	}
+	return defaults.DefaultSnapshotter, nil
+}
+
+// writeLayers writes the image's layers and returns its manifest and
+// config. Store-path layers are tar streams into the content store, or,
+// for the nix snapshotter, small references that name the store paths:
+// that snapshotter makes the layer from the store itself, so no byte of
+// the closure is read to describe it.
+func (p *Provisioner) writeLayers(ctx context.Context, img resolver.Image, res *nixbuild.Result, groups []layering.Layer, byReference bool) (imageBlobs, error) {
 	cs := p.client.ContentStore()
 	var descs []ocispec.Descriptor
+	references := map[digest.Digest][]byte{}
 	for i, g := range groups {
 		paths := g.Paths
-		desc, err := writeLayer(ctx, cs, ingestRef("layer", paths), func(w io.Writer) error {
-			return tarstream.WriteStorePaths(w, paths)
-		})
+		var desc ocispec.Descriptor
+		var err error
+		if byReference {
+			var blob []byte
+			desc, blob, err = referenceLayer(paths)
+			references[desc.Digest] = blob
+		} else {
+			desc, err = writeLayer(ctx, cs, ingestRef("layer", paths), func(w io.Writer) error {
+				return tarstream.WriteStorePaths(w, paths)
+			})
+		}
 		if err != nil {
 			return imageBlobs{}, fmt.Errorf("layer %d of %s: %w", i+1, img.Ref(), err)
 		}
@@ -207,7 +262,9 @@ func (p *Provisioner) writeLayers(ctx context.Context, img resolver.Image, res *
 	}
 	descs = append(descs, desc)
 	p.say("%s: layer %d/%d %s %s (symlinks)", img.Ref(), len(descs), len(descs), desc.Digest.Encoded()[:12], humanBytes(desc.Size))
-	return newImageBlobs(img, names, descs)
+	blobs, err := newImageBlobs(img, names, descs)
+	maps.Copy(blobs.blobs, references)
+	return blobs, err
 }
 
 // putImage creates an image record or updates the existing one.

@@ -8,18 +8,22 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/containerd/log"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 )
 
 const usage = `usage: nixery-snapshotter COMMAND [FLAGS] [ARGS]
 
 Commands:
   pull REF    build the image for REF from Nix packages and register it in containerd
+  serve       serve the nix snapshotter to containerd
 
 Run 'nixery-snapshotter COMMAND -h' for a command's flags.
 `
@@ -44,6 +48,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	switch args[0] {
 	case "pull":
 		return pull(ctx, args[1:], stdout, stderr)
+	case "serve":
+		return serve(ctx, args[1:], stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return nil
@@ -91,4 +97,46 @@ func setLogLevel(level string) error {
 		return fmt.Errorf("log level %q: %w", level, err)
 	}
 	return log.SetFormat(log.TextFormat)
+}
+
+// sourceFlags are the package-source and Nix flags of pull and serve.
+type sourceFlags struct {
+	pkgsPath, pkgsGit, pkgsChannel *string
+	timeout                        *time.Duration
+	nixOptions                     keyValues
+}
+
+func addSourceFlags(fs *flag.FlagSet) *sourceFlags {
+	s := &sourceFlags{
+		pkgsPath:    fs.String("pkgs-path", "", "package set: a directory whose default.nix is a nixpkgs-like set"),
+		pkgsGit:     fs.String("pkgs-git", "", "package set: a git repository (the tag selects a commit or ref)"),
+		pkgsChannel: fs.String("pkgs-channel", "", "package set: a nixpkgs channel or commit, or <nixpkgs> (default)"),
+		timeout:     fs.Duration("timeout", 0, "bound on the Nix prepare step (default 30m)"),
+		nixOptions:  keyValues{},
+	}
+	fs.Var(s.nixOptions, "nix-option", "Nix setting NAME=VALUE for every Nix call (repeatable), e.g. substituters=")
+	return s
+}
+
+// loadConfig reads the configuration file (or the defaults) and applies
+// the source flags that were given over it.
+func loadConfig(fs *flag.FlagSet, path string, src *sourceFlags) (plugin.Config, error) {
+	cfg := plugin.DefaultConfig()
+	if path != "" {
+		var err error
+		if cfg, err = plugin.LoadConfig(path); err != nil {
+			return cfg, err
+		}
+	}
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "pkgs-path", "pkgs-git", "pkgs-channel":
+			// A source on the command line replaces the configured one.
+			cfg.Nix.PkgsPath, cfg.Nix.PkgsGit, cfg.Nix.PkgsChannel = *src.pkgsPath, *src.pkgsGit, *src.pkgsChannel
+		case "timeout":
+			cfg.Nix.Timeout = plugin.Duration(*src.timeout)
+		}
+	})
+	maps.Copy(cfg.Nix.Options, src.nixOptions)
+	return cfg, nil
 }

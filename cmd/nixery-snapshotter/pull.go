@@ -27,14 +27,10 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		address     = fs.String("address", "", "containerd socket (default /run/containerd/containerd.sock)")
 		namespace   = fs.String("namespace", "", "containerd namespace (default $CONTAINERD_NAMESPACE or \"default\")")
 		snapshotter = fs.String("snapshotter", "", "snapshotter to unpack into (default: the namespace's default)")
-		pkgsPath    = fs.String("pkgs-path", "", "package set: a directory whose default.nix is a nixpkgs-like set")
-		pkgsGit     = fs.String("pkgs-git", "", "package set: a git repository (the tag selects a commit or ref)")
-		pkgsChannel = fs.String("pkgs-channel", "", "package set: a nixpkgs channel or commit, or <nixpkgs> (default)")
-		timeout     = fs.Duration("timeout", 0, "bound on the Nix prepare step (default 30m)")
+		withLayers  = fs.Bool("with-layers", false, "write full tar layers even for the nix snapshotter (for export)")
 		logLevel    = fs.String("log-level", "warn", "log level: debug, info, warn, error")
-		nixOptions  = keyValues{}
 	)
-	fs.Var(nixOptions, "nix-option", "Nix setting NAME=VALUE for every Nix call (repeatable), e.g. substituters=")
+	src := addSourceFlags(fs)
 	positional, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
@@ -47,11 +43,9 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 
-	cfg := plugin.DefaultConfig()
-	if *configPath != "" {
-		if cfg, err = plugin.LoadConfig(*configPath); err != nil {
-			return err
-		}
+	cfg, err := loadConfig(fs, *configPath, src)
+	if err != nil {
+		return err
 	}
 	fs.Visit(func(f *flag.Flag) {
 		switch f.Name {
@@ -61,16 +55,10 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			cfg.Containerd.Namespace = *namespace
 		case "snapshotter":
 			cfg.Containerd.Snapshotter = *snapshotter
-		case "pkgs-path", "pkgs-git", "pkgs-channel":
-			// A source on the command line replaces the configured one.
-			cfg.Nix.PkgsPath, cfg.Nix.PkgsGit, cfg.Nix.PkgsChannel = *pkgsPath, *pkgsGit, *pkgsChannel
-		case "timeout":
-			cfg.Nix.Timeout = plugin.Duration(*timeout)
+		case "with-layers":
+			cfg.Image.WithLayers = *withLayers
 		}
 	})
-	for k, v := range nixOptions {
-		cfg.Nix.Options[k] = v
-	}
 
 	builder, err := cfg.Nix.Builder(nixbuild.WithProgress(func(line string) {
 		fmt.Fprintln(stderr, "  nix:", line)
@@ -91,6 +79,8 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		plugin.WithHost(cfg.Image.Host),
 		plugin.WithMaxLayers(cfg.Image.MaxLayers),
 		plugin.WithSnapshotter(cfg.Containerd.Snapshotter),
+		plugin.WithNixSnapshotter(cfg.Containerd.NixSnapshotter),
+		plugin.WithLayerBlobs(cfg.Image.WithLayers),
 		plugin.WithProgress(stderr))
 	img, err := p.Provision(ctx, positional[0])
 	if err != nil {

@@ -1,0 +1,72 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+
+	"github.com/containerd/log"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
+)
+
+func serve(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: nixery-snapshotter serve [FLAGS]\n\nServes the nix snapshotter to containerd ([proxy_plugins.nix] in its config).\n\nFlags:")
+		fs.PrintDefaults()
+	}
+	var (
+		configPath = fs.String("config", "", "configuration file (TOML; see config.toml.example)")
+		address    = fs.String("address", "", "unix socket to serve on (default /run/nixery-snapshotter/nixery-snapshotter.sock)")
+		root       = fs.String("root", "", "state directory (default /var/lib/nixery-snapshotter)")
+		ctrAddress = fs.String("containerd-address", "", "containerd socket, used when the daemon provisions images")
+		logLevel   = fs.String("log-level", "info", "log level: debug, info, warn, error")
+	)
+	src := addSourceFlags(fs)
+	positional, err := parseInterspersed(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(positional) != 0 {
+		fs.Usage()
+		return fmt.Errorf("serve takes no arguments, got %v", positional)
+	}
+	if err := setLogLevel(*logLevel); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(fs, *configPath, src)
+	if err != nil {
+		return err
+	}
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "address":
+			cfg.Snapshotter.Address = *address
+		case "root":
+			cfg.Snapshotter.Root = *root
+		case "containerd-address":
+			cfg.Containerd.Address = *ctrAddress
+		}
+	})
+
+	// Only to realise store paths that went missing: serving needs neither
+	// Nix nor containerd to be up, since the daemon starts before both.
+	builder, err := cfg.Nix.Builder()
+	if err != nil {
+		return err
+	}
+	defer builder.Close()
+	sn, err := snapshot.New(cfg.Snapshotter.Root,
+		snapshot.WithGCRootsDir(cfg.Snapshotter.GCRootsDir),
+		snapshot.WithRealiser(builder))
+	if err != nil {
+		return err
+	}
+	defer sn.Close()
+	log.G(ctx).WithField("root", cfg.Snapshotter.Root).Info("nix snapshotter ready")
+	return plugin.ServeSnapshotter(ctx, sn, cfg.Snapshotter.Address)
+}

@@ -1,0 +1,89 @@
+package plugin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/log"
+	"github.com/coreos/go-systemd/v22/daemon"
+	"google.golang.org/grpc"
+)
+
+// stopGrace is how long in-flight calls get to finish on shutdown.
+const stopGrace = 10 * time.Second
+
+// ServeSnapshotter serves sn as containerd's snapshots gRPC API on the unix
+// socket at address until ctx ends, then stops gracefully. It tells systemd
+// (Type=notify) when it is ready.
+func ServeSnapshotter(ctx context.Context, sn snapshots.Snapshotter, address string) error {
+	l, err := listenUnix(address)
+	if err != nil {
+		return err
+	}
+	srv := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	log.G(ctx).WithField("address", address).Info("serving the nix snapshotter")
+	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
+		log.G(ctx).WithError(err).Warn("notifying systemd")
+	}
+
+	select {
+	case err := <-served:
+		return fmt.Errorf("serving %s: %w", address, err)
+	case <-ctx.Done():
+	}
+	_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
+	log.G(ctx).Info("stopping")
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(stopGrace):
+		srv.Stop()
+	}
+	return nil
+}
+
+// listenUnix listens on a unix socket that only root and its group may
+// use: a directory it creates is 0700, the socket 0660. A stale socket from
+// a process that died is removed; a live one is an error.
+func listenUnix(address string) (net.Listener, error) {
+	dir := filepath.Dir(address)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("socket directory: %w", err)
+		}
+	}
+	if fi, err := os.Lstat(address); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", address)
+		}
+		if c, err := net.DialTimeout("unix", address, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("another process is serving on %s", address)
+		}
+		if err := os.Remove(address); err != nil {
+			return nil, fmt.Errorf("removing stale socket: %w", err)
+		}
+	}
+	l, err := net.Listen("unix", address)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", address, err)
+	}
+	if err := os.Chmod(address, 0o660); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("socket permissions: %w", err)
+	}
+	return l, nil
+}
