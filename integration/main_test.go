@@ -44,6 +44,7 @@ func TestMain(m *testing.M) {
 type env struct {
 	t      *testing.T
 	ctd    *testutil.Containerd
+	daemon *daemon // the nix snapshotter, if started
 	config string
 	path   string // PATH for the CLI; the default when empty
 }
@@ -57,6 +58,30 @@ func newEnv(t *testing.T) *env {
 	return e
 }
 
+// newNixEnv starts the nix snapshotter daemon and a containerd that knows
+// it as the proxy plugin "nix".
+func newNixEnv(t *testing.T) *env {
+	t.Helper()
+	testutil.RequireNix(t)
+	testutil.RequireRoot(t)
+	d := newDaemon(t)
+	ctd := testutil.StartContainerd(t, testutil.WithConfig(fmt.Sprintf(`[proxy_plugins.nix]
+  type = "snapshot"
+  address = %q
+# The transfer service (ctr image pull/import) unpacks only into the
+# snapshotters listed here.
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "overlayfs"
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "nix"`, d.address)))
+	e := &env{t: t, ctd: ctd, daemon: d}
+	e.writeConfig(testutil.TestPkgs())
+	d.start(e.config)
+	return e
+}
+
 // writeConfig points the CLI at containerd and at the package set in dir.
 func (e *env) writeConfig(pkgs string) {
 	e.t.Helper()
@@ -64,11 +89,16 @@ func (e *env) writeConfig(pkgs string) {
 		"containerd": map[string]any{"address": e.ctd.Address, "namespace": "default"},
 		"nix":        map[string]any{"pkgs_path": pkgs, "options": testutil.NixOptions()},
 	}
+	if d := e.daemon; d != nil {
+		cfg["snapshotter"] = map[string]any{"address": d.address, "root": d.root, "gc_roots_dir": d.gcRoots}
+	}
 	b, err := toml.Marshal(cfg)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	e.config = filepath.Join(e.t.TempDir(), "config.toml")
+	if e.config == "" {
+		e.config = filepath.Join(e.t.TempDir(), "config.toml")
+	}
 	if err := os.WriteFile(e.config, b, 0o600); err != nil {
 		e.t.Fatal(err)
 	}
@@ -103,13 +133,20 @@ func (e *env) mustPull(args ...string) string {
 	return fields[1]
 }
 
-// run runs a container of image with ctr and returns its output.
+// run runs a container of image with ctr and returns its output. ctr
+// flags may come first (--snapshotter=nix).
 func (e *env) run(image string, args ...string) string {
 	e.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	id := fmt.Sprintf("c%d", time.Now().UnixNano())
-	cmd := e.ctd.Ctr(ctx, append([]string{"--namespace", "default", "run", "--rm", image, id}, args...)...)
+	var flags []string
+	for strings.HasPrefix(image, "--") {
+		flags = append(flags, image)
+		image, args = args[0], args[1:]
+	}
+	ctrArgs := append(append([]string{"--namespace", "default", "run", "--rm"}, flags...), image, id)
+	cmd := e.ctd.Ctr(ctx, append(ctrArgs, args...)...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {

@@ -24,6 +24,8 @@ type Containerd struct {
 	Address string // gRPC socket
 	Client  *containerd.Client
 	cmd     *exec.Cmd
+	exited  chan struct{}
+	cfgPath string
 	logPath string
 }
 
@@ -65,18 +67,27 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 	if err := os.WriteFile(cfgPath, []byte(cfg.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	logFile, err := os.Create(c.logPath)
+	c.cfgPath = cfgPath
+	t.Cleanup(func() { c.stop(t) })
+	c.start(t)
+	return c
+}
+
+func (c *Containerd) start(t testing.TB) {
+	t.Helper()
+	logFile, err := os.OpenFile(c.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.cmd = exec.Command("containerd", "--config", cfgPath, "--log-level", "debug")
+	c.cmd = exec.Command("containerd", "--config", c.cfgPath, "--log-level", "debug")
 	c.cmd.Stdout, c.cmd.Stderr = logFile, logFile
 	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := c.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	logFile.Close()
-	t.Cleanup(func() { c.stop(t) })
+	c.exited = make(chan struct{})
+	go func(cmd *exec.Cmd, exited chan struct{}) { cmd.Wait(); close(exited) }(c.cmd, c.exited)
 
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -88,7 +99,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 				cancel()
 				if err == nil {
 					c.Client = client
-					return c
+					return
 				}
 				client.Close()
 			}
@@ -97,6 +108,29 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 			t.Fatalf("containerd did not start; log:\n%s", c.Log())
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// Restart stops containerd (its containers keep running under their
+// shims) and starts it again on the same root and state.
+func (c *Containerd) Restart(t testing.TB) {
+	t.Helper()
+	c.Client.Close()
+	c.Client = nil
+	c.terminate()
+	c.start(t)
+}
+
+func (c *Containerd) terminate() {
+	if c.exited == nil {
+		return
+	}
+	_ = c.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-c.exited:
+	case <-time.After(15 * time.Second):
+		_ = c.cmd.Process.Kill()
+		<-c.exited
 	}
 }
 
@@ -118,15 +152,7 @@ func (c *Containerd) stop(t testing.TB) {
 		c.removeContainers(ctx)
 		c.Client.Close()
 	}
-	_ = c.cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { c.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(15 * time.Second):
-		_ = c.cmd.Process.Kill()
-		<-done
-	}
+	c.terminate()
 	killShims(c.Address)
 	unmountBelow(c.Dir)
 	if err := os.RemoveAll(c.Dir); err != nil {

@@ -1,0 +1,108 @@
+package integration
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// daemon is `nixery-snapshotter serve` run as a child process.
+type daemon struct {
+	t       *testing.T
+	dir     string
+	address string
+	root    string
+	gcRoots string
+	config  string
+	cmd     *exec.Cmd
+	exited  chan struct{}
+}
+
+func newDaemon(t *testing.T) *daemon {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "nixery-daemon-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// GC roots only count below Nix's gcroots directory.
+	gcRoots, err := os.MkdirTemp("/nix/var/nix/gcroots", "nixery-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{
+		t:       t,
+		dir:     dir,
+		address: filepath.Join(dir, "run", "nix.sock"),
+		root:    filepath.Join(dir, "root"),
+		gcRoots: gcRoots,
+	}
+	t.Cleanup(func() {
+		d.stop()
+		// Snapshots hold no mounts of their own; containerd's cleanup
+		// (registered later, run earlier) has unmounted containers.
+		os.RemoveAll(d.dir)
+		os.RemoveAll(d.gcRoots)
+	})
+	return d
+}
+
+// start runs the daemon with config and waits for its socket.
+func (d *daemon) start(config string) {
+	d.t.Helper()
+	d.config = config
+	log, err := os.OpenFile(filepath.Join(d.dir, "daemon.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	defer log.Close()
+	d.cmd = exec.Command(binary, "serve", "--config", config, "--log-level", "debug")
+	d.cmd.Stdout, d.cmd.Stderr = log, log
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := d.cmd.Start(); err != nil {
+		d.t.Fatal(err)
+	}
+	d.exited = make(chan struct{})
+	go func(cmd *exec.Cmd, exited chan struct{}) { cmd.Wait(); close(exited) }(d.cmd, d.exited)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if fi, err := os.Stat(d.address); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			return
+		}
+		select {
+		case <-d.exited:
+			d.t.Fatalf("daemon exited; log:\n%s", d.log())
+		default:
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("daemon did not start; log:\n%s", d.log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (d *daemon) log() string {
+	b, _ := os.ReadFile(filepath.Join(d.dir, "daemon.log"))
+	return string(b)
+}
+
+// stop ends the daemon with sig (SIGTERM unless given).
+func (d *daemon) stop(sig ...syscall.Signal) {
+	if d.exited == nil {
+		return
+	}
+	s := syscall.SIGTERM
+	if len(sig) > 0 {
+		s = sig[0]
+	}
+	_ = d.cmd.Process.Signal(s)
+	select {
+	case <-d.exited:
+	case <-time.After(20 * time.Second):
+		_ = d.cmd.Process.Kill()
+		<-d.exited
+	}
+	d.exited = nil
+}
