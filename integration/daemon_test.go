@@ -11,7 +11,7 @@ import (
 
 // daemon is `nixery-snapshotter serve` run as a child process.
 type daemon struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	address string
 	root    string
@@ -21,7 +21,7 @@ type daemon struct {
 	exited  chan struct{}
 }
 
-func newDaemon(t *testing.T) *daemon {
+func newDaemon(t testing.TB) *daemon {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "nixery-daemon-")
 	if err != nil {

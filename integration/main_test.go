@@ -42,14 +42,14 @@ func TestMain(m *testing.M) {
 
 // env is one test's containerd plus the configuration the CLI uses with it.
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	ctd    *testutil.Containerd
 	daemon *daemon // the nix snapshotter, if started
 	config string
 	path   string // PATH for the CLI; the default when empty
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	testutil.RequireNix(t)
 	ctd := testutil.StartContainerd(t)
@@ -60,7 +60,7 @@ func newEnv(t *testing.T) *env {
 
 // newNixEnv starts the nix snapshotter daemon and a containerd that knows
 // it as the proxy plugin "nix".
-func newNixEnv(t *testing.T) *env {
+func newNixEnv(t testing.TB) *env {
 	t.Helper()
 	testutil.RequireNix(t)
 	testutil.RequireRoot(t)

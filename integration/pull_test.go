@@ -66,7 +66,7 @@ func TestPullAndRun(t *testing.T) {
 }
 
 // config_ reads the image config of a registered image.
-func (e *env) config_(t *testing.T, name string) ocispec.Image {
+func (e *env) config_(t testing.TB, name string) ocispec.Image {
 	t.Helper()
 	m, img := e.manifest(t, name)
 	_ = img
@@ -75,7 +75,7 @@ func (e *env) config_(t *testing.T, name string) ocispec.Image {
 	return cfg
 }
 
-func (e *env) manifest(t *testing.T, name string) (ocispec.Manifest, images.Image) {
+func (e *env) manifest(t testing.TB, name string) (ocispec.Manifest, images.Image) {
 	t.Helper()
 	img, err := e.ctd.Client.ImageService().Get(e.ctx(), name)
 	if err != nil {
@@ -86,7 +86,7 @@ func (e *env) manifest(t *testing.T, name string) (ocispec.Manifest, images.Imag
 	return m, img
 }
 
-func (e *env) readJSON(t *testing.T, desc ocispec.Descriptor, v any) {
+func (e *env) readJSON(t testing.TB, desc ocispec.Descriptor, v any) {
 	t.Helper()
 	b, err := content.ReadBlob(e.ctx(), e.ctd.Client.ContentStore(), desc)
 	if err != nil {

@@ -1,0 +1,164 @@
+package integration
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
+)
+
+// benchMiB is the size of the synthetic package in the provisioning
+// benchmark: NIXERY_BENCH_MB, small by default so that CI runs it quickly.
+func benchMiB(b *testing.B) int {
+	if v := os.Getenv("NIXERY_BENCH_MB"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			b.Fatalf("NIXERY_BENCH_MB=%q: want a positive number of MiB", v)
+		}
+		return n
+	}
+	return 16
+}
+
+// bigPackages writes a package set that adds `big`: size MiB of data in
+// files of 16 KiB to 1 MiB, as real closures mix small and large files.
+func bigPackages(b *testing.B, mib int) string {
+	dir := b.TempDir()
+	script := fmt.Sprintf(`set -e
+mkdir -p $out/share/big
+remaining=$((%d * 1024))
+i=0
+while [ $remaining -gt 0 ]; do
+  kib=$(( (i %% 4 == 0) ? 1024 : 16 << (i %% 4) ))
+  [ $kib -gt $remaining ] && kib=$remaining
+  head -c $((kib * 1024)) /dev/urandom > $out/share/big/f$i
+  remaining=$((remaining - kib)); i=$((i + 1))
+done
+mkdir -p $out/bin
+printf '#!/usr/bin/env bash\necho big\n' > $out/bin/big
+chmod +x $out/bin/big`, mib)
+	src := fmt.Sprintf(`{ system ? builtins.currentSystem, ... }:
+import %s { inherit system; } // {
+  big = derivation {
+    name = "big-%dmib"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin";
+    args = [ "-c" %q ];
+  };
+}`, testutil.TestPkgs(), mib, script)
+	if err := os.WriteFile(filepath.Join(dir, "default.nix"), []byte(src), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	return dir
+}
+
+// freeBytes is what the filesystem holding path has free, after a sync.
+func freeBytes(b *testing.B, path string) int64 {
+	syscall.Sync()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(path, &st); err != nil {
+		b.Fatal(err)
+	}
+	return int64(st.Bavail) * st.Bsize
+}
+
+// hashClosure reads every file of paths once through sha256: the least any
+// provisioning that reads the closure must do.
+func hashClosure(b *testing.B, paths []string) int64 {
+	var n int64
+	h := sha256.New()
+	for _, p := range paths {
+		err := filepath.WalkDir(p, func(path string, d fs.DirEntry, err error) error {
+			if err != nil || !d.Type().IsRegular() {
+				return err
+			}
+			f, err := os.Open(path)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			m, err := io.Copy(h, f)
+			n += m
+			return err
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	return n
+}
+
+// BenchmarkColdProvision provisions nix.local/shell/big into an empty
+// containerd (store paths already realised) with overlayfs and with the nix
+// snapshotter, side by side in each iteration, against reading the closure
+// once through sha256. Run it with hack/bench.sh; NIXERY_BENCH_MB sets the size.
+func BenchmarkColdProvision(b *testing.B) {
+	mib := benchMiB(b)
+	e := newNixEnv(b)
+	e.writeConfig(bigPackages(b, mib))
+	const ref = "nix.local/shell/big"
+
+	// Realise the closure first: this measures provisioning, not Nix builds.
+	e.mustPull("--snapshotter", "nix", ref)
+	m, _ := e.manifest(b, ref+":latest")
+	var paths []string
+	for _, l := range m.Layers {
+		paths = append(paths, snapshot.StorePathsFromLabels(l.Annotations)...)
+	}
+	closureBytes := hashClosure(b, paths)
+	e.removeImages(b, ref)
+
+	var hashT, overlayT, nixT time.Duration
+	var overlayDisk, nixDisk int64
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		start := time.Now()
+		hashClosure(b, paths)
+		hashT += time.Since(start)
+
+		for _, mode := range []struct {
+			snapshotter string
+			t           *time.Duration
+			disk        *int64
+		}{{"overlayfs", &overlayT, &overlayDisk}, {"nix", &nixT, &nixDisk}} {
+			free := freeBytes(b, e.ctd.Dir)
+			start := time.Now()
+			e.mustPull("--snapshotter", mode.snapshotter, ref)
+			*mode.t += time.Since(start)
+			*mode.disk += free - freeBytes(b, e.ctd.Dir)
+			b.StopTimer()
+			if out := e.runOn(mode.snapshotter, ref, "big"); out != "big\n" {
+				b.Fatalf("%s: big printed %q", mode.snapshotter, out)
+			}
+			e.removeImages(b, ref)
+			b.StartTimer()
+		}
+	}
+	n := float64(b.N)
+	b.ReportMetric(float64(closureBytes)/(1<<20), "closure-MiB")
+	b.ReportMetric(hashT.Seconds()/n, "sha256-s")
+	b.ReportMetric(overlayT.Seconds()/n, "overlayfs-s")
+	b.ReportMetric(nixT.Seconds()/n, "nix-s")
+	b.ReportMetric(float64(overlayT)/float64(hashT), "overlayfs/sha256")
+	b.ReportMetric(float64(nixT)/float64(hashT), "nix/sha256")
+	b.ReportMetric(float64(overlayDisk)/n/(1<<20), "overlayfs-disk-MiB")
+	b.ReportMetric(float64(nixDisk)/n/(1<<20), "nix-disk-MiB")
+}
+
+// removeImages deletes ref's records and collects their content and
+// snapshots at once, so the next pull starts cold.
+func (e *env) removeImages(tb testing.TB, ref string) {
+	tb.Helper()
+	out, err := e.ctd.Ctr(tb.Context(), "--namespace", "default", "images", "rm", "--sync", ref, ref+":latest").CombinedOutput()
+	if err != nil && !strings.Contains(string(out), "not found") {
+		tb.Fatalf("images rm: %v\n%s", err, out)
+	}
+}
