@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs what it needs (hack/setup.sh), then
 # vets, checks formatting and runs every test, including the integration
-# tests against a real containerd, runc and Nix, and the fuzz seed corpora.
+# tests against a real containerd, runc and Nix, and the fuzz seed corpora;
+# last, every benchmark once on small inputs, so that none of them rots
+# (hack/bench.sh runs them at full size).
 # Run as root. With CI=true, a test that would skip fails instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +19,4 @@ if [ -n "$unformatted" ]; then
 fi
 go vet ./...
 go test -count=1 "$@" ./...
+go test -count=1 -run '^$' -bench . -benchtime 1x ./...

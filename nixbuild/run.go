@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -30,10 +31,19 @@ func (b *Builder) run(ctx context.Context, stage, name string, args ...string) (
 	}
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	exited := make(chan struct{})
+	var cancelled atomic.Bool
 	cmd.Cancel = func() error {
+		cancelled.Store(true)
 		pgid := cmd.Process.Pid
 		_ = syscall.Kill(-pgid, syscall.SIGTERM)
-		time.AfterFunc(killGrace, func() { _ = syscall.Kill(-pgid, syscall.SIGKILL) })
+		go func() {
+			select {
+			case <-exited:
+			case <-time.After(killGrace):
+				_ = syscall.Kill(-pgid, syscall.SIGKILL)
+			}
+		}()
 		return nil
 	}
 	cmd.WaitDelay = killGrace + time.Second
@@ -68,6 +78,13 @@ func (b *Builder) run(ctx context.Context, stage, name string, args ...string) (
 	}()
 	wg.Wait()
 	err = cmd.Wait()
+	close(exited)
+	if cancelled.Load() {
+		// Sweep what is left of the group while its id is still held by
+		// the stragglers; once the group is empty the id may be reused,
+		// so nothing is sent to it later.
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	}
 	if err != nil {
 		if ctxErr := ctx.Err(); ctxErr != nil {
 			err = ctxErr

@@ -72,3 +72,16 @@ func TestHumanBytes(t *testing.T) {
 		}
 	}
 }
+
+// The example configuration documents the defaults: it must load and say
+// exactly what DefaultConfig does.
+func TestConfigExample(t *testing.T) {
+	t.Setenv("CONTAINERD_NAMESPACE", "")
+	cfg, err := LoadConfig("../config.toml.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := fmt.Sprintf("%+v", cfg), fmt.Sprintf("%+v", DefaultConfig()); got != want {
+		t.Errorf("config.toml.example says\n%s\ndefaults are\n%s", got, want)
+	}
+}

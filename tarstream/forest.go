@@ -16,6 +16,10 @@ import (
 type node struct {
 	target   string
 	children map[string]*node
+	// src is the store directory a directory node came from, and shared
+	// says another package (or this package's forest itself) added to it.
+	src    string
+	shared bool
 }
 
 func (n *node) child(name string) *node {
@@ -34,10 +38,13 @@ func (n *node) child(name string) *node {
 var skipped = map[string]bool{"nix-support": true}
 
 // WriteSymlinkForest writes the top layer of an image: the packages' trees
-// merged under /, as nixpkgs' symlinkJoin does, with directories created
-// and everything else a symlink to its absolute store path. Where packages
-// collide, the first in the given order wins. It also adds /tmp (mode 1777)
-// and, when a package provides bin/env, /usr/bin/env for #! lines.
+// merged under /, as nixpkgs' buildEnv does: directories that several
+// packages provide are created and hold symlinks to each package's entries;
+// a directory only one package provides is itself a symlink into the store
+// (below the top level, which stays real directories for the runtime and
+// for layers added on top). Where packages collide, the first in the given
+// order wins. It also adds /tmp (mode 1777) and, when a package provides
+// bin/env, /usr/bin/env for #! lines.
 func WriteSymlinkForest(w io.Writer, packages []string, opts ...Opt) error {
 	o := newOptions(opts)
 	root := &node{}
@@ -60,14 +67,20 @@ func WriteSymlinkForest(w io.Writer, packages []string, opts ...Opt) error {
 	if env := lookup(root, "bin", "env"); env != nil && env.target != "" {
 		if bin := lookup(root, "usr", "bin"); bin == nil || bin.target == "" {
 			if usr := root.child("usr"); usr.target == "" {
-				if e := usr.child("bin").child("env"); e.target == "" && e.children == nil {
+				usr.shared = true
+				bin := usr.child("bin")
+				bin.shared = true
+				if e := bin.child("env"); e.target == "" && e.children == nil {
 					e.target = env.target
 				}
 			}
 		}
 	}
 	if tmp, ok := root.children["tmp"]; !ok || tmp.target == "" {
-		root.child("tmp")
+		root.child("tmp").shared = true
+	}
+	for _, c := range root.children {
+		collapse(c, 1)
 	}
 
 	tw := newWriter(w)
@@ -92,6 +105,11 @@ func merge(n *node, dir, target string, top bool) error {
 		case c.target != "":
 			// Taken by an earlier package.
 		case e.IsDir():
+			if c.src == "" && c.children == nil {
+				c.src = path.Join(target, e.Name())
+			} else {
+				c.shared = true
+			}
 			if err := merge(c, filepath.Join(dir, e.Name()), path.Join(target, e.Name()), false); err != nil {
 				return err
 			}
@@ -135,4 +153,23 @@ func lookup(n *node, names ...string) *node {
 		n = n.children[name]
 	}
 	return n
+}
+
+// collapse turns a directory that only one package provides, below the top
+// level, into a symlink to that package's directory. It reports whether n
+// is such a directory (or a symlink) itself.
+func collapse(n *node, depth int) bool {
+	if n.target != "" {
+		return true
+	}
+	pure := !n.shared && n.src != ""
+	for _, c := range n.children {
+		if !collapse(c, depth+1) {
+			pure = false
+		}
+	}
+	if pure && depth >= 2 {
+		n.target, n.children = n.src, nil
+	}
+	return pure
 }

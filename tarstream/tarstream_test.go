@@ -232,6 +232,13 @@ func TestWriteSymlinkForest(t *testing.T) {
 	if _, ok := entries["usr/bin/env"]; ok {
 		t.Error("usr/bin/env without coreutils")
 	}
+	// Top-level directories stay directories even with one package.
+	if e := entries["lib/"]; e.typ != tar.TypeDir {
+		t.Errorf("lib/ is %+v", e)
+	}
+	if e := entries["lib/libc.so.6"]; e.typ != tar.TypeSymlink || e.target != glibc+"/lib/libc.so.6" {
+		t.Errorf("lib/libc.so.6 is %+v", e)
+	}
 	if _, ok := entries["tmp/"]; !ok {
 		t.Error("no tmp/")
 	}
