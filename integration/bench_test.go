@@ -6,6 +6,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -103,10 +104,27 @@ func hashClosure(b *testing.B, paths []string) int64 {
 func BenchmarkColdProvision(b *testing.B) {
 	mib := benchMiB(b)
 	e := newNixEnv(b)
-	e.writeConfig(bigPackages(b, mib))
+	e.pkgs = bigPackages(b, mib)
+	e.writeConfig(e.pkgs)
 	const ref = "nix.local/shell/big"
 
 	// Realise the closure first: this measures provisioning, not Nix builds.
+	// Builders that write a GiB were seen killed (signal 9, no OOM report)
+	// on these machines now and then: try again before giving up.
+	var out []byte
+	var err error
+	for try := 0; try < 3; try++ {
+		build := exec.Command("nix-build", "--no-out-link", "-A", "big", e.pkgs)
+		for k, v := range testutil.NixOptions() {
+			build.Args = append(build.Args, "--option", k, v)
+		}
+		if out, err = build.CombinedOutput(); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		b.Fatalf("building big: %v\n%s", err, out)
+	}
 	e.mustPull("--snapshotter", "nix", ref)
 	m, _ := e.manifest(b, ref+":latest")
 	var paths []string

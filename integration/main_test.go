@@ -46,6 +46,7 @@ type env struct {
 	ctd    *testutil.Containerd
 	daemon *daemon // the nix snapshotter, if started
 	config string
+	pkgs   string // package set directory, when not the test set
 	path   string // PATH for the CLI; the default when empty
 }
 
