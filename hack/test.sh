@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs what it needs (hack/setup.sh), then
 # vets, checks formatting and runs every test, including the integration
-# tests against a real containerd, runc and Nix, and the fuzz seed corpora;
-# last, every benchmark once on small inputs, so that none of them rots
+# tests against a real containerd, runc and Nix, and the fuzz seed corpora,
+# after every benchmark once on small inputs, so that none of them rots
 # (hack/bench.sh runs them at full size).
 # Run as root. With CI=true, a test that would skip fails instead.
 set -euo pipefail
@@ -18,5 +18,5 @@ if [ -n "$unformatted" ]; then
   exit 1
 fi
 go vet ./...
-go test -count=1 "$@" ./...
 go test -count=1 -run '^$' -bench . -benchtime 1x ./...
+go test -count=1 "$@" ./...

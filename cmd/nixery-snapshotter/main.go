@@ -99,15 +99,19 @@ func setLogLevel(level string) error {
 	return log.SetFormat(log.TextFormat)
 }
 
-// sourceFlags are the package-source and Nix flags of pull and serve.
-type sourceFlags struct {
+// commonFlags are the flags of every command: configuration, logging, the
+// package source and Nix.
+type commonFlags struct {
+	configPath, logLevel           *string
 	pkgsPath, pkgsGit, pkgsChannel *string
 	timeout                        *time.Duration
 	nixOptions                     keyValues
 }
 
-func addSourceFlags(fs *flag.FlagSet) *sourceFlags {
-	s := &sourceFlags{
+func addCommonFlags(fs *flag.FlagSet, logLevel string) *commonFlags {
+	s := &commonFlags{
+		configPath:  fs.String("config", "", "configuration file (TOML; see config.toml.example)"),
+		logLevel:    fs.String("log-level", logLevel, "log level: debug, info, warn, error"),
 		pkgsPath:    fs.String("pkgs-path", "", "package set: a directory whose default.nix is a nixpkgs-like set"),
 		pkgsGit:     fs.String("pkgs-git", "", "package set: a git repository (the tag selects a commit or ref)"),
 		pkgsChannel: fs.String("pkgs-channel", "", "package set: a nixpkgs channel or commit, or <nixpkgs> (default)"),
@@ -118,14 +122,21 @@ func addSourceFlags(fs *flag.FlagSet) *sourceFlags {
 	return s
 }
 
-// loadConfig reads the configuration file (or the defaults) and applies
-// the source flags that were given over it.
-func loadConfig(fs *flag.FlagSet, path string, src *sourceFlags) (plugin.Config, error) {
+// parse parses args, sets up logging and returns the positional arguments
+// and the configuration file (or the defaults) with the common flags that
+// were given applied over it.
+func (src *commonFlags) parse(fs *flag.FlagSet, args []string) ([]string, plugin.Config, error) {
 	cfg := plugin.DefaultConfig()
-	if path != "" {
-		var err error
-		if cfg, err = plugin.LoadConfig(path); err != nil {
-			return cfg, err
+	positional, err := parseInterspersed(fs, args)
+	if err != nil {
+		return nil, cfg, err
+	}
+	if err := setLogLevel(*src.logLevel); err != nil {
+		return nil, cfg, err
+	}
+	if *src.configPath != "" {
+		if cfg, err = plugin.LoadConfig(*src.configPath); err != nil {
+			return nil, cfg, err
 		}
 	}
 	fs.Visit(func(f *flag.Flag) {
@@ -138,5 +149,5 @@ func loadConfig(fs *flag.FlagSet, path string, src *sourceFlags) (plugin.Config,
 		}
 	})
 	maps.Copy(cfg.Nix.Options, src.nixOptions)
-	return cfg, nil
+	return positional, cfg, nil
 }

@@ -23,29 +23,19 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		fs.PrintDefaults()
 	}
 	var (
-		configPath  = fs.String("config", "", "configuration file (TOML; see config.toml.example)")
 		address     = fs.String("address", "", "containerd socket (default /run/containerd/containerd.sock)")
 		namespace   = fs.String("namespace", "", "containerd namespace (default $CONTAINERD_NAMESPACE or \"default\")")
 		snapshotter = fs.String("snapshotter", "", "snapshotter to unpack into (default: the namespace's default)")
 		withLayers  = fs.Bool("with-layers", false, "write full tar layers even for the nix snapshotter (for export)")
-		logLevel    = fs.String("log-level", "warn", "log level: debug, info, warn, error")
 	)
-	src := addSourceFlags(fs)
-	positional, err := parseInterspersed(fs, args)
+	common := addCommonFlags(fs, "warn")
+	positional, cfg, err := common.parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(positional) != 1 {
 		fs.Usage()
 		return fmt.Errorf("pull takes exactly one image reference, got %d", len(positional))
-	}
-	if err := setLogLevel(*logLevel); err != nil {
-		return err
-	}
-
-	cfg, err := loadConfig(fs, *configPath, src)
-	if err != nil {
-		return err
 	}
 	fs.Visit(func(f *flag.Flag) {
 		switch f.Name {

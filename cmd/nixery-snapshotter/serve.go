@@ -20,27 +20,18 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		fs.PrintDefaults()
 	}
 	var (
-		configPath = fs.String("config", "", "configuration file (TOML; see config.toml.example)")
 		address    = fs.String("address", "", "unix socket to serve on (default /run/nixery-snapshotter/nixery-snapshotter.sock)")
 		root       = fs.String("root", "", "state directory (default /var/lib/nixery-snapshotter)")
 		ctrAddress = fs.String("containerd-address", "", "containerd socket, used when the daemon provisions images")
-		logLevel   = fs.String("log-level", "info", "log level: debug, info, warn, error")
 	)
-	src := addSourceFlags(fs)
-	positional, err := parseInterspersed(fs, args)
+	common := addCommonFlags(fs, "info")
+	positional, cfg, err := common.parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(positional) != 0 {
 		fs.Usage()
 		return fmt.Errorf("serve takes no arguments, got %v", positional)
-	}
-	if err := setLogLevel(*logLevel); err != nil {
-		return err
-	}
-	cfg, err := loadConfig(fs, *configPath, src)
-	if err != nil {
-		return err
 	}
 	fs.Visit(func(f *flag.Flag) {
 		switch f.Name {
