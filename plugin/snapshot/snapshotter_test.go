@@ -201,3 +201,48 @@ func TestMaterialiseAcrossFilesystems(t *testing.T) {
 		t.Errorf("copyOnly %v, copied %d", m.copyOnly.Load(), m.copied.Load())
 	}
 }
+
+// A daemon killed mid-prepare leaves an active snapshot (and maybe roots)
+// behind; a restarted snapshotter still prepares the same layer.
+func TestPrepareAfterInterruptedPrepare(t *testing.T) {
+	testutil.RequireRoot(t)
+	store := fakeStore(t)
+	root := t.TempDir()
+	opts := []Opt{WithStoreRoot(store), WithGCRootsDir(filepath.Join(root, "gcroots"))}
+	s, err := New(filepath.Join(root, "state"), opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	labels := StorePathAnnotations([]string{htop})
+	labels[snapshots.LabelSnapshotRef] = "sha256:chain3"
+	ctx := context.Background()
+	// What Prepare had done when it was killed: the active snapshot exists,
+	// half filled, and the roots are in place.
+	mounts, err := s.Snapshotter.Prepare(ctx, "extract-killed", "", snapshots.WithLabels(labels))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, _ := upperDir(mounts)
+	os.MkdirAll(filepath.Join(dir, htop, "bin"), 0o755)
+	name := commitName("sha256:chain3", "")
+	if err := s.addRoots(name, []string{htop}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+
+	s, err = New(filepath.Join(root, "state"), opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Prepare(ctx, "extract-again", "", snapshots.WithLabels(labels)); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare after restart: %v", err)
+	}
+	view, err := s.View(ctx, "view", name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(view[0].Source, htop, "share/doc/README")); err != nil {
+		t.Errorf("layer incomplete: %v", err)
+	}
+}
