@@ -170,3 +170,11 @@ func (c NixConfig) Builder(opts ...nixbuild.Opt) (*nixbuild.Builder, error) {
 		nixbuild.WithBinDir(c.BinDir),
 	}, opts...)...), nil
 }
+
+// ImageBuilder returns an image Builder for this configuration.
+func (c Config) ImageBuilder(nix *nixbuild.Builder, opts ...BuildOpt) *Builder {
+	return NewBuilder(nix, append([]BuildOpt{
+		WithHost(c.Image.Host),
+		WithMaxLayers(c.Image.MaxLayers),
+	}, opts...)...)
+}

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"slices"
-	"strings"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/errdefs"
@@ -76,20 +75,19 @@ func referenceLayer(paths []string) (ocispec.Descriptor, []byte, error) {
 	return ocispec.Descriptor{MediaType: MediaTypeStorePaths, Digest: digest.FromBytes(blob), Size: int64(len(blob))}, blob, nil
 }
 
-// ingestRef names the ingest of a layer by what it holds.
-func ingestRef(kind string, paths []string) string {
-	return "nixery-" + kind + "-" + digest.FromString(strings.Join(paths, "\n")).Encoded()
+// contentDescriber streams tar layers into a content store, describing
+// them on the way (one read of each file).
+type contentDescriber struct{ cs content.Store }
+
+func (c contentDescriber) Describe(ctx context.Context, l *Layer) error {
+	desc, err := writeLayer(ctx, c.cs, l.Key(), l.WriteTar)
+	l.Desc = desc
+	return err
 }
 
-// imageBlobs is a built image's manifest and config.
-type imageBlobs struct {
-	manifest ocispec.Descriptor
-	blobs    map[digest.Digest][]byte
-}
-
-// newImageBlobs writes the config and manifest of an image of layers
+// newImage writes the config and manifest of an image of layers
 // (uncompressed, so each diffID is its digest).
-func newImageBlobs(img resolver.Image, packages []string, layers []ocispec.Descriptor) (imageBlobs, error) {
+func newImage(img resolver.Image, packages []string, layers []*Layer) (*Image, error) {
 	cfg := ocispec.Image{
 		Platform: ocispec.Platform{Architecture: img.Platform.Architecture, OS: img.Platform.OS},
 		Config: ocispec.ImageConfig{
@@ -100,28 +98,32 @@ func newImageBlobs(img resolver.Image, packages []string, layers []ocispec.Descr
 	if slices.Contains(packages, "bashInteractive") || slices.Contains(packages, "bash") {
 		cfg.Config.Cmd = []string{"bash"}
 	}
+	blobs := map[digest.Digest][]byte{}
+	var descs []ocispec.Descriptor
 	for _, l := range layers {
-		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.Digest)
+		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.Desc.Digest)
+		descs = append(descs, l.Desc)
+		if l.Blob != nil {
+			blobs[l.Desc.Digest] = l.Blob
+		}
 	}
 	cfgBytes, err := json.Marshal(cfg)
 	if err != nil {
-		return imageBlobs{}, err
+		return nil, err
 	}
 	cfgDesc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: digest.FromBytes(cfgBytes), Size: int64(len(cfgBytes))}
-
 	manifest := ocispec.Manifest{
 		Versioned: specs.Versioned{SchemaVersion: 2},
 		MediaType: ocispec.MediaTypeImageManifest,
 		Config:    cfgDesc,
-		Layers:    layers,
+		Layers:    descs,
 	}
 	mBytes, err := json.Marshal(manifest)
 	if err != nil {
-		return imageBlobs{}, err
+		return nil, err
 	}
 	mDesc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: digest.FromBytes(mBytes), Size: int64(len(mBytes))}
-	return imageBlobs{
-		manifest: mDesc,
-		blobs:    map[digest.Digest][]byte{mDesc.Digest: mBytes, cfgDesc.Digest: cfgBytes},
-	}, nil
+	blobs[mDesc.Digest] = mBytes
+	blobs[cfgDesc.Digest] = cfgBytes
+	return &Image{Image: img, Manifest: mDesc, Config: cfgDesc, Layers: layers, Blobs: blobs}, nil
 }

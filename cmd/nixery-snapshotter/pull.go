@@ -65,13 +65,10 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	defer client.Close()
 	ctx = namespaces.WithNamespace(ctx, cfg.Containerd.Namespace)
 
-	p := plugin.NewProvisioner(client, builder,
-		plugin.WithHost(cfg.Image.Host),
-		plugin.WithMaxLayers(cfg.Image.MaxLayers),
+	p := plugin.NewProvisioner(client, cfg.ImageBuilder(builder, plugin.WithProgress(stderr)),
 		plugin.WithSnapshotter(cfg.Containerd.Snapshotter),
 		plugin.WithNixSnapshotter(cfg.Containerd.NixSnapshotter),
-		plugin.WithLayerBlobs(cfg.Image.WithLayers),
-		plugin.WithProgress(stderr))
+		plugin.WithLayerBlobs(cfg.Image.WithLayers))
 	img, err := p.Provision(ctx, positional[0])
 	if err != nil {
 		return err

@@ -17,11 +17,23 @@ const maxLabelValue = 3900
 
 // StorePathAnnotations describes a layer's store paths as annotations.
 func StorePathAnnotations(paths []string) map[string]string {
+	return chunkLabels(StorePathsLabel, paths)
+}
+
+// StorePathsFromLabels reads what StorePathAnnotations wrote; nil if the
+// labels name no store paths.
+func StorePathsFromLabels(labels map[string]string) []string {
+	return unchunkLabels(StorePathsLabel, labels)
+}
+
+// chunkLabels spreads paths over prefix.0, prefix.1, ... within
+// containerd's bound on a label.
+func chunkLabels(prefix string, paths []string) map[string]string {
 	out := map[string]string{}
 	var chunk strings.Builder
 	flush := func() {
 		if chunk.Len() > 0 {
-			out[StorePathsLabel+"."+strconv.Itoa(len(out))] = chunk.String()
+			out[prefix+"."+strconv.Itoa(len(out))] = chunk.String()
 			chunk.Reset()
 		}
 	}
@@ -38,15 +50,28 @@ func StorePathAnnotations(paths []string) map[string]string {
 	return out
 }
 
-// StorePathsFromLabels reads what StorePathAnnotations wrote; nil if the
-// labels name no store paths.
-func StorePathsFromLabels(labels map[string]string) []string {
+func unchunkLabels(prefix string, labels map[string]string) []string {
 	var out []string
 	for i := 0; ; i++ {
-		v, ok := labels[StorePathsLabel+"."+strconv.Itoa(i)]
+		v, ok := labels[prefix+"."+strconv.Itoa(i)]
 		if !ok {
 			return out
 		}
 		out = append(out, strings.Fields(v)...)
 	}
+}
+
+// SymlinksLabel prefixes the annotations of an image's top layer: the
+// packages whose symlink forest it is, in image order. With them the
+// snapshotter writes that layer too, so no layer blob is ever fetched.
+const SymlinksLabel = "containerd.io/snapshot/nixery.symlinks"
+
+// SymlinkAnnotations describes a symlink layer as annotations.
+func SymlinkAnnotations(packages []string) map[string]string {
+	return chunkLabels(SymlinksLabel, packages)
+}
+
+// SymlinksFromLabels reads what SymlinkAnnotations wrote.
+func SymlinksFromLabels(labels map[string]string) []string {
+	return unchunkLabels(SymlinksLabel, labels)
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -16,9 +17,11 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // DefaultGCRootsDir holds the Nix GC roots of store paths in snapshots.
@@ -94,8 +97,12 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	}
 	target := base.Labels[snapshots.LabelSnapshotRef]
 	paths := StorePathsFromLabels(base.Labels)
-	if target == "" || len(paths) == 0 {
+	forest := SymlinksFromLabels(base.Labels)
+	if target == "" || (len(paths) == 0 && len(forest) == 0) {
 		return s.Snapshotter.Prepare(ctx, key, parent, opts...)
+	}
+	if len(forest) > 0 {
+		paths = forest
 	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("target", target))
 
@@ -113,7 +120,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		return nil, err
 	}
 	name := commitName(target, parent)
-	if err := s.fill(ctx, mounts, name, paths); err != nil {
+	if err := s.fill(ctx, mounts, name, paths, len(forest) > 0); err != nil {
 		if rerr := s.Snapshotter.Remove(context.WithoutCancel(ctx), key); rerr != nil {
 			log.G(ctx).WithError(rerr).Warn("removing unfinished snapshot")
 		}
@@ -132,8 +139,10 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
 }
 
-// fill roots and materialises paths into the active snapshot with mounts.
-func (s *Snapshotter) fill(ctx context.Context, mounts []mount.Mount, name string, paths []string) error {
+// fill roots and materialises paths into the active snapshot with mounts:
+// the store paths themselves, or when forest is set the symlink forest of
+// those packages, written by the same code as the tar layer.
+func (s *Snapshotter) fill(ctx context.Context, mounts []mount.Mount, name string, paths []string, forest bool) error {
 	dir, err := upperDir(mounts)
 	if err != nil {
 		return err
@@ -143,7 +152,24 @@ func (s *Snapshotter) fill(ctx context.Context, mounts []mount.Mount, name strin
 	if err := s.addRoots(name, paths); err != nil {
 		return err
 	}
+	if forest {
+		return s.writeForest(ctx, dir, paths)
+	}
 	return s.mat.materialize(ctx, dir, paths)
+}
+
+// writeForest applies the symlink layer's tar, streamed, to dir.
+func (s *Snapshotter) writeForest(ctx context.Context, dir string, packages []string) error {
+	pr, pw := io.Pipe()
+	go func() {
+		pw.CloseWithError(tarstream.WriteSymlinkForest(pw, packages, tarstream.WithRoot(s.mat.root)))
+	}()
+	_, err := archive.Apply(ctx, dir, pr)
+	pr.CloseWithError(err)
+	if err != nil {
+		return fmt.Errorf("symlink forest: %w", err)
+	}
+	return nil
 }
 
 // committed returns the name of a committed snapshot for target on parent.

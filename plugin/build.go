@@ -1,0 +1,249 @@
+package plugin
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering"
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
+	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
+)
+
+// DefaultMaxLayers is the most layers an image gets, the symlink layer included.
+const DefaultMaxLayers = layering.DefaultBudget + 1
+
+// DefaultMaxBuilds is how many different images are built at once.
+const DefaultMaxBuilds = 2
+
+// Layer is one layer of a built image: store paths, or the symlink forest
+// of the image's packages.
+type Layer struct {
+	Desc ocispec.Descriptor
+	// Paths are the layer's store paths, or for the symlink layer the
+	// packages' output paths in image order.
+	Paths    []string
+	Symlinks bool
+	// Blob is the layer's content when it is small and kept in memory (a
+	// reference layer).
+	Blob []byte
+}
+
+// Key identifies the layer's content independent of its encoding.
+func (l *Layer) Key() string {
+	kind := "layer"
+	if l.Symlinks {
+		kind = "symlinks"
+	}
+	return "nixery-" + kind + "-" + digest.FromString(strings.Join(l.Paths, "\n")).Encoded()
+}
+
+// WriteTar writes the layer's tar.
+func (l *Layer) WriteTar(w io.Writer) error {
+	if l.Symlinks {
+		return tarstream.WriteSymlinkForest(w, l.Paths)
+	}
+	return tarstream.WriteStorePaths(w, l.Paths)
+}
+
+// Describer gives a layer its descriptor (l.Desc, and l.Blob for layers
+// kept in memory), storing the content wherever it has to go on the way.
+type Describer interface {
+	Describe(ctx context.Context, l *Layer) error
+}
+
+// Image is a built image, ready to be registered or served.
+type Image struct {
+	resolver.Image
+	Manifest ocispec.Descriptor
+	Config   ocispec.Descriptor
+	Layers   []*Layer
+	// Blobs holds manifest, config and in-memory layers by digest.
+	Blobs map[digest.Digest][]byte
+}
+
+// Builder turns image references into images: the reference's packages
+// are realised by Nix, grouped into layers and described.
+type Builder struct {
+	nix       *nixbuild.Builder
+	host      string
+	maxLayers int
+	progress  io.Writer
+	sem       chan struct{}
+	flight    singleflight.Group
+}
+
+// BuildOpt configures a Builder.
+type BuildOpt func(*Builder)
+
+// WithHost sets the registry host of references (default nix.local).
+func WithHost(host string) BuildOpt { return func(b *Builder) { b.host = host } }
+
+// WithMaxLayers bounds the layers of an image, the symlink layer included.
+func WithMaxLayers(n int) BuildOpt { return func(b *Builder) { b.maxLayers = n } }
+
+// WithMaxBuilds bounds how many different images are built at once.
+func WithMaxBuilds(n int) BuildOpt {
+	return func(b *Builder) { b.sem = make(chan struct{}, max(1, n)) }
+}
+
+// WithProgress writes one line per step for a person to read.
+func WithProgress(w io.Writer) BuildOpt { return func(b *Builder) { b.progress = w } }
+
+// NewBuilder returns a Builder that realises packages with nix.
+func NewBuilder(nix *nixbuild.Builder, opts ...BuildOpt) *Builder {
+	b := &Builder{nix: nix, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers}
+	WithMaxBuilds(DefaultMaxBuilds)(b)
+	for _, opt := range opts {
+		opt(b)
+	}
+	return b
+}
+
+func (b *Builder) say(format string, args ...any) {
+	if b.progress != nil {
+		fmt.Fprintf(b.progress, format+"\n", args...)
+	}
+}
+
+// Parse reads a reference as this Builder does.
+func (b *Builder) Parse(ref string) (resolver.Image, error) {
+	return resolver.Parse(ref, resolver.WithHost(b.host))
+}
+
+// Build builds the image for ref. Concurrent calls for the same image (in
+// whatever spelling: `git/htop` is `htop/git`) share one Nix build and one
+// description of each layer; describe decides how layers are described.
+// The image's store paths are only kept from Nix's garbage collector while
+// Build runs: callers that read them later rely on the GC roots of
+// whatever holds them (snapshots) or realise them again.
+func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*Image, error) {
+	if b.maxLayers < 2 {
+		return nil, fmt.Errorf("max layers %d: need at least 2 (store paths and symlinks): %w", b.maxLayers, errdefs.ErrInvalidArgument)
+	}
+	img, err := b.Parse(ref)
+	if err != nil {
+		return nil, err
+	}
+	key := fmt.Sprintf("%s %s %s %T", img.Platform.NixSystem, img.Tag, strings.Join(img.Packages, " "), describe)
+	v, err, _ := b.flight.Do(key, func() (any, error) {
+		select {
+		case b.sem <- struct{}{}:
+			defer func() { <-b.sem }()
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		// Shared by every caller: not cancelled with the first of them.
+		return b.build(context.WithoutCancel(ctx), img, describe)
+	})
+	if err != nil {
+		return nil, err
+	}
+	built := *v.(*Image)
+	built.Image = img // the caller's own name for it
+	return &built, nil
+}
+
+func (b *Builder) build(ctx context.Context, img resolver.Image, describe Describer) (*Image, error) {
+	start := time.Now()
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("ref", img.Ref()))
+	b.say("%s: packages %v for %s", img.Ref(), img.Packages, img.Platform.NixSystem)
+	res, err := b.nix.Build(ctx, nixbuild.Request{Packages: img.Packages, System: img.Platform.NixSystem, Tag: img.Tag})
+	if err != nil {
+		return nil, fmt.Errorf("build %s: %w", img.Ref(), err)
+	}
+	defer res.Release()
+
+	var roots []string
+	var closureSize int64
+	for _, pkg := range res.Packages {
+		roots = append(roots, pkg.Out)
+	}
+	for _, sp := range res.Closure {
+		closureSize += sp.NarSize
+	}
+	groups, err := layering.Group(roots, res.Closure, layering.WithBudget(b.maxLayers-1))
+	if err != nil {
+		return nil, fmt.Errorf("group layers of %s: %w", img.Ref(), err)
+	}
+	b.say("%s: closure of %d store paths, %s, in %d layers + symlinks (built in %s)",
+		img.Ref(), len(res.Closure), humanBytes(closureSize), len(groups), time.Since(start).Round(time.Millisecond))
+
+	layers := make([]*Layer, 0, len(groups)+1)
+	for _, g := range groups {
+		layers = append(layers, &Layer{Paths: g.Paths})
+	}
+	layers = append(layers, &Layer{Paths: roots, Symlinks: true})
+	for i, l := range layers {
+		if err := describe.Describe(ctx, l); err != nil {
+			return nil, fmt.Errorf("layer %d of %s: %w", i+1, img.Ref(), err)
+		}
+		if l.Symlinks {
+			l.Desc.Annotations = snapshot.SymlinkAnnotations(l.Paths)
+			b.say("%s: layer %d/%d %s %s (symlinks)", img.Ref(), i+1, len(layers), l.Desc.Digest.Encoded()[:12], humanBytes(l.Desc.Size))
+		} else {
+			l.Desc.Annotations = snapshot.StorePathAnnotations(l.Paths)
+			b.say("%s: layer %d/%d %s %s (%d store paths)", img.Ref(), i+1, len(layers), l.Desc.Digest.Encoded()[:12], humanBytes(l.Desc.Size), len(l.Paths))
+		}
+	}
+
+	var names []string
+	for _, pkg := range res.Packages {
+		names = append(names, pkg.Name)
+	}
+	return newImage(img, names, layers)
+}
+
+// hashDescriber describes tar layers by streaming them once through
+// sha256, remembering digests so that no layer is read twice to be
+// described; content is streamed again when a blob is fetched.
+type hashDescriber struct {
+	mu    sync.Mutex
+	known map[string]ocispec.Descriptor
+}
+
+func newHashDescriber() *hashDescriber {
+	return &hashDescriber{known: map[string]ocispec.Descriptor{}}
+}
+
+func (h *hashDescriber) Describe(ctx context.Context, l *Layer) error {
+	h.mu.Lock()
+	desc, ok := h.known[l.Key()]
+	h.mu.Unlock()
+	if !ok {
+		m := tarstream.Measure(io.Discard)
+		if err := l.WriteTar(m); err != nil {
+			return err
+		}
+		desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
+		h.mu.Lock()
+		h.known[l.Key()] = desc
+		h.mu.Unlock()
+	}
+	l.Desc = desc
+	return nil
+}
+
+// referenceDescriber describes store-path layers by identity, for the nix
+// snapshotter, and leaves the symlink layer to next.
+type referenceDescriber struct{ next Describer }
+
+func (r referenceDescriber) Describe(ctx context.Context, l *Layer) error {
+	if l.Symlinks {
+		return r.next.Describe(ctx, l)
+	}
+	desc, blob, err := referenceLayer(l.Paths)
+	l.Desc, l.Blob = desc, blob
+	return err
+}
