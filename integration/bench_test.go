@@ -103,9 +103,7 @@ func hashClosure(b *testing.B, paths []string) int64 {
 // once through sha256. Run it with hack/bench.sh; NIXERY_BENCH_MB sets the size.
 func BenchmarkColdProvision(b *testing.B) {
 	mib := benchMiB(b)
-	e := newNixEnv(b)
-	e.pkgs = bigPackages(b, mib)
-	e.writeConfig(e.pkgs)
+	e := newNixEnv(b, withPkgs(bigPackages(b, mib)))
 	const ref = "nix.local/shell/big"
 
 	// Realise the closure first: this measures provisioning, not Nix builds.

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,8 +15,10 @@ type daemon struct {
 	t       testing.TB
 	dir     string
 	address string
+	http    string // the distribution endpoint's host:port
 	root    string
 	gcRoots string
+	nixBin  string // Nix commands the daemon runs, when not PATH's
 	config  string
 	cmd     *exec.Cmd
 	exited  chan struct{}
@@ -35,6 +38,7 @@ func newDaemon(t testing.TB) *daemon {
 	d := &daemon{
 		t:       t,
 		dir:     dir,
+		http:    freePort(t),
 		address: filepath.Join(dir, "run", "nix.sock"),
 		root:    filepath.Join(dir, "root"),
 		gcRoots: gcRoots,
@@ -69,7 +73,10 @@ func (d *daemon) start(config string) {
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		if fi, err := os.Stat(d.address); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			return
+			if c, err := net.Dial("tcp", d.http); err == nil {
+				c.Close()
+				return
+			}
 		}
 		select {
 		case <-d.exited:
@@ -105,4 +112,15 @@ func (d *daemon) stop(sig ...syscall.Signal) {
 		<-d.exited
 	}
 	d.exited = nil
+}
+
+// freePort returns a loopback address no one listens on.
+func freePort(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }

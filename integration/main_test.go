@@ -59,9 +59,15 @@ func newEnv(t testing.TB) *env {
 	return e
 }
 
+// envOpt adjusts an env before its daemon starts.
+type envOpt func(*env)
+
+// withPkgs uses the package set in dir.
+func withPkgs(dir string) envOpt { return func(e *env) { e.pkgs = dir } }
+
 // newNixEnv starts the nix snapshotter daemon and a containerd that knows
 // it as the proxy plugin "nix".
-func newNixEnv(t testing.TB) *env {
+func newNixEnv(t testing.TB, opts ...envOpt) *env {
 	t.Helper()
 	testutil.RequireNix(t)
 	testutil.RequireRoot(t)
@@ -77,8 +83,11 @@ func newNixEnv(t testing.TB) *env {
 [[plugins."io.containerd.transfer.v1.local".unpack_config]]
   platform = "linux/amd64"
   snapshotter = "nix"`, d.address)))
-	e := &env{t: t, ctd: ctd, daemon: d}
-	e.writeConfig(testutil.TestPkgs())
+	e := &env{t: t, ctd: ctd, daemon: d, pkgs: testutil.TestPkgs()}
+	for _, opt := range opts {
+		opt(e)
+	}
+	e.writeConfig(e.pkgs)
 	d.start(e.config)
 	return e
 }
@@ -92,6 +101,10 @@ func (e *env) writeConfig(pkgs string) {
 	}
 	if d := e.daemon; d != nil {
 		cfg["snapshotter"] = map[string]any{"address": d.address, "root": d.root, "gc_roots_dir": d.gcRoots}
+		cfg["registry"] = map[string]any{"address": d.http}
+		if d.nixBin != "" {
+			cfg["nix"].(map[string]any)["bin_dir"] = d.nixBin
+		}
 	}
 	b, err := toml.Marshal(cfg)
 	if err != nil {

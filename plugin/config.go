@@ -23,6 +23,14 @@ type Config struct {
 	Nix         NixConfig         `toml:"nix"`
 	Image       ImageConfig       `toml:"image"`
 	Snapshotter SnapshotterConfig `toml:"snapshotter"`
+	Registry    RegistryConfig    `toml:"registry"`
+}
+
+// RegistryConfig is the `serve` daemon's distribution endpoint.
+type RegistryConfig struct {
+	// Address is the TCP address to listen on; loopback unless you mean
+	// it. Empty disables the endpoint.
+	Address string `toml:"address"`
 }
 
 // SnapshotterConfig is the `serve` daemon's.
@@ -62,6 +70,9 @@ type NixConfig struct {
 	Timeout Duration `toml:"timeout"`
 	// BinDir holds nix-instantiate, nix-store and nix; empty means PATH.
 	BinDir string `toml:"bin_dir"`
+	// MaxBuilds bounds how many different images are built at once; more
+	// requests for an image being built join that build.
+	MaxBuilds int `toml:"max_builds"`
 	// Options are Nix settings passed to every call, e.g.
 	// substituters = "" on hosts that cannot reach a binary cache.
 	Options map[string]string `toml:"options"`
@@ -99,13 +110,14 @@ func DefaultConfig() Config {
 	}
 	return Config{
 		Containerd: ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespace: ns, NixSnapshotter: "nix"},
-		Nix:        NixConfig{Timeout: Duration(nixbuild.DefaultTimeout), Options: map[string]string{}},
+		Nix:        NixConfig{Timeout: Duration(nixbuild.DefaultTimeout), MaxBuilds: DefaultMaxBuilds, Options: map[string]string{}},
 		Image:      ImageConfig{Host: resolver.DefaultHost, MaxLayers: DefaultMaxLayers},
 		Snapshotter: SnapshotterConfig{
 			Address:    "/run/nixery-snapshotter/nixery-snapshotter.sock",
 			Root:       "/var/lib/nixery-snapshotter",
 			GCRootsDir: snapshot.DefaultGCRootsDir,
 		},
+		Registry: RegistryConfig{Address: DefaultRegistryAddress},
 	}
 }
 
@@ -176,5 +188,6 @@ func (c Config) ImageBuilder(nix *nixbuild.Builder, opts ...BuildOpt) *Builder {
 	return NewBuilder(nix, append([]BuildOpt{
 		WithHost(c.Image.Host),
 		WithMaxLayers(c.Image.MaxLayers),
+		WithMaxBuilds(c.Nix.MaxBuilds),
 	}, opts...)...)
 }

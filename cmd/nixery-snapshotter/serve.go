@@ -7,6 +7,7 @@ import (
 	"io"
 
 	"github.com/containerd/log"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
@@ -23,6 +24,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		address    = fs.String("address", "", "unix socket to serve on (default /run/nixery-snapshotter/nixery-snapshotter.sock)")
 		root       = fs.String("root", "", "state directory (default /var/lib/nixery-snapshotter)")
 		ctrAddress = fs.String("containerd-address", "", "containerd socket, used when the daemon provisions images")
+		regAddress = fs.String("registry-address", "", "address of the distribution endpoint (default 127.0.0.1:8484; \"\" disables it)")
 	)
 	common := addCommonFlags(fs, "info")
 	positional, cfg, err := common.parse(fs, args)
@@ -41,11 +43,13 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			cfg.Snapshotter.Root = *root
 		case "containerd-address":
 			cfg.Containerd.Address = *ctrAddress
+		case "registry-address":
+			cfg.Registry.Address = *regAddress
 		}
 	})
 
-	// Only to realise store paths that went missing: serving needs neither
-	// Nix nor containerd to be up, since the daemon starts before both.
+	// Serving needs neither Nix nor containerd to be up, since the daemon
+	// starts before both: Nix runs for requests only.
 	builder, err := cfg.Nix.Builder()
 	if err != nil {
 		return err
@@ -59,5 +63,12 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	defer sn.Close()
 	log.G(ctx).WithField("root", cfg.Snapshotter.Root).Info("nix snapshotter ready")
-	return plugin.ServeSnapshotter(ctx, sn, cfg.Snapshotter.Address)
+
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return plugin.ServeSnapshotter(ctx, sn, cfg.Snapshotter.Address) })
+	if cfg.Registry.Address != "" {
+		registry := plugin.NewRegistry(cfg.ImageBuilder(builder))
+		g.Go(func() error { return plugin.ServeRegistry(ctx, registry, cfg.Registry.Address) })
+	}
+	return g.Wait()
 }

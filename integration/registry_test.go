@@ -1,0 +1,233 @@
+package integration
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+)
+
+// hostsDir writes a certs.d tree that sends nix.local to the daemon's
+// endpoint, as contrib/certs.d/nix.local/hosts.toml does on a node.
+func (e *env) hostsDir() string {
+	e.t.Helper()
+	src, err := os.ReadFile(filepath.Join(testutil.RepoRoot(), "contrib/certs.d/nix.local/hosts.toml"))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	dir := filepath.Join(e.t.TempDir(), "certs.d")
+	os.MkdirAll(filepath.Join(dir, "nix.local"), 0o755)
+	hosts := strings.ReplaceAll(string(src), "127.0.0.1:8484", e.daemon.http)
+	if err := os.WriteFile(filepath.Join(dir, "nix.local", "hosts.toml"), []byte(hosts), 0o644); err != nil {
+		e.t.Fatal(err)
+	}
+	return dir
+}
+
+// ctrPull pulls ref with ctr through the endpoint.
+func (e *env) ctrPull(snapshotter, ref string) {
+	e.t.Helper()
+	out, err := e.ctd.Ctr(e.t.Context(), "--namespace", "default", "images", "pull",
+		"--hosts-dir", e.hostsDir(), "--snapshotter", snapshotter, ref).CombinedOutput()
+	if err != nil {
+		e.t.Fatalf("ctr images pull %s: %v\n%s\ndaemon log:\n%s", ref, err, out, e.daemon.log())
+	}
+}
+
+// requests counts the endpoint's requests whose path contains part.
+func (e *env) requests(part string) int {
+	n := 0
+	for _, line := range strings.Split(e.daemon.log(), "\n") {
+		if strings.Contains(line, `msg="registry request"`) && strings.Contains(line, part) {
+			n++
+		}
+	}
+	return n
+}
+
+func TestRegistryPull(t *testing.T) {
+	e := newNixEnv(t)
+	// overlayfs fetches every layer over the endpoint.
+	e.ctrPull("overlayfs", "nix.local/shell/htop:latest")
+	if out := e.runOn("overlayfs", "nix.local/shell/htop:latest", "htop", "--version"); !strings.Contains(out, "htop 3.2.2") {
+		t.Errorf("htop --version printed %q", out)
+	}
+	if n := e.requests("/blobs/"); n < 3 {
+		t.Errorf("%d blob requests for an overlayfs pull", n)
+	}
+
+	// The nix snapshotter makes every layer itself: no layer blob crosses
+	// (and glibc & co. were fetched for overlayfs already: count anew).
+	log := len(e.daemon.log())
+	before := e.requests("/blobs/")
+	e.ctrPull("nix", "nix.local/git:latest")
+	m, _ := e.manifest(t, "nix.local/git:latest")
+	since := e.daemon.log()[log:]
+	for _, l := range m.Layers {
+		if strings.Contains(since, "/blobs/"+l.Digest.String()) {
+			t.Errorf("layer %s fetched for the nix pull", l.Digest)
+		}
+	}
+	if after := e.requests("/blobs/"); after-before != 1 {
+		t.Errorf("%d blob requests for a nix pull, want 1 (the config)", after-before)
+	}
+	if out := e.runOn("nix", "nix.local/git:latest", "git", "--version"); !strings.Contains(out, "git version") {
+		t.Errorf("git --version printed %q", out)
+	}
+}
+
+func TestRegistryErrors(t *testing.T) {
+	dir := t.TempDir()
+	src := `{ system ? builtins.currentSystem, ... }:
+import ` + testutil.TestPkgs() + ` { inherit system; } // {
+  broken = derivation {
+    name = "broken-2.0"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "echo 'error: marker-of-the-broken-build' >&2; exit 1" ];
+    salt = "` + time.Now().String() + `";
+  };
+}`
+	if err := os.WriteFile(filepath.Join(dir, "default.nix"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e := newNixEnv(t, withPkgs(dir))
+	base := "http://" + e.daemon.http
+
+	// A manifest first, so that its blobs are known.
+	resp, err := http.Get(base + "/v2/htop/manifests/latest?ns=nix.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var manifest struct {
+		Config struct{ Digest string }
+		Layers []struct {
+			Digest string
+			Size   int64
+		}
+	}
+	json.NewDecoder(resp.Body).Decode(&manifest)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Docker-Content-Digest") == "" || resp.Header.Get("Content-Type") != "application/vnd.oci.image.manifest.v1+json" {
+		t.Fatalf("manifest: %s %v", resp.Status, resp.Header)
+	}
+	digestPath := "/v2/htop/manifests/" + resp.Header.Get("Docker-Content-Digest")
+	layer := manifest.Layers[0]
+
+	for _, tc := range []struct {
+		method, path string
+		header       map[string]string
+		status       int
+		code, says   string
+	}{
+		{"GET", "/v2/", nil, 200, "", ""},
+		{"HEAD", "/v2/htop/manifests/latest", nil, 200, "", ""},
+		{"GET", digestPath, nil, 200, "", ""},
+		{"GET", "/v2/Htop/manifests/latest", nil, 400, "NAME_INVALID", "lowercase"},
+		{"GET", "/v2/htop..x/manifests/latest", nil, 400, "NAME_INVALID", "invalid reference"},
+		{"GET", "/v2/nosuchpkg/alsomissing/manifests/latest", nil, 404, "MANIFEST_UNKNOWN", "could not find Nix packages: [alsomissing nosuchpkg]"},
+		{"GET", "/v2/haskellpackages/manifests/latest", nil, 404, "MANIFEST_UNKNOWN", "not Nix packages"},
+		{"GET", "/v2/broken/manifests/latest", nil, 500, "UNKNOWN", "marker-of-the-broken-build"},
+		{"GET", "/v2/htop/manifests/sha256:" + strings.Repeat("0", 64), nil, 404, "MANIFEST_UNKNOWN", "unknown"},
+		{"GET", "/v2/htop/manifests/sha256:zz", nil, 400, "DIGEST_INVALID", "invalid digest"},
+		{"GET", "/v2/htop/blobs/sha256:" + strings.Repeat("1", 64), nil, 404, "BLOB_UNKNOWN", "unknown"},
+		{"GET", "/v2/htop/blobs/" + manifest.Config.Digest, nil, 200, "", ""},
+		{"GET", "/v2/htop/blobs/" + layer.Digest, map[string]string{"Range": "bytes=0-99"}, 206, "", ""},
+		{"GET", "/v2/htop/blobs/" + layer.Digest, map[string]string{"Range": fmt.Sprintf("bytes=%d-", layer.Size+10)}, 416, "UNSUPPORTED", "outside"},
+		{"PUT", "/v2/htop/manifests/latest", nil, 405, "UNSUPPORTED", "read-only"},
+		{"POST", "/v2/htop/blobs/uploads/", nil, 405, "UNSUPPORTED", "read-only"},
+		{"DELETE", digestPath, nil, 405, "UNSUPPORTED", "read-only"},
+		{"GET", "/v1/_ping", nil, 404, "NAME_UNKNOWN", "not a registry API path"},
+	} {
+		req, _ := http.NewRequest(tc.method, base+tc.path, nil)
+		for k, v := range tc.header {
+			req.Header.Set(k, v)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tc.status {
+			t.Errorf("%s %s: %d, want %d\n%s", tc.method, tc.path, resp.StatusCode, tc.status, body)
+			continue
+		}
+		if tc.code == "" {
+			if tc.status == 206 && len(body) != 100 {
+				t.Errorf("range: %d bytes", len(body))
+			}
+			continue
+		}
+		var doc struct {
+			Errors []struct{ Code, Message string }
+		}
+		if err := json.Unmarshal(body, &doc); err != nil || len(doc.Errors) != 1 {
+			t.Errorf("%s %s: not an error document: %s", tc.method, tc.path, body)
+			continue
+		}
+		if doc.Errors[0].Code != tc.code || !strings.Contains(doc.Errors[0].Message, tc.says) {
+			t.Errorf("%s %s: %+v, want %s saying %q", tc.method, tc.path, doc.Errors[0], tc.code, tc.says)
+		}
+	}
+}
+
+// Many concurrent requests for one new image make one Nix build, and all
+// of them get the image.
+func TestRegistryConcurrentRequests(t *testing.T) {
+	testutil.RequireNix(t)
+	// Nix commands that count their calls.
+	bin := t.TempDir()
+	calls := filepath.Join(bin, "calls")
+	for _, name := range []string{"nix-instantiate", "nix-store", "nix"} {
+		real, err := exec.LookPath(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		script := fmt.Sprintf("#!/bin/sh\necho %s >> %s\nexec %s \"$@\"\n", name, calls, real)
+		if err := os.WriteFile(filepath.Join(bin, name), []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e := newNixEnv(t, func(e *env) { e.daemon.nixBin = bin })
+	url := "http://" + e.daemon.http + "/v2/jq/git/manifests/latest?ns=nix.local"
+
+	const n = 32
+	var wg sync.WaitGroup
+	digests := make([]string, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := http.Get(url)
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				errs[i] = fmt.Errorf("status %s", resp.Status)
+			}
+			digests[i] = resp.Header.Get("Docker-Content-Digest")
+		}()
+	}
+	wg.Wait()
+	for i := range n {
+		if errs[i] != nil || digests[i] != digests[0] {
+			t.Errorf("request %d: %v, digest %s (first %s)", i, errs[i], digests[i], digests[0])
+		}
+	}
+	b, _ := os.ReadFile(calls)
+	if got := strings.Count(string(b), "nix-instantiate"); got != 1 {
+		t.Errorf("%d Nix evaluations for %d concurrent requests, want 1:\n%s", got, n, b)
+	}
+}

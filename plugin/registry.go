@@ -1,0 +1,319 @@
+package plugin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+)
+
+// DefaultRegistryAddress is where the distribution endpoint listens: loopback only.
+const DefaultRegistryAddress = "127.0.0.1:8484"
+
+// maxLogInError bounds the Nix log carried in a registry error message.
+const maxLogInError = 4096
+
+// Registry is a read-only OCI distribution endpoint for node-local pulls:
+// containerd (CRI, ctr, nerdctl) reaches it through a certs.d/hosts.toml
+// mirror for the image host, so unmodified clients pull nix.local images.
+// A manifest request by tag builds the image; blobs are served by digest,
+// layers streamed from the store on demand.
+type Registry struct {
+	builder  *Builder
+	describe *hashDescriber
+
+	mu    sync.Mutex
+	blobs map[digest.Digest]servedBlob
+}
+
+// servedBlob is a blob the registry can serve: in memory, or a layer.
+type servedBlob struct {
+	mediaType string
+	data      []byte
+	layer     *Layer
+}
+
+// NewRegistry serves images built by builder.
+func NewRegistry(builder *Builder) *Registry {
+	return &Registry{builder: builder, describe: newHashDescriber(), blobs: map[digest.Digest]servedBlob{}}
+}
+
+// ServeRegistry serves r on the TCP address until ctx ends.
+func ServeRegistry(ctx context.Context, r *Registry, address string) error {
+	l, err := net.Listen("tcp", address)
+	if err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	srv := &http.Server{
+		Handler:           r,
+		ReadHeaderTimeout: 10 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+	}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopGrace)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	log.G(ctx).WithField("address", l.Addr().String()).Info("serving the distribution endpoint")
+	if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("registry: %w", err)
+	}
+	return nil
+}
+
+// ServeHTTP implements http.Handler.
+func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
+	w := &statusWriter{ResponseWriter: rw, status: http.StatusOK}
+	start := time.Now()
+	defer func() {
+		log.G(req.Context()).WithFields(log.Fields{
+			"method": req.Method, "path": req.URL.Path, "status": w.status,
+			"duration": time.Since(start).Round(time.Millisecond),
+		}).Debug("registry request")
+	}()
+	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	if req.Method != http.MethodGet && req.Method != http.MethodHead {
+		writeError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "this registry is read-only: "+req.Method+" is not supported")
+		return
+	}
+	// Route on the decoded path: containerd adds ?ns=HOST to mirror requests.
+	path := req.URL.Path
+	if path == "/v2/" || path == "/v2" {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, "{}")
+		return
+	}
+	rest, ok := strings.CutPrefix(path, "/v2/")
+	if !ok {
+		writeError(w, http.StatusNotFound, "NAME_UNKNOWN", "not a registry API path: "+path)
+		return
+	}
+	if name, ref, ok := cutLast(rest, "/manifests/"); ok {
+		r.manifest(w, req, name, ref)
+		return
+	}
+	if _, dgst, ok := cutLast(rest, "/blobs/"); ok {
+		r.blob(w, req, dgst)
+		return
+	}
+	writeError(w, http.StatusNotFound, "NAME_UNKNOWN", "not a registry API path: "+path)
+}
+
+func cutLast(s, sep string) (string, string, bool) {
+	i := strings.LastIndex(s, sep)
+	if i <= 0 || i+len(sep) == len(s) {
+		return "", "", false
+	}
+	return s[:i], s[i+len(sep):], true
+}
+
+func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref string) {
+	ctx := req.Context()
+	if d, err := digest.Parse(ref); err == nil {
+		blob, ok := r.lookup(d)
+		if !ok || blob.data == nil {
+			writeError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", "manifest "+ref+" is unknown: request it by tag first")
+			return
+		}
+		writeBlob(w, req, blob.mediaType, d, blob.data)
+		return
+	} else if strings.Contains(ref, ":") {
+		writeError(w, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("invalid digest %q: %v", ref, err))
+		return
+	}
+	img, err := r.builder.Build(ctx, r.builder.host+"/"+name+":"+ref, r.describe)
+	if err != nil {
+		writeBuildError(ctx, w, err)
+		return
+	}
+	r.mu.Lock()
+	for d, b := range img.Blobs {
+		mt := ""
+		switch d {
+		case img.Manifest.Digest:
+			mt = img.Manifest.MediaType
+		case img.Config.Digest:
+			mt = img.Config.MediaType
+		}
+		r.blobs[d] = servedBlob{mediaType: mt, data: b}
+	}
+	for _, l := range img.Layers {
+		if l.Blob == nil {
+			r.blobs[l.Desc.Digest] = servedBlob{mediaType: l.Desc.MediaType, layer: l}
+		}
+	}
+	r.mu.Unlock()
+	writeBlob(w, req, img.Manifest.MediaType, img.Manifest.Digest, img.Blobs[img.Manifest.Digest])
+}
+
+func (r *Registry) lookup(d digest.Digest) (servedBlob, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	b, ok := r.blobs[d]
+	return b, ok
+}
+
+func (r *Registry) blob(w http.ResponseWriter, req *http.Request, ref string) {
+	d, err := digest.Parse(ref)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("invalid digest %q: %v", ref, err))
+		return
+	}
+	blob, ok := r.lookup(d)
+	if !ok {
+		writeError(w, http.StatusNotFound, "BLOB_UNKNOWN", "blob "+ref+" is unknown: request its manifest by tag first")
+		return
+	}
+	if blob.data != nil {
+		writeBlob(w, req, "application/octet-stream", d, blob.data)
+		return
+	}
+	r.layer(w, req, d, blob.layer)
+}
+
+// layer streams a tar layer, re-made from the store; a range is served by
+// skipping to it.
+func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Digest, l *Layer) {
+	size := l.Desc.Size
+	start, end, partial, err := parseRange(req.Header.Get("Range"), size)
+	if err != nil {
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", size))
+		writeError(w, http.StatusRequestedRangeNotSatisfiable, "UNSUPPORTED", err.Error())
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", d.String())
+	h.Set("Accept-Ranges", "bytes")
+	h.Set("Content-Length", strconv.FormatInt(end-start, 10))
+	status := http.StatusOK
+	if partial {
+		h.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start, end-1, size))
+		status = http.StatusPartialContent
+	}
+	w.WriteHeader(status)
+	if req.Method == http.MethodHead {
+		return
+	}
+	pr, pw := io.Pipe()
+	go func() { pw.CloseWithError(l.WriteTar(pw)) }()
+	defer pr.Close()
+	if _, err := io.CopyN(io.Discard, pr, start); err != nil {
+		log.G(req.Context()).WithError(err).WithField("digest", d).Warn("streaming layer")
+		return
+	}
+	if _, err := io.CopyN(w, pr, end-start); err != nil {
+		log.G(req.Context()).WithError(err).WithField("digest", d).Warn("streaming layer")
+	}
+}
+
+// parseRange reads a single "bytes=a-b" range; no header means all.
+func parseRange(header string, size int64) (start, end int64, partial bool, err error) {
+	if header == "" {
+		return 0, size, false, nil
+	}
+	spec, ok := strings.CutPrefix(header, "bytes=")
+	if !ok || strings.Contains(spec, ",") {
+		return 0, 0, false, fmt.Errorf("unsupported range %q", header)
+	}
+	first, last, ok := strings.Cut(spec, "-")
+	if !ok {
+		return 0, 0, false, fmt.Errorf("invalid range %q", header)
+	}
+	switch {
+	case first == "": // suffix: the last N bytes
+		n, err := strconv.ParseInt(last, 10, 64)
+		if err != nil || n <= 0 {
+			return 0, 0, false, fmt.Errorf("invalid range %q", header)
+		}
+		return max(0, size-n), size, true, nil
+	default:
+		start, err = strconv.ParseInt(first, 10, 64)
+		if err != nil || start < 0 || start >= size {
+			return 0, 0, false, fmt.Errorf("range %q outside %d bytes", header, size)
+		}
+		end = size
+		if last != "" {
+			l, err := strconv.ParseInt(last, 10, 64)
+			if err != nil || l < start {
+				return 0, 0, false, fmt.Errorf("invalid range %q", header)
+			}
+			end = min(l+1, size)
+		}
+		return start, end, true, nil
+	}
+}
+
+func writeBlob(w http.ResponseWriter, req *http.Request, mediaType string, d digest.Digest, data []byte) {
+	h := w.Header()
+	h.Set("Docker-Content-Digest", d.String())
+	h.Set("Etag", `"`+d.String()+`"`)
+	h.Set("Content-Type", mediaType)
+	h.Set("Content-Length", strconv.Itoa(len(data)))
+	if req.Method == http.MethodHead {
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	_, _ = w.Write(data)
+}
+
+// writeBuildError maps build errors to registry errors.
+func writeBuildError(ctx context.Context, w http.ResponseWriter, err error) {
+	var notPkg *nixbuild.NotPackageError
+	var buildErr *nixbuild.BuildError
+	switch {
+	case errdefs.IsNotFound(err) || errors.As(err, &notPkg):
+		writeError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", err.Error())
+	case errdefs.IsInvalidArgument(err):
+		writeError(w, http.StatusBadRequest, "NAME_INVALID", err.Error())
+	case errors.As(err, &buildErr):
+		msg := err.Error()
+		if len(msg) > maxLogInError {
+			msg = "..." + msg[len(msg)-maxLogInError:]
+		}
+		log.G(ctx).WithError(err).Warn("image build failed")
+		writeError(w, http.StatusInternalServerError, "UNKNOWN", msg)
+	default:
+		log.G(ctx).WithError(err).Warn("image build failed")
+		writeError(w, http.StatusInternalServerError, "UNKNOWN", err.Error())
+	}
+}
+
+// writeError writes the distribution API's error document.
+func writeError(w http.ResponseWriter, status int, code, message string) {
+	type regErr struct {
+		Code    string `json:"code"`
+		Message string `json:"message"`
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(struct {
+		Errors []regErr `json:"errors"`
+	}{[]regErr{{code, message}}})
+}
+
+// statusWriter remembers the status for the request log.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(status int) {
+	w.status = status
+	w.ResponseWriter.WriteHeader(status)
+}
