@@ -35,8 +35,9 @@ type Request struct {
 
 // Package is one requested attribute and the store path it realised to.
 type Package struct {
-	Name string // as requested
-	Out  string // realised store path
+	Name        string // as requested
+	Out         string // realised store path
+	MainProgram string // meta.mainProgram, if the package sets it
 }
 
 // StorePath is one node of the runtime closure graph.
@@ -163,9 +164,10 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		Missing     []string `json:"missing"`
 		NotPackages []string `json:"notPackages"`
 		Packages    []struct {
-			Name string `json:"name"`
-			Drv  string `json:"drv"`
-			Out  string `json:"out"`
+			Name        string `json:"name"`
+			Drv         string `json:"drv"`
+			Out         string `json:"out"`
+			MainProgram string `json:"mainProgram"`
 		} `json:"packages"`
 	}
 	if err := json.Unmarshal(out, &eval); err != nil {
@@ -192,7 +194,7 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	}()
 	var drvs, outs []string
 	for _, p := range eval.Packages {
-		res.Packages = append(res.Packages, Package{Name: p.Name, Out: p.Out})
+		res.Packages = append(res.Packages, Package{Name: p.Name, Out: p.Out, MainProgram: p.MainProgram})
 		drvs = append(drvs, p.Drv)
 		outs = append(outs, p.Out)
 	}

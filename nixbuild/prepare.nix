@@ -73,5 +73,7 @@ in
     # Not `outPath`: toJSON would turn the whole set into that string.
     drv = r.value.drvPath;
     out = r.value.outPath;
+    # nixpkgs' name for the program a package is about, if it says.
+    mainProgram = let m = (r.value.meta or { }).mainProgram or null; in if builtins.isString m then m else null;
   }) fetched;
 }

@@ -136,7 +136,7 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 	if err != nil {
 		return nil, err
 	}
-	key := fmt.Sprintf("%s %s %s %T", img.Platform.NixSystem, img.Tag, strings.Join(img.Packages, " "), describe)
+	key := fmt.Sprintf("%s %s %s/%s %T", img.Platform.NixSystem, img.Tag, strings.Join(img.Packages, " "), strings.Join(img.Requested, " "), describe)
 	v, err, _ := b.flight.Do(key, func() (any, error) {
 		select {
 		case b.sem <- struct{}{}:
@@ -198,11 +198,7 @@ func (b *Builder) build(ctx context.Context, img resolver.Image, describe Descri
 		}
 	}
 
-	var names []string
-	for _, pkg := range res.Packages {
-		names = append(names, pkg.Name)
-	}
-	return newImage(img, names, layers)
+	return newImage(img, res.Packages, layers)
 }
 
 // hashDescriber describes tar layers by streaming them once through

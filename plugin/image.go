@@ -14,6 +14,7 @@ import (
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
@@ -85,9 +86,25 @@ func (c contentDescriber) Describe(ctx context.Context, l *Layer) error {
 	return err
 }
 
+// command is an image's default command: bash when it holds bash (as
+// Nixery does), else the main program of the one package asked for.
+func command(img resolver.Image, packages []nixbuild.Package) []string {
+	if slices.Contains(img.Packages, "bashInteractive") || slices.Contains(img.Packages, "bash") {
+		return []string{"bash"}
+	}
+	if len(img.Requested) == 1 {
+		for _, p := range packages {
+			if p.Name == img.Requested[0] && p.MainProgram != "" {
+				return []string{p.MainProgram}
+			}
+		}
+	}
+	return nil
+}
+
 // newImage writes the config and manifest of an image of layers
 // (uncompressed, so each diffID is its digest).
-func newImage(img resolver.Image, packages []string, layers []*Layer) (*Image, error) {
+func newImage(img resolver.Image, packages []nixbuild.Package, layers []*Layer) (*Image, error) {
 	cfg := ocispec.Image{
 		Platform: ocispec.Platform{Architecture: img.Platform.Architecture, OS: img.Platform.OS},
 		Config: ocispec.ImageConfig{
@@ -95,9 +112,7 @@ func newImage(img resolver.Image, packages []string, layers []*Layer) (*Image, e
 		},
 		RootFS: ocispec.RootFS{Type: "layers"},
 	}
-	if slices.Contains(packages, "bashInteractive") || slices.Contains(packages, "bash") {
-		cfg.Config.Cmd = []string{"bash"}
-	}
+	cfg.Config.Cmd = command(img, packages)
 	blobs := map[digest.Digest][]byte{}
 	var descs []ocispec.Descriptor
 	for _, l := range layers {

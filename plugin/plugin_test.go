@@ -4,11 +4,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
 
 func TestLoadConfig(t *testing.T) {
@@ -83,5 +86,27 @@ func TestConfigExample(t *testing.T) {
 	}
 	if got, want := fmt.Sprintf("%+v", cfg), fmt.Sprintf("%+v", DefaultConfig()); got != want {
 		t.Errorf("config.toml.example says\n%s\ndefaults are\n%s", got, want)
+	}
+}
+
+func TestCommand(t *testing.T) {
+	pkgs := []nixbuild.Package{{Name: "pause", MainProgram: "pause"}, {Name: "htop"}, {Name: "cacert", MainProgram: "x"}}
+	for _, tc := range []struct {
+		ref  string
+		want []string
+	}{
+		{"nix.local/shell", []string{"bash"}},
+		{"nix.local/shell/pause", []string{"bash"}},
+		{"nix.local/pause", []string{"pause"}},
+		{"nix.local/htop", nil},
+		{"nix.local/htop/pause", nil},
+	} {
+		img, err := resolver.Parse(tc.ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := command(img, pkgs); !slices.Equal(got, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.ref, got, tc.want)
+		}
 	}
 }

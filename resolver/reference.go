@@ -51,7 +51,10 @@ type Image struct {
 	// Packages are the attribute paths to realise: meta-packages expanded,
 	// always-included packages added, sorted and without duplicates.
 	Packages []string
-	Platform Platform
+	// Requested are the packages the reference names itself, sorted: no
+	// meta-packages, nothing added.
+	Requested []string
+	Platform  Platform
 }
 
 // Ref is the image's fully qualified name, as image records are named.
@@ -120,7 +123,7 @@ func Parse(ref string, opts ...Opt) (Image, error) {
 	}
 
 	platform := o.platform
-	var pkgs []string
+	var pkgs, requested []string
 	meta := true
 	for _, seg := range segments {
 		// Meta-packages count only at the front, as in Nixery: `htop/shell`
@@ -137,15 +140,19 @@ func Parse(ref string, opts ...Opt) (Image, error) {
 			meta = false
 		}
 		pkgs = append(pkgs, seg)
+		requested = append(requested, seg)
 	}
+	slices.Sort(requested)
+	requested = slices.Compact(requested)
 	pkgs = append(pkgs, alwaysIncluded...)
 	slices.Sort(pkgs)
 	pkgs = slices.Compact(pkgs)
 
 	return Image{
-		Name:     named.Name(),
-		Tag:      tag,
-		Packages: pkgs,
-		Platform: platform,
+		Name:      named.Name(),
+		Tag:       tag,
+		Packages:  pkgs,
+		Requested: requested,
+		Platform:  platform,
 	}, nil
 }

@@ -124,3 +124,20 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+func TestParseRequested(t *testing.T) {
+	for ref, want := range map[string][]string{
+		"nix.local/shell":            nil,
+		"nix.local/shell/arm64/htop": {"htop"},
+		"nix.local/htop/git/htop":    {"git", "htop"},
+		"nix.local/cacert":           {"cacert"},
+	} {
+		img, err := Parse(ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(img.Requested, want) {
+			t.Errorf("%s: requested %v, want %v", ref, img.Requested, want)
+		}
+	}
+}

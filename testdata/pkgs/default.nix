@@ -89,6 +89,13 @@ in
     hello = script "hello-1.0" "hello" "echo 'Hello from haskellPackages.hello'";
   };
 
+  # A sandbox ("pause") image for Kubernetes pods: sleeps until stopped.
+  # meta.mainProgram makes it the image's default command.
+  pause = script "pause-3.10" "pause" ''
+    trap 'exit 0' TERM INT
+    while :; do ${coreutils}/bin/sleep 3600 & wait $!; done
+  '' // { meta.mainProgram = "pause"; };
+
   # An attribute whose registry name starts with a digit (`1password`).
   _1password = script "1password-cli-2.0" "op" "echo 'op 2.0 (offline test build)'";
 }
