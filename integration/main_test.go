@@ -47,6 +47,7 @@ type env struct {
 	daemon *daemon // the nix snapshotter, if started
 	config string
 	pkgs   string // package set directory, when not the test set
+	cri    bool   // containerd's CRI is on
 	path   string // PATH for the CLI; the default when empty
 }
 
@@ -65,30 +66,54 @@ type envOpt func(*env)
 // withPkgs uses the package set in dir.
 func withPkgs(dir string) envOpt { return func(e *env) { e.pkgs = dir } }
 
+// withCRI enables containerd's CRI with `nix` as its snapshotter, the
+// daemon's endpoint as the nix.local mirror and nix.local/pause as the
+// sandbox image.
+func withCRI() envOpt { return func(e *env) { e.cri = true } }
+
 // newNixEnv starts the nix snapshotter daemon and a containerd that knows
 // it as the proxy plugin "nix".
 func newNixEnv(t testing.TB, opts ...envOpt) *env {
 	t.Helper()
 	testutil.RequireNix(t)
 	testutil.RequireRoot(t)
-	d := newDaemon(t)
-	ctd := testutil.StartContainerd(t, testutil.WithConfig(fmt.Sprintf(`[proxy_plugins.nix]
+	e := &env{t: t, daemon: newDaemon(t), pkgs: testutil.TestPkgs()}
+	for _, opt := range opts {
+		opt(e)
+	}
+	ctdOpts := []testutil.ContainerdOpt{testutil.WithConfig(fmt.Sprintf(`[proxy_plugins.nix]
   type = "snapshot"
   address = %q
-# The transfer service (ctr image pull/import) unpacks only into the
+# The transfer service (ctr image pull/import, CRI) unpacks only into the
 # snapshotters listed here.
 [[plugins."io.containerd.transfer.v1.local".unpack_config]]
   platform = "linux/amd64"
   snapshotter = "overlayfs"
 [[plugins."io.containerd.transfer.v1.local".unpack_config]]
   platform = "linux/amd64"
-  snapshotter = "nix"`, d.address)))
-	e := &env{t: t, ctd: ctd, daemon: d, pkgs: testutil.TestPkgs()}
-	for _, opt := range opts {
-		opt(e)
+  snapshotter = "nix"`, e.daemon.address))}
+	if e.cri {
+		cni := t.TempDir()
+		ctdOpts = append(ctdOpts, testutil.WithCRI(), testutil.WithConfig(fmt.Sprintf(`[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "nix"
+  image_pull_progress_timeout = "30m"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = %q
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "nix.local/pause:latest"
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = [%q]
+    conf_dir = %q
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"`, e.hostsDir(), cni, cni)))
 	}
+	e.ctd = testutil.StartContainerd(t, ctdOpts...)
 	e.writeConfig(e.pkgs)
-	d.start(e.config)
+	e.daemon.start(e.config)
 	return e
 }
 

@@ -29,13 +29,21 @@ type Containerd struct {
 	logPath string
 }
 
-// ContainerdOpt adds TOML to the daemon's configuration.
-type ContainerdOpt func(config *strings.Builder)
+type containerdConfig struct {
+	extra strings.Builder
+	cri   bool
+}
+
+// ContainerdOpt adjusts the daemon's configuration.
+type ContainerdOpt func(*containerdConfig)
 
 // WithConfig appends TOML to containerd's configuration.
 func WithConfig(toml string) ContainerdOpt {
-	return func(c *strings.Builder) { c.WriteString(toml + "\n") }
+	return func(c *containerdConfig) { c.extra.WriteString(toml + "\n") }
 }
+
+// WithCRI keeps containerd's CRI plugins (off otherwise: they want CNI).
+func WithCRI() ContainerdOpt { return func(c *containerdConfig) { c.cri = true } }
 
 // StartContainerd starts a containerd and stops it, its containers and
 // their shims when t ends. It needs root, containerd and runc.
@@ -50,19 +58,25 @@ func StartContainerd(t testing.TB, opts ...ContainerdOpt) *Containerd {
 		t.Fatal(err)
 	}
 	c := &Containerd{Dir: dir, Address: filepath.Join(dir, "containerd.sock"), logPath: filepath.Join(dir, "containerd.log")}
+	var cc containerdConfig
+	for _, opt := range opts {
+		opt(&cc)
+	}
+	disabled := `"io.containerd.nri.v1.nri"`
+	if !cc.cri {
+		disabled += `, "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"`
+	}
 	var cfg strings.Builder
 	fmt.Fprintf(&cfg, `version = 3
 root = %q
 state = %q
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri"]
+disabled_plugins = [%s]
 [grpc]
   address = %q
 [ttrpc]
   address = %q
-`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.Address, c.Address+".ttrpc")
-	for _, opt := range opts {
-		opt(&cfg)
-	}
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), disabled, c.Address, c.Address+".ttrpc")
+	cfg.WriteString(cc.extra.String())
 	cfgPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg.String()), 0o600); err != nil {
 		t.Fatal(err)
