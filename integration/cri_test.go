@@ -29,6 +29,17 @@ func TestCRI(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
 
+	// Pre-provisioning on a node: `pull --namespace k8s.io` registers what
+	// CRI looks up, pinned, and returns once CRI sees it.
+	e.mustPull("--namespace", "k8s.io", "nix.local/git")
+	st, err := images.ImageStatus(ctx, &runtime.ImageStatusRequest{Image: &runtime.ImageSpec{Image: "nix.local/git"}})
+	if err != nil || st.Image == nil {
+		t.Fatalf("ImageStatus after pull --namespace k8s.io: %v %v", st, err)
+	}
+	if !st.Image.Pinned || len(st.Image.RepoDigests) == 0 || !containsPrefix(st.Image.RepoTags, "nix.local/git:latest") {
+		t.Errorf("pre-provisioned image: pinned %v, tags %v, digests %v", st.Image.Pinned, st.Image.RepoTags, st.Image.RepoDigests)
+	}
+
 	const image = "nix.local/shell/htop"
 	start := time.Now()
 	pulled, err := images.PullImage(ctx, &runtime.PullImageRequest{Image: &runtime.ImageSpec{Image: image}})

@@ -17,9 +17,26 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	grpcstatus "google.golang.org/grpc/status"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
+
+// CRINamespace is where Kubernetes' CRI keeps its images.
+const CRINamespace = "k8s.io"
+
+// criLabels are what a CRI pull puts on its records, plus pinning, so that
+// kubelet's image garbage collector leaves node-provisioned images alone.
+var criLabels = map[string]string{
+	"io.cri-containerd.image":  "managed",
+	"io.cri-containerd.pinned": "pinned",
+}
+
+// criVisibleTimeout bounds the wait for CRI to see a registered image.
+const criVisibleTimeout = 10 * time.Second
 
 // leaseExpiry bounds how long content of a provisioning that died halfway
 // stays in containerd before its garbage collector takes it.
@@ -121,8 +138,14 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 		containerd.WithPlatformMatcher(platforms.Only(ocispec.Platform{OS: img.Platform.OS, Architecture: img.Platform.Architecture})),
 		containerd.WithPullSnapshotter(snapshotter),
 	}
+	ns, _ := namespaces.Namespace(ctx)
 	names := []string{img.Ref()}
-	if img.Tag == resolver.DefaultTag {
+	switch {
+	case ns == CRINamespace:
+		// The records a CRI pull makes: by tag, by digest, by image ID.
+		names = append(names, img.Name+"@"+img.Manifest.Digest.String(), img.Config.Digest.String())
+		pullOpts = append(pullOpts, containerd.WithPullLabels(criLabels))
+	case img.Tag == resolver.DefaultTag:
 		// ctr and other clients look names up as typed: `ctr run
 		// nix.local/shell/htop` needs a record without the tag.
 		names = append(names, img.Name)
@@ -143,8 +166,39 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 			return images.Image{}, fmt.Errorf("register %s: %w", name, err)
 		}
 	}
+	if ns == CRINamespace {
+		if err := p.waitCRI(ctx, img.Ref()); err != nil {
+			return images.Image{}, err
+		}
+	}
 	p.builder.say("%s: done in %s", img.Ref(), time.Since(start).Round(time.Millisecond))
 	return record, nil
+}
+
+// waitCRI returns once containerd's CRI reports ref, which it learns of
+// from an event: only then will kubelet find it. Without CRI (the plugin
+// is off) there is nothing to wait for.
+func (p *Provisioner) waitCRI(ctx context.Context, ref string) error {
+	conn, ok := p.client.Conn().(grpc.ClientConnInterface)
+	if !ok {
+		return fmt.Errorf("containerd client has no gRPC connection for CRI: %w", errdefs.ErrNotImplemented)
+	}
+	cri := runtime.NewImageServiceClient(conn)
+	ctx, cancel := context.WithTimeout(ctx, criVisibleTimeout)
+	defer cancel()
+	for {
+		status, err := cri.ImageStatus(ctx, &runtime.ImageStatusRequest{Image: &runtime.ImageSpec{Image: ref}})
+		switch {
+		case status.GetImage() != nil:
+			return nil
+		case grpcstatus.Code(err) == codes.Unimplemented:
+			log.G(ctx).Warn("containerd serves no CRI: not waiting for it to see the image")
+			return nil
+		case ctx.Err() != nil:
+			return fmt.Errorf("registered %s, but containerd's CRI does not see it after %s: %w", ref, criVisibleTimeout, errdefs.ErrUnavailable)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // resolveSnapshotter names the snapshotter images are unpacked into: the
