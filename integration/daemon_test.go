@@ -19,6 +19,8 @@ type daemon struct {
 	root    string
 	gcRoots string
 	nixBin  string // Nix commands the daemon runs, when not PATH's
+	// earlyHeaders is the endpoint's registry.early_headers, when set.
+	earlyHeaders string
 	config  string
 	cmd     *exec.Cmd
 	exited  chan struct{}

@@ -127,6 +127,9 @@ func (e *env) writeConfig(pkgs string) {
 	if d := e.daemon; d != nil {
 		cfg["snapshotter"] = map[string]any{"address": d.address, "root": d.root, "gc_roots_dir": d.gcRoots}
 		cfg["registry"] = map[string]any{"address": d.http}
+		if d.earlyHeaders != "" {
+			cfg["registry"].(map[string]any)["early_headers"] = d.earlyHeaders
+		}
 		if d.nixBin != "" {
 			cfg["nix"].(map[string]any)["bin_dir"] = d.nixBin
 		}

@@ -231,3 +231,50 @@ func TestRegistryConcurrentRequests(t *testing.T) {
 		t.Errorf("%d Nix evaluations for %d concurrent requests, want 1:\n%s", got, n, b)
 	}
 }
+
+// A build that outlasts containerd's patience for response headers still
+// succeeds: the endpoint answers headers early and the manifest later.
+func TestRegistrySlowBuild(t *testing.T) {
+	dir := t.TempDir()
+	salt := time.Now().String()
+	src := `{ system ? builtins.currentSystem, ... }:
+let base = import ` + testutil.TestPkgs() + ` { inherit system; }; in base // {
+  slow = derivation {
+    name = "slow-1.0"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "sleep 3; mkdir -p $out/bin; cp ${base.htop}/bin/htop $out/bin/slow-htop" ];
+    salt = "` + salt + `";
+  };
+  slowbroken = derivation {
+    name = "slowbroken-1.0"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "sleep 3; exit 1" ];
+    salt = "` + salt + `";
+  };
+}`
+	if err := os.WriteFile(filepath.Join(dir, "default.nix"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e := newNixEnv(t, withPkgs(dir), func(e *env) { e.daemon.earlyHeaders = "1s" })
+
+	// containerd's own client pulls it (HEAD without digest → GET → body).
+	e.ctrPull("overlayfs", "nix.local/shell/slow:latest")
+	if out := e.runOn("overlayfs", "nix.local/shell/slow:latest", "bash", "-c", "slow-htop --version"); !strings.Contains(out, "htop 3.2.2") {
+		t.Errorf("slow image printed %q", out)
+	}
+	if !strings.Contains(e.daemon.log(), "status=200") {
+		t.Error("no request log")
+	}
+
+	// A build that fails after the headers went out aborts the response:
+	// the client gets an error, never a manifest.
+	resp, err := http.Get("http://" + e.daemon.http + "/v2/slowbroken/manifests/latest")
+	if err == nil {
+		_, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+	}
+	if err == nil {
+		t.Error("a failed slow build gave a complete response")
+	}
+	if !strings.Contains(e.daemon.log(), "image build failed after the response had begun") {
+		t.Errorf("the early-headers path did not run:\n%s", e.daemon.log())
+	}
+}

@@ -31,6 +31,10 @@ type RegistryConfig struct {
 	// Address is the TCP address to listen on; loopback unless you mean
 	// it. Empty disables the endpoint.
 	Address string `toml:"address"`
+	// EarlyHeaders is how long a manifest request waits for its build
+	// before it answers with headers only, and sends the manifest when it
+	// is built (containerd drops requests without headers after 30 s).
+	EarlyHeaders Duration `toml:"early_headers"`
 }
 
 // SnapshotterConfig is the `serve` daemon's.
@@ -117,7 +121,7 @@ func DefaultConfig() Config {
 			Root:       "/var/lib/nixery-snapshotter",
 			GCRootsDir: snapshot.DefaultGCRootsDir,
 		},
-		Registry: RegistryConfig{Address: DefaultRegistryAddress},
+		Registry: RegistryConfig{Address: DefaultRegistryAddress, EarlyHeaders: Duration(DefaultEarlyHeaders)},
 	}
 }
 

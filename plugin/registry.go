@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 )
@@ -26,14 +27,21 @@ const DefaultRegistryAddress = "127.0.0.1:8484"
 // maxLogInError bounds the Nix log carried in a registry error message.
 const maxLogInError = 4096
 
+// DefaultEarlyHeaders is how long a manifest request waits for its build
+// before answering with headers alone: containerd gives up on a response
+// without headers after 30 s (and retries only a few times), while it
+// waits for a body as long as its pull may take.
+const DefaultEarlyHeaders = 20 * time.Second
+
 // Registry is a read-only OCI distribution endpoint for node-local pulls:
 // containerd (CRI, ctr, nerdctl) reaches it through a certs.d/hosts.toml
 // mirror for the image host, so unmodified clients pull nix.local images.
 // A manifest request by tag builds the image; blobs are served by digest,
 // layers streamed from the store on demand.
 type Registry struct {
-	builder  *Builder
-	describe *hashDescriber
+	builder      *Builder
+	describe     *hashDescriber
+	earlyHeaders time.Duration
 
 	mu    sync.Mutex
 	blobs map[digest.Digest]servedBlob
@@ -46,9 +54,26 @@ type servedBlob struct {
 	layer     *Layer
 }
 
+// RegistryOpt configures a Registry.
+type RegistryOpt func(*Registry)
+
+// WithEarlyHeaders sets how long a manifest request waits for its build
+// before it answers with headers and sends the manifest when it is built.
+func WithEarlyHeaders(d time.Duration) RegistryOpt {
+	return func(r *Registry) {
+		if d > 0 {
+			r.earlyHeaders = d
+		}
+	}
+}
+
 // NewRegistry serves images built by builder.
-func NewRegistry(builder *Builder) *Registry {
-	return &Registry{builder: builder, describe: newHashDescriber(), blobs: map[digest.Digest]servedBlob{}}
+func NewRegistry(builder *Builder, opts ...RegistryOpt) *Registry {
+	r := &Registry{builder: builder, describe: newHashDescriber(), blobs: map[digest.Digest]servedBlob{}, earlyHeaders: DefaultEarlyHeaders}
+	for _, opt := range opts {
+		opt(r)
+	}
+	return r
 }
 
 // ServeRegistry serves r on the TCP address until ctx ends.
@@ -136,11 +161,56 @@ func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref 
 		writeError(w, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("invalid digest %q: %v", ref, err))
 		return
 	}
-	img, err := r.builder.Build(ctx, r.builder.host+"/"+name+":"+ref, r.describe)
-	if err != nil {
-		writeBuildError(ctx, w, err)
+	type result struct {
+		img *Image
+		err error
+	}
+	built := make(chan result, 1)
+	go func() {
+		img, err := r.builder.Build(ctx, r.builder.host+"/"+name+":"+ref, r.describe)
+		built <- result{img, err}
+	}()
+	var res result
+	select {
+	case res = <-built:
+	case <-ctx.Done():
+		return
+	case <-time.After(r.earlyHeaders):
+		// A long build: commit to success now, so that the client keeps
+		// waiting. A HEAD without a digest makes containerd GET the
+		// manifest, which joins this build; a GET gets its body (whose
+		// digest the client computes) when the build is done. A failure
+		// from here on can only abort the response.
+		w.Header().Set("Content-Type", ocispec.MediaTypeImageManifest)
+		w.WriteHeader(http.StatusOK)
+		if req.Method == http.MethodHead {
+			return
+		}
+		http.NewResponseController(w).Flush()
+		select {
+		case res = <-built:
+		case <-ctx.Done():
+			return
+		}
+		if res.err != nil {
+			log.G(ctx).WithError(res.err).Warn("image build failed after the response had begun")
+			panic(http.ErrAbortHandler)
+		}
+		r.remember(res.img)
+		_, _ = w.Write(res.img.Blobs[res.img.Manifest.Digest])
 		return
 	}
+	if res.err != nil {
+		writeBuildError(ctx, w, res.err)
+		return
+	}
+	img := res.img
+	r.remember(img)
+	writeBlob(w, req, img.Manifest.MediaType, img.Manifest.Digest, img.Blobs[img.Manifest.Digest])
+}
+
+// remember makes img's blobs servable by digest.
+func (r *Registry) remember(img *Image) {
 	r.mu.Lock()
 	for d, b := range img.Blobs {
 		mt := ""
@@ -158,7 +228,6 @@ func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref 
 		}
 	}
 	r.mu.Unlock()
-	writeBlob(w, req, img.Manifest.MediaType, img.Manifest.Digest, img.Blobs[img.Manifest.Digest])
 }
 
 func (r *Registry) lookup(d digest.Digest) (servedBlob, bool) {
@@ -317,3 +386,6 @@ func (w *statusWriter) WriteHeader(status int) {
 	w.status = status
 	w.ResponseWriter.WriteHeader(status)
 }
+
+// Unwrap lets http.ResponseController reach the connection (Flush).
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

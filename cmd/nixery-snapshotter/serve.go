@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/containerd/log"
 	"golang.org/x/sync/errgroup"
@@ -67,7 +68,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return plugin.ServeSnapshotter(ctx, sn, cfg.Snapshotter.Address) })
 	if cfg.Registry.Address != "" {
-		registry := plugin.NewRegistry(cfg.ImageBuilder(builder))
+		registry := plugin.NewRegistry(cfg.ImageBuilder(builder), plugin.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders)))
 		g.Go(func() error { return plugin.ServeRegistry(ctx, registry, cfg.Registry.Address) })
 	}
 	return g.Wait()
