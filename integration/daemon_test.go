@@ -21,9 +21,9 @@ type daemon struct {
 	nixBin  string // Nix commands the daemon runs, when not PATH's
 	// earlyHeaders is the endpoint's registry.early_headers, when set.
 	earlyHeaders string
-	config  string
-	cmd     *exec.Cmd
-	exited  chan struct{}
+	config       string
+	cmd          *exec.Cmd
+	exited       chan struct{}
 }
 
 func newDaemon(t testing.TB) *daemon {
