@@ -47,7 +47,8 @@ while [ $remaining -gt 0 ]; do
 done
 mkdir -p $out/bin
 printf '#!/usr/bin/env bash\necho big\n' > $out/bin/big
-chmod +x $out/bin/big`, mib)
+chmod +x $out/bin/big
+(sleep 0.2 &) # see testdata/pkgs/builder.sh`, mib)
 	src := fmt.Sprintf(`{ system ? builtins.currentSystem, ... }:
 import %s { inherit system; } // {
   big = derivation {

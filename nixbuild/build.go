@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,6 +23,9 @@ import (
 
 //go:embed prepare.nix
 var prepareNix []byte
+
+// killedBySignal9 is how Nix reports a builder it killed itself.
+const killedBySignal9 = "failed due to signal 9 (Killed)"
 
 // DefaultTimeout bounds one whole prepare step (evaluation and builds).
 const DefaultTimeout = 30 * time.Minute
@@ -204,7 +208,17 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	log.G(ctx).WithField("derivations", len(drvs)).Info("realising packages")
 	realise := append([]string{"--realise", "--add-root", filepath.Join(rootDir, "root")}, drvs...)
 	if _, err := b.run(ctx, "build", "nix-store", b.args(realise...)...); err != nil {
-		return nil, err
+		var be *BuildError
+		if !errors.As(err, &be) || !strings.Contains(be.Log, killedBySignal9) || ctx.Err() != nil {
+			return nil, err
+		}
+		// Nix up to 2.18 kills a builder whose log pipe closed before it
+		// exited, and reports its own SIGKILL as the builder's failure.
+		// Once more; a real OOM kill fails again and is reported.
+		log.G(ctx).WithError(err).Warn("builder killed by signal 9, retrying once")
+		if _, err := b.run(ctx, "build", "nix-store", b.args(realise...)...); err != nil {
+			return nil, err
+		}
 	}
 
 	info, err := b.run(ctx, "query", "nix", b.args(append([]string{

@@ -4,6 +4,12 @@
 # the programs run inside a container that holds only their closure.
 set -euo pipefail
 
+# Nix 2.8 takes EOF on the builder's log pipe for its end and kills the
+# builder's process group at once; when that races the builder's own exit
+# the build "fails due to signal 9". A child holding the pipe a moment
+# longer than the builder lets it exit first.
+trap '(sleep 0.2 &)' EXIT
+
 hostfile() {
   local d
   for d in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu /lib64 /usr/lib64 /usr/bin /bin /usr/sbin /sbin; do
