@@ -212,9 +212,10 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		if !errors.As(err, &be) || !strings.Contains(be.Log, killedBySignal9) || ctx.Err() != nil {
 			return nil, err
 		}
-		// Nix up to 2.18 kills a builder whose log pipe closed before it
-		// exited, and reports its own SIGKILL as the builder's failure.
-		// Once more; a real OOM kill fails again and is reported.
+		// Nix 2.8 was seen here failing builders "due to signal 9" at
+		// random, without any OOM report: it kills a builder's process
+		// group once its log pipe closes, which can race the builder's
+		// own exit. Once more; a real kill fails again and is reported.
 		log.G(ctx).WithError(err).Warn("builder killed by signal 9, retrying once")
 		if _, err := b.run(ctx, "build", "nix-store", b.args(realise...)...); err != nil {
 			return nil, err

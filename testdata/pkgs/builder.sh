@@ -4,10 +4,10 @@
 # the programs run inside a container that holds only their closure.
 set -euo pipefail
 
-# Nix 2.8 takes EOF on the builder's log pipe for its end and kills the
-# builder's process group at once; when that races the builder's own exit
-# the build "fails due to signal 9". A child holding the pipe a moment
-# longer than the builder lets it exit first.
+# Nix 2.8 was seen here failing builds "due to signal 9" at random: it
+# kills the builder's process group once the log pipe closes, which can
+# race the builder's own exit. A child holding the pipe a moment longer
+# than the builder lets it exit first.
 trap '(sleep 0.2 &)' EXIT
 
 hostfile() {
