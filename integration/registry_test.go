@@ -179,8 +179,8 @@ import ` + testutil.TestPkgs() + ` { inherit system; } // {
 	}
 }
 
-// Many concurrent requests for one new image make one Nix build, and all
-// of them get the image.
+// Many concurrent requests for one new image, over HTTP (as CRI and ctr
+// make them) and from the CLI, make one Nix build, and all get the image.
 func TestRegistryConcurrentRequests(t *testing.T) {
 	testutil.RequireNix(t)
 	// Nix commands that count their calls.
@@ -199,7 +199,7 @@ func TestRegistryConcurrentRequests(t *testing.T) {
 	e := newNixEnv(t, func(e *env) { e.daemon.nixBin = bin })
 	url := "http://" + e.daemon.http + "/v2/jq/git/manifests/latest?ns=nix.local"
 
-	const n = 32
+	const n, cli = 32, 8
 	var wg sync.WaitGroup
 	digests := make([]string, n)
 	errs := make([]error, n)
@@ -207,6 +207,19 @@ func TestRegistryConcurrentRequests(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			if i < cli {
+				// The CLI builds in the daemon, which serves its source.
+				stdout, stderr, err := e.pull("nix.local/git/jq")
+				if err != nil {
+					errs[i] = fmt.Errorf("%v: %s", err, stderr)
+				} else if !strings.Contains(stderr, "building in the daemon") {
+					errs[i] = fmt.Errorf("the CLI built by itself: %s", stderr)
+				}
+				if f := strings.Fields(stdout); len(f) == 2 {
+					digests[i] = f[1]
+				}
+				return
+			}
 			resp, err := http.Get(url)
 			if err != nil {
 				errs[i] = err

@@ -11,6 +11,7 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/remotes"
 	"github.com/containerd/containerd/v2/defaults"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
@@ -49,6 +50,7 @@ type Provisioner struct {
 	snapshotter string
 	nixSnapshot string
 	layerBlobs  bool
+	daemon      *daemonClient
 }
 
 // ProvisionerOpt configures a Provisioner.
@@ -70,6 +72,16 @@ func WithNixSnapshotter(name string) ProvisionerOpt {
 // WithLayerBlobs writes full tar layers whatever the snapshotter, so the
 // image can be exported or unpacked anywhere.
 func WithLayerBlobs(on bool) ProvisionerOpt { return func(p *Provisioner) { p.layerBlobs = on } }
+
+// WithDaemon builds in the `serve` daemon whose distribution endpoint is at
+// address (host:port), when it runs and serves the same package source.
+func WithDaemon(address string) ProvisionerOpt {
+	return func(p *Provisioner) {
+		if address != "" {
+			p.daemon = newDaemonClient(address)
+		}
+	}
+}
 
 // NewProvisioner returns a Provisioner that builds with builder and
 // registers images through client (whose namespace comes from the context).
@@ -116,11 +128,8 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 		}
 	}()
 
-	var describe Describer = contentDescriber{p.client.ContentStore()}
-	if snapshotter == p.nixSnapshot && !p.layerBlobs {
-		describe = referenceDescriber{next: describe}
-	}
-	img, err := p.builder.Build(ctx, ref, describe)
+	byReference := snapshotter == p.nixSnapshot && !p.layerBlobs
+	img, fetcher, err := p.build(ctx, ref, byReference)
 	if err != nil {
 		return images.Image{}, err
 	}
@@ -131,12 +140,17 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	// labels the `nix` snapshotter reads, and creates or updates the record.
 	// The layers are in the content store already, so nothing is copied.
 	p.builder.say("%s: registering and unpacking into %s", img.Ref(), snapshotter)
-	fixed := resolver.NewFixed(img.Ref(), img.Manifest, img.Blobs, p.client.ContentStore())
+	fixed := resolver.NewFixed(img.Ref(), img.Manifest, img.Blobs, fetcher)
 	pullOpts := []containerd.RemoteOpt{
 		containerd.WithResolver(fixed),
 		containerd.WithPullUnpack,
 		containerd.WithPlatformMatcher(platforms.Only(ocispec.Platform{OS: img.Platform.OS, Architecture: img.Platform.Architecture})),
 		containerd.WithPullSnapshotter(snapshotter),
+	}
+	if p.layerBlobs {
+		// Even where the snapshotter makes layers itself: the point of
+		// full layers is to have them, for export or other snapshotters.
+		pullOpts = append(pullOpts, containerd.WithUnpackOpts([]containerd.UnpackOpt{containerd.WithUnpackFetchAllContent()}))
 	}
 	ns, _ := namespaces.Namespace(ctx)
 	names := []string{img.Ref()}
@@ -199,6 +213,24 @@ func (p *Provisioner) waitCRI(ctx context.Context, ref string) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// build builds ref in the daemon, when one serves the same package source,
+// so that every client of this node shares its builds; else here, with
+// tar layers streamed straight into the content store.
+func (p *Provisioner) build(ctx context.Context, ref string, byReference bool) (*Image, remotes.Fetcher, error) {
+	if p.daemon != nil && p.daemon.serves(ctx, p.builder) {
+		p.builder.say("%s: building in the daemon at %s", ref, p.daemon.address)
+		return p.daemon.build(ctx, ref, byReference)
+	}
+	var describe Describer = contentDescriber{p.client.ContentStore()}
+	if byReference {
+		// The nix snapshotter makes the symlink layer too: describe it
+		// without storing it.
+		describe = referenceDescriber{next: newHashDescriber()}
+	}
+	img, err := p.builder.Build(ctx, ref, describe)
+	return img, resolver.ProviderFetcher{Provider: p.client.ContentStore()}, err
 }
 
 // resolveSnapshotter names the snapshotter images are unpacked into: the

@@ -119,6 +119,8 @@ func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	// Route on the decoded path: containerd adds ?ns=HOST to mirror requests.
 	path := req.URL.Path
 	if path == "/v2/" || path == "/v2" {
+		w.Header().Set(sourceHeader, r.builder.nix.Source().String())
+		w.Header().Set(hostHeader, r.builder.host)
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = io.WriteString(w, "{}")
 		return
@@ -165,9 +167,13 @@ func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref 
 		img *Image
 		err error
 	}
+	var describe Describer = r.describe
+	if req.URL.Query().Get(layersParam) == "reference" {
+		describe = referenceDescriber{next: r.describe}
+	}
 	built := make(chan result, 1)
 	go func() {
-		img, err := r.builder.Build(ctx, r.builder.host+"/"+name+":"+ref, r.describe)
+		img, err := r.builder.Build(ctx, r.builder.host+"/"+name+":"+ref, describe)
 		built <- result{img, err}
 	}()
 	var res result

@@ -15,7 +15,7 @@ import (
 
 // Fixed is a containerd remotes.Resolver for one image that is already
 // built: it resolves its name to the manifest and fetches blobs from memory
-// (manifest, config) or from a content store (layers).
+// (manifest, config) or from elsewhere (layers).
 //
 // It lets containerd's own pull machinery register a locally built image:
 // handlers, GC labels, unpacking with the remote-snapshotter labels, and
@@ -24,14 +24,29 @@ type Fixed struct {
 	name     string
 	manifest ocispec.Descriptor
 	blobs    map[digest.Digest][]byte
-	store    content.Provider
+	fetcher  remotes.Fetcher
 }
 
 // NewFixed returns a resolver that answers name with manifest. blobs holds
-// small blobs by digest (at least the manifest); any other blob is read
-// from store.
-func NewFixed(name string, manifest ocispec.Descriptor, blobs map[digest.Digest][]byte, store content.Provider) *Fixed {
-	return &Fixed{name: name, manifest: manifest, blobs: blobs, store: store}
+// small blobs by digest (at least the manifest); any other blob comes from
+// fetcher.
+func NewFixed(name string, manifest ocispec.Descriptor, blobs map[digest.Digest][]byte, fetcher remotes.Fetcher) *Fixed {
+	return &Fixed{name: name, manifest: manifest, blobs: blobs, fetcher: fetcher}
+}
+
+// ProviderFetcher fetches blobs from a content store.
+type ProviderFetcher struct{ content.Provider }
+
+// Fetch implements remotes.Fetcher.
+func (p ProviderFetcher) Fetch(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error) {
+	ra, err := p.ReaderAt(ctx, desc)
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: %w", desc.Digest, err)
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{content.NewReader(ra), ra}, nil
 }
 
 var _ remotes.Resolver = (*Fixed)(nil)
@@ -57,12 +72,5 @@ func (f *Fixed) Fetch(ctx context.Context, desc ocispec.Descriptor) (io.ReadClos
 	if b, ok := f.blobs[desc.Digest]; ok {
 		return io.NopCloser(bytes.NewReader(b)), nil
 	}
-	ra, err := f.store.ReaderAt(ctx, desc)
-	if err != nil {
-		return nil, fmt.Errorf("fetch %s: %w", desc.Digest, err)
-	}
-	return struct {
-		io.Reader
-		io.Closer
-	}{content.NewReader(ra), ra}, nil
+	return f.fetcher.Fetch(ctx, desc)
 }

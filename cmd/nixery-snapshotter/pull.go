@@ -68,7 +68,8 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	p := plugin.NewProvisioner(client, cfg.ImageBuilder(builder, plugin.WithProgress(stderr)),
 		plugin.WithSnapshotter(cfg.Containerd.Snapshotter),
 		plugin.WithNixSnapshotter(cfg.Containerd.NixSnapshotter),
-		plugin.WithLayerBlobs(cfg.Image.WithLayers))
+		plugin.WithLayerBlobs(cfg.Image.WithLayers),
+		plugin.WithDaemon(cfg.Registry.Address))
 	img, err := p.Provision(ctx, positional[0])
 	if err != nil {
 		return err
