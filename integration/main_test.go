@@ -48,6 +48,9 @@ type env struct {
 	config string
 	pkgs   string // package set directory, when not the test set
 	cri    bool   // containerd's CRI is on
+	root   string // the CLI's state (cache) without a daemon
+	// extraNix are more [nix] settings.
+	extraNix map[string]any
 	path   string // PATH for the CLI; the default when empty
 }
 
@@ -124,7 +127,18 @@ func (e *env) writeConfig(pkgs string) {
 		"containerd": map[string]any{"address": e.ctd.Address, "namespace": "default"},
 		"nix":        map[string]any{"pkgs_path": pkgs, "options": testutil.NixOptions()},
 	}
-	if d := e.daemon; d != nil {
+	if e.extraNix != nil {
+		for k, v := range e.extraNix {
+			cfg["nix"].(map[string]any)[k] = v
+		}
+	}
+	if d := e.daemon; d == nil {
+		// The CLI's cache lives under the snapshotter root: keep it here.
+		if e.root == "" {
+			e.root = e.t.TempDir()
+		}
+		cfg["snapshotter"] = map[string]any{"root": e.root}
+	} else {
 		cfg["snapshotter"] = map[string]any{"address": d.address, "root": d.root, "gc_roots_dir": d.gcRoots}
 		cfg["registry"] = map[string]any{"address": d.http}
 		if d.earlyHeaders != "" {

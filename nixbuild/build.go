@@ -47,6 +47,7 @@ type Package struct {
 // StorePath is one node of the runtime closure graph.
 type StorePath struct {
 	Path       string   `json:"path"`
+	NarHash    string   `json:"narHash"`
 	NarSize    int64    `json:"narSize"`
 	References []string `json:"references"`
 }

@@ -4,8 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
+	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -33,7 +34,10 @@ type Layer struct {
 	Desc ocispec.Descriptor
 	// Paths are the layer's store paths, or for the symlink layer the
 	// packages' output paths in image order.
-	Paths    []string
+	Paths []string
+	// Hashes are the paths' NAR hashes: with the paths, what the layer's
+	// bytes depend on (a path rebuilt differently has another hash).
+	Hashes   []string
 	Symlinks bool
 	// Blob is the layer's content when it is small and kept in memory (a
 	// reference layer).
@@ -47,6 +51,15 @@ func (l *Layer) Key() string {
 		kind = "symlinks"
 	}
 	return "nixery-" + kind + "-" + digest.FromString(strings.Join(l.Paths, "\n")).Encoded()
+}
+
+// identity keys the layer's descriptor in the cache.
+func (l *Layer) identity() []byte {
+	kind := "layer"
+	if l.Symlinks {
+		kind = "symlinks"
+	}
+	return cacheKey(kind, strings.Join(l.Paths, "\n"), strings.Join(l.Hashes, "\n"))
 }
 
 // WriteTar writes the layer's tar.
@@ -82,6 +95,9 @@ type Builder struct {
 	progress  io.Writer
 	sem       chan struct{}
 	flight    singleflight.Group
+	cache     *Cache
+
+	pinnedSource bool
 }
 
 // BuildOpt configures a Builder.
@@ -100,6 +116,50 @@ func WithMaxBuilds(n int) BuildOpt {
 
 // WithProgress writes one line per step for a person to read.
 func WithProgress(w io.Writer) BuildOpt { return func(b *Builder) { b.progress = w } }
+
+// WithCache remembers layer descriptors (and images of pinned sources) in c.
+func WithCache(c *Cache) BuildOpt { return func(b *Builder) { b.cache = c } }
+
+// WithPinnedSource treats the package source as pinned whatever the tag
+// (a path whose content the operator controls): its images are cached, and
+// a repeated request starts no Nix.
+func WithPinnedSource(on bool) BuildOpt { return func(b *Builder) { b.pinnedSource = on } }
+
+func (b *Builder) pinned(img resolver.Image) bool {
+	return b.cache != nil && (b.pinnedSource || b.nix.Source().Pinned(img.Tag))
+}
+
+// cachedImage returns the remembered image for key if every store path it
+// holds is still present and every layer still describes as recorded.
+func (b *Builder) cachedImage(ctx context.Context, key []byte, img resolver.Image, describe Describer) (*Image, bool) {
+	rec, ok := b.cache.image(key)
+	if !ok {
+		return nil, false
+	}
+	built := &Image{Image: img, Manifest: rec.Manifest, Config: rec.Config, Blobs: map[digest.Digest][]byte{
+		rec.Manifest.Digest: rec.ManifestBytes, rec.Config.Digest: rec.ConfigBytes,
+	}}
+	for _, rl := range rec.Layers {
+		for _, p := range rl.Paths {
+			if _, err := os.Lstat(p); err != nil {
+				log.G(ctx).WithField("path", p).Info("cached image needs a store path that is gone: building")
+				return nil, false
+			}
+		}
+		l := &Layer{Paths: rl.Paths, Hashes: rl.Hashes, Symlinks: rl.Symlinks}
+		if err := describe.Describe(ctx, l); err != nil || l.Desc.Digest != rl.Desc.Digest {
+			log.G(ctx).WithError(err).Info("cached image no longer matches its layers: building")
+			return nil, false
+		}
+		l.Desc = rl.Desc
+		if l.Blob != nil {
+			built.Blobs[l.Desc.Digest] = l.Blob
+		}
+		built.Layers = append(built.Layers, l)
+	}
+	b.say("%s: cached (pinned package source)", img.Ref())
+	return built, true
+}
 
 // NewBuilder returns a Builder that realises packages with nix.
 func NewBuilder(nix *nixbuild.Builder, opts ...BuildOpt) *Builder {
@@ -145,7 +205,21 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 			return nil, ctx.Err()
 		}
 		// Shared by every caller: not cancelled with the first of them.
-		return b.build(context.WithoutCancel(ctx), img, describe)
+		ctx := context.WithoutCancel(ctx)
+		if !b.pinned(img) {
+			return b.build(ctx, img, describe)
+		}
+		ikey := cacheKey("image", b.nix.Source().String(), key, strconv.Itoa(b.maxLayers))
+		if cached, ok := b.cachedImage(ctx, ikey, img, describe); ok {
+			return cached, nil
+		}
+		built, err := b.build(ctx, img, describe)
+		if err == nil {
+			if err := b.cache.putImage(ikey, built); err != nil {
+				log.G(ctx).WithError(err).Warn("caching image")
+			}
+		}
+		return built, err
 	})
 	if err != nil {
 		return nil, err
@@ -180,11 +254,22 @@ func (b *Builder) build(ctx context.Context, img resolver.Image, describe Descri
 	b.say("%s: closure of %d store paths, %s, in %d layers + symlinks (built in %s)",
 		img.Ref(), len(res.Closure), humanBytes(closureSize), len(groups), time.Since(start).Round(time.Millisecond))
 
+	narHash := map[string]string{}
+	for _, sp := range res.Closure {
+		narHash[sp.Path] = sp.NarHash
+	}
+	hashes := func(paths []string) []string {
+		out := make([]string, len(paths))
+		for i, p := range paths {
+			out[i] = narHash[p]
+		}
+		return out
+	}
 	layers := make([]*Layer, 0, len(groups)+1)
 	for _, g := range groups {
-		layers = append(layers, &Layer{Paths: g.Paths})
+		layers = append(layers, &Layer{Paths: g.Paths, Hashes: hashes(g.Paths)})
 	}
-	layers = append(layers, &Layer{Paths: roots, Symlinks: true})
+	layers = append(layers, &Layer{Paths: roots, Hashes: hashes(roots), Symlinks: true})
 	for i, l := range layers {
 		if err := describe.Describe(ctx, l); err != nil {
 			return nil, fmt.Errorf("layer %d of %s: %w", i+1, img.Ref(), err)
@@ -202,33 +287,22 @@ func (b *Builder) build(ctx context.Context, img resolver.Image, describe Descri
 }
 
 // hashDescriber describes tar layers by streaming them once through
-// sha256, remembering digests so that no layer is read twice to be
-// described; content is streamed again when a blob is fetched.
-type hashDescriber struct {
-	mu    sync.Mutex
-	known map[string]ocispec.Descriptor
-}
+// sha256 and remembering the result in the cache, so that no layer is read
+// twice to be described; content is streamed again when a blob is fetched.
+type hashDescriber struct{ cache *Cache }
 
-func newHashDescriber() *hashDescriber {
-	return &hashDescriber{known: map[string]ocispec.Descriptor{}}
-}
-
-func (h *hashDescriber) Describe(ctx context.Context, l *Layer) error {
-	h.mu.Lock()
-	desc, ok := h.known[l.Key()]
-	h.mu.Unlock()
-	if !ok {
-		m := tarstream.Measure(io.Discard)
-		if err := l.WriteTar(m); err != nil {
-			return err
-		}
-		desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
-		h.mu.Lock()
-		h.known[l.Key()] = desc
-		h.mu.Unlock()
+func (h hashDescriber) Describe(ctx context.Context, l *Layer) error {
+	if desc, ok := h.cache.layer(l.identity()); ok {
+		l.Desc = desc
+		return nil
 	}
-	l.Desc = desc
-	return nil
+	m := tarstream.Measure(io.Discard)
+	if err := l.WriteTar(m); err != nil {
+		return err
+	}
+	l.Desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
+	log.G(ctx).WithFields(log.Fields{"digest": l.Desc.Digest, "size": l.Desc.Size}).Debug("packed layer")
+	return h.cache.putLayer(l.identity(), l.Desc)
 }
 
 // referenceDescriber describes store-path layers by identity, for the nix

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -70,6 +71,11 @@ type NixConfig struct {
 	PkgsPath    string `toml:"pkgs_path"`
 	PkgsGit     string `toml:"pkgs_git"`
 	PkgsChannel string `toml:"pkgs_channel"`
+	// Pinned treats the package source as pinned whatever the tag, so its
+	// images are cached and repeated requests start no Nix. Git commits
+	// and channel commits are pinned anyway; say so for a path whose
+	// content you control.
+	Pinned bool `toml:"pinned"`
 	// Timeout bounds one whole prepare step (evaluation and builds).
 	Timeout Duration `toml:"timeout"`
 	// BinDir holds nix-instantiate, nix-store and nix; empty means PATH.
@@ -193,5 +199,9 @@ func (c Config) ImageBuilder(nix *nixbuild.Builder, opts ...BuildOpt) *Builder {
 		WithHost(c.Image.Host),
 		WithMaxLayers(c.Image.MaxLayers),
 		WithMaxBuilds(c.Nix.MaxBuilds),
+		WithPinnedSource(c.Nix.Pinned),
 	}, opts...)...)
 }
+
+// CacheDir is where the layer and image cache lives.
+func (c Config) CacheDir() string { return filepath.Join(c.Snapshotter.Root, "cache") }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -77,13 +78,32 @@ func referenceLayer(paths []string) (ocispec.Descriptor, []byte, error) {
 }
 
 // contentDescriber streams tar layers into a content store, describing
-// them on the way (one read of each file).
-type contentDescriber struct{ cs content.Store }
+// them on the way (one read of each file). A layer the cache knows and the
+// store holds is not read at all; one the store lost is written again, and
+// its record is checked against the bytes written.
+type contentDescriber struct {
+	cs    content.Store
+	cache *Cache
+}
 
 func (c contentDescriber) Describe(ctx context.Context, l *Layer) error {
+	known, ok := c.cache.layer(l.identity())
+	if ok {
+		if _, err := c.cs.Info(ctx, known.Digest); err == nil {
+			l.Desc = known
+			return nil
+		}
+	}
 	desc, err := writeLayer(ctx, c.cs, l.Key(), l.WriteTar)
+	if err != nil {
+		return err
+	}
+	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("packed layer")
+	if ok && known.Digest != desc.Digest {
+		log.G(ctx).WithFields(log.Fields{"recorded": known.Digest, "written": desc.Digest}).Warn("layer cache record was stale: replaced")
+	}
 	l.Desc = desc
-	return err
+	return c.cache.putLayer(l.identity(), desc)
 }
 
 // command is an image's default command: bash when it holds bash (as

@@ -223,11 +223,11 @@ func (p *Provisioner) build(ctx context.Context, ref string, byReference bool) (
 		p.builder.say("%s: building in the daemon at %s", ref, p.daemon.address)
 		return p.daemon.build(ctx, ref, byReference)
 	}
-	var describe Describer = contentDescriber{p.client.ContentStore()}
+	var describe Describer = contentDescriber{p.client.ContentStore(), p.builder.cache}
 	if byReference {
 		// The nix snapshotter makes the symlink layer too: describe it
 		// without storing it.
-		describe = referenceDescriber{next: newHashDescriber()}
+		describe = referenceDescriber{next: hashDescriber{p.builder.cache}}
 	}
 	img, err := p.builder.Build(ctx, ref, describe)
 	return img, resolver.ProviderFetcher{Provider: p.client.ContentStore()}, err

@@ -40,7 +40,7 @@ const DefaultEarlyHeaders = 20 * time.Second
 // layers streamed from the store on demand.
 type Registry struct {
 	builder      *Builder
-	describe     *hashDescriber
+	describe     Describer
 	earlyHeaders time.Duration
 
 	mu    sync.Mutex
@@ -69,7 +69,7 @@ func WithEarlyHeaders(d time.Duration) RegistryOpt {
 
 // NewRegistry serves images built by builder.
 func NewRegistry(builder *Builder, opts ...RegistryOpt) *Registry {
-	r := &Registry{builder: builder, describe: newHashDescriber(), blobs: map[digest.Digest]servedBlob{}, earlyHeaders: DefaultEarlyHeaders}
+	r := &Registry{builder: builder, describe: hashDescriber{builder.cache}, blobs: map[digest.Digest]servedBlob{}, earlyHeaders: DefaultEarlyHeaders}
 	for _, opt := range opts {
 		opt(r)
 	}

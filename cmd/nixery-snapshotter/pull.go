@@ -65,7 +65,14 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	defer client.Close()
 	ctx = namespaces.WithNamespace(ctx, cfg.Containerd.Namespace)
 
-	p := plugin.NewProvisioner(client, cfg.ImageBuilder(builder, plugin.WithProgress(stderr)),
+	// The daemon holds the cache while it runs (and then builds for us);
+	// without it, use the cache here, or do without if it is elsewhere busy.
+	cache, err := plugin.OpenCache(cfg.CacheDir(), 100*time.Millisecond)
+	if err != nil {
+		log.G(ctx).WithError(err).Debug("building without the cache")
+	}
+	defer cache.Close()
+	p := plugin.NewProvisioner(client, cfg.ImageBuilder(builder, plugin.WithProgress(stderr), plugin.WithCache(cache)),
 		plugin.WithSnapshotter(cfg.Containerd.Snapshotter),
 		plugin.WithNixSnapshotter(cfg.Containerd.NixSnapshotter),
 		plugin.WithLayerBlobs(cfg.Image.WithLayers),

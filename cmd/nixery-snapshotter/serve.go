@@ -68,7 +68,12 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return plugin.ServeSnapshotter(ctx, sn, cfg.Snapshotter.Address) })
 	if cfg.Registry.Address != "" {
-		registry := plugin.NewRegistry(cfg.ImageBuilder(builder), plugin.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders)))
+		cache, err := plugin.OpenCache(cfg.CacheDir(), 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer cache.Close()
+		registry := plugin.NewRegistry(cfg.ImageBuilder(builder, plugin.WithCache(cache)), plugin.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders)))
 		g.Go(func() error { return plugin.ServeRegistry(ctx, registry, cfg.Registry.Address) })
 	}
 	return g.Wait()
