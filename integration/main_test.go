@@ -51,7 +51,7 @@ type env struct {
 	root   string // the CLI's state (cache) without a daemon
 	// extraNix are more [nix] settings.
 	extraNix map[string]any
-	path   string // PATH for the CLI; the default when empty
+	path     string // PATH for the CLI; the default when empty
 }
 
 func newEnv(t testing.TB) *env {
