@@ -5,10 +5,10 @@ package layering
 import (
 	"cmp"
 	"fmt"
+	"math/bits"
 	"slices"
 
 	"github.com/containerd/errdefs"
-	"gonum.org/v1/gonum/graph/flow"
 	"gonum.org/v1/gonum/graph/simple"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
@@ -19,13 +19,30 @@ import (
 // mounts for the symlink layer and for layers users add on top.
 const DefaultBudget = 93
 
+// Algorithm names a way of grouping.
+type Algorithm string
+
+const (
+	// Nixery is Nixery's dominator-tree grouping, with its defects fixed.
+	Nixery Algorithm = "nixery"
+	// AutoLayer is the size-first grouping of nixpkgs' dockerTools.
+	AutoLayer Algorithm = "auto"
+)
+
+// DefaultAlgorithm is chosen by the layer-reuse benchmark (README).
+const DefaultAlgorithm = Nixery
+
 // Layer is a group of store paths that go into one image layer.
 type Layer struct {
 	Paths []string // sorted
 	Size  int64    // sum of the paths' NAR sizes
 }
 
-type options struct{ budget int }
+type options struct {
+	budget     int
+	algorithm  Algorithm
+	popularity map[string]int
+}
 
 // Opt adjusts Group.
 type Opt func(*options)
@@ -33,15 +50,21 @@ type Opt func(*options)
 // WithBudget sets the most layers Group returns (at least 1).
 func WithBudget(n int) Opt { return func(o *options) { o.budget = n } }
 
-// Group splits closure into layers, following Nixery's dominator-tree idea:
-// a path that only one other path leads to travels with it, while every
-// root package and every path needed by several others heads its own layer,
-// since that is what other images are likely to share. Layers are ordered
-// so that those whose head has the most referrers come first (the chain of
-// snapshots of such layers is the prefix other images reuse); when there are
-// more layers than the budget allows, the tail is merged into the last one.
+// WithAlgorithm chooses the grouping (default DefaultAlgorithm).
+func WithAlgorithm(a Algorithm) Opt { return func(o *options) { o.algorithm = a } }
+
+// WithPopularity gives the Nixery algorithm how many packages of a package
+// set need each store path, by name without its hash (Nixery's popularity
+// file). Without it, being needed by several paths of the closure counts.
+func WithPopularity(p map[string]int) Opt { return func(o *options) { o.popularity = p } }
+
+// Group splits the closure of roots into layers with the chosen algorithm.
+// Layers come most shared first (needed by the most roots, then by the
+// most other paths):
+// snapshots are keyed by the chain of layers below them, so a common
+// prefix is what another image reuses.
 func Group(roots []string, closure []nixbuild.StorePath, opts ...Opt) ([]Layer, error) {
-	o := options{budget: DefaultBudget}
+	o := options{budget: DefaultBudget, algorithm: DefaultAlgorithm}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -51,9 +74,40 @@ func Group(roots []string, closure []nixbuild.StorePath, opts ...Opt) ([]Layer, 
 	if len(closure) == 0 {
 		return nil, nil
 	}
+	g, err := newGraph(roots, closure)
+	if err != nil {
+		return nil, err
+	}
+	var groups [][]int64
+	switch o.algorithm {
+	case Nixery:
+		groups = g.nixery(o.budget, o.popularity)
+	case AutoLayer:
+		groups = g.autoLayer(o.budget)
+	default:
+		return nil, fmt.Errorf("layering algorithm %q: want %q or %q: %w", o.algorithm, Nixery, AutoLayer, errdefs.ErrInvalidArgument)
+	}
+	return g.order(groups, o.budget), nil
+}
 
-	// Node IDs follow the sorted path order, so everything downstream is
-	// independent of the order the closure arrived in.
+// graph is a closure with node IDs in sorted path order (1..n; 0 is the
+// image root, whose edges lead to the requested packages), so everything
+// downstream is independent of the order the closure arrived in.
+type graph struct {
+	*simple.DirectedGraph
+	paths    []nixbuild.StorePath // by ID-1
+	roots    []int64
+	succ     [][]int64 // references by node, as slices: gonum's maps are slow to walk
+	inDegree []int     // references from other store paths
+	shared   []int     // how many roots need each path
+
+	mark       []uint32 // for reach: visited in generation
+	generation uint32
+}
+
+const rootID = 0
+
+func newGraph(roots []string, closure []nixbuild.StorePath) (*graph, error) {
 	sorted := slices.Clone(closure)
 	slices.SortFunc(sorted, func(a, b nixbuild.StorePath) int { return cmp.Compare(a.Path, b.Path) })
 	id := make(map[string]int64, len(sorted))
@@ -63,16 +117,12 @@ func Group(roots []string, closure []nixbuild.StorePath, opts ...Opt) ([]Layer, 
 		}
 		id[sp.Path] = int64(i + 1)
 	}
-	const rootID = 0
-
-	g := simple.NewDirectedGraph()
+	g := &graph{DirectedGraph: simple.NewDirectedGraph(), paths: sorted, succ: make([][]int64, len(sorted)+1),
+		inDegree: make([]int, len(sorted)+1), shared: make([]int, len(sorted)+1)}
 	g.AddNode(simple.Node(rootID))
 	for i := range sorted {
 		g.AddNode(simple.Node(int64(i + 1)))
 	}
-	// referrers counts who needs a path (a root package counts twice, so it
-	// is always a layer head); inDegree only other store paths.
-	referrers := make([]int, len(sorted)+1)
 	for _, sp := range sorted {
 		from := id[sp.Path]
 		for _, ref := range sp.References {
@@ -84,80 +134,176 @@ func Group(roots []string, closure []nixbuild.StorePath, opts ...Opt) ([]Layer, 
 				continue
 			}
 			g.SetEdge(simple.Edge{F: simple.Node(from), T: simple.Node(to)})
-			referrers[to]++
+			g.succ[from] = append(g.succ[from], to)
+			g.inDegree[to]++
 		}
 	}
-	inDegree := slices.Clone(referrers)
 	for _, r := range roots {
 		to, ok := id[r]
 		if !ok {
 			return nil, fmt.Errorf("package %s is not in its closure: %w", r, errdefs.ErrInvalidArgument)
 		}
-		referrers[to] += 2
-	}
-	for n := int64(1); n <= int64(len(sorted)); n++ {
-		if referrers[n] >= 2 && !g.HasEdgeFromTo(rootID, n) {
-			g.SetEdge(simple.Edge{F: simple.Node(rootID), T: simple.Node(n)})
+		if !g.HasEdgeFromTo(rootID, to) {
+			g.SetEdge(simple.Edge{F: simple.Node(rootID), T: simple.Node(to)})
+			g.succ[rootID] = append(g.succ[rootID], to)
+			g.roots = append(g.roots, to)
 		}
 	}
+	slices.Sort(g.roots)
+	g.mark = make([]uint32, len(sorted)+1)
+	g.countShared()
+	unreached := 0
+	for n := 1; n <= len(sorted); n++ {
+		if g.shared[n] == 0 {
+			unreached++
+		}
+	}
+	if unreached > 0 {
+		return nil, fmt.Errorf("%d of %d store paths are not needed by any package: %w", unreached, len(sorted), errdefs.ErrInvalidArgument)
+	}
+	return g, nil
+}
 
-	dt := flow.Dominators(simple.Node(rootID), g)
-	var layers []group
-	for _, head := range dt.DominatedBy(rootID) {
-		grp := group{head: head.ID()}
-		stack := []int64{head.ID()}
-		for len(stack) > 0 {
-			n := stack[len(stack)-1]
-			stack = stack[:len(stack)-1]
-			sp := sorted[n-1]
-			grp.paths = append(grp.paths, sp.Path)
-			grp.size += sp.NarSize
-			for _, child := range dt.DominatedBy(n) {
-				stack = append(stack, child.ID())
+// countShared sets shared[n] to the number of roots that need n: sets of
+// roots (bitsets) flow down the references in topological order. Nix
+// closures have no cycles but self-references (dropped); should one have a
+// cycle anyway, every root is walked instead.
+func (g *graph) countShared() {
+	order, ok := g.topoOrder()
+	if !ok {
+		for _, r := range g.roots {
+			for _, n := range g.reach(r) {
+				g.shared[n]++
 			}
 		}
-		grp.referrers = inDegree[head.ID()]
-		layers = append(layers, grp)
+		return
 	}
-	if reached := sumPaths(layers); reached != len(sorted) {
-		return nil, fmt.Errorf("%d of %d store paths are not needed by any package: %w", len(sorted)-reached, len(sorted), errdefs.ErrInvalidArgument)
+	words := (len(g.roots) + 63) / 64
+	sets := make([][]uint64, len(g.paths)+1)
+	for i, r := range g.roots {
+		if sets[r] == nil {
+			sets[r] = make([]uint64, words)
+		}
+		sets[r][i/64] |= 1 << (i % 64)
 	}
+	for _, n := range order {
+		set := sets[n]
+		if n == rootID || set == nil {
+			continue
+		}
+		for _, w := range set {
+			g.shared[n] += bits.OnesCount64(w)
+		}
+		for _, c := range g.succ[n] {
+			if sets[c] == nil {
+				sets[c] = make([]uint64, words)
+			}
+			for i, w := range set {
+				sets[c][i] |= w
+			}
+		}
+		sets[n] = nil // no longer needed: keep memory to the frontier
+	}
+}
 
-	slices.SortFunc(layers, func(a, b group) int {
-		if c := cmp.Compare(b.referrers, a.referrers); c != 0 {
+// topoOrder sorts all nodes so that every node comes before those it
+// refers to (Kahn's algorithm); false if there is a cycle.
+func (g *graph) topoOrder() ([]int64, bool) {
+	in := make([]int, len(g.succ))
+	for _, cs := range g.succ {
+		for _, c := range cs {
+			in[c]++
+		}
+	}
+	order := make([]int64, 0, len(g.succ))
+	for n := range in {
+		if in[n] == 0 {
+			order = append(order, int64(n))
+		}
+	}
+	for i := 0; i < len(order); i++ {
+		for _, c := range g.succ[order[i]] {
+			if in[c]--; in[c] == 0 {
+				order = append(order, c)
+			}
+		}
+	}
+	return order, len(order) == len(g.succ)
+}
+
+// reach lists the nodes reachable from n, n included.
+func (g *graph) reach(n int64) []int64 {
+	g.generation++
+	gen := g.generation
+	g.mark[n] = gen
+	out := []int64{n}
+	for i := 0; i < len(out); i++ {
+		for _, c := range g.succ[out[i]] {
+			if g.mark[c] != gen {
+				g.mark[c] = gen
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+func (g *graph) size(n int64) int64 { return g.paths[n-1].NarSize }
+
+// order sorts groups most shared first (by the most roots that need any of
+// their paths, then the most store paths that refer to one of them — the
+// libraries everything links — then size, then first path), merges what
+// exceeds the budget into the last layer, and returns them as Layers.
+func (g *graph) order(groups [][]int64, budget int) []Layer {
+	type ranked struct {
+		nodes    []int64
+		shared   int
+		inDegree int
+		size     int64
+		first    string
+	}
+	var rs []ranked
+	for _, grp := range groups {
+		if len(grp) == 0 {
+			continue
+		}
+		r := ranked{nodes: grp}
+		r.first = g.paths[slices.Min(grp)-1].Path
+		for _, n := range grp {
+			r.shared = max(r.shared, g.shared[n])
+			r.inDegree = max(r.inDegree, g.inDegree[n])
+			r.size += g.size(n)
+		}
+		rs = append(rs, r)
+	}
+	slices.SortFunc(rs, func(a, b ranked) int {
+		if c := cmp.Compare(b.shared, a.shared); c != 0 {
 			return c
 		}
-		return cmp.Compare(sorted[a.head-1].Path, sorted[b.head-1].Path)
-	})
-	if len(layers) > o.budget {
-		tail := layers[o.budget-1:]
-		merged := group{}
-		for _, l := range tail {
-			merged.paths = append(merged.paths, l.paths...)
-			merged.size += l.size
+		if c := cmp.Compare(b.inDegree, a.inDegree); c != 0 {
+			return c
 		}
-		layers = append(layers[:o.budget-1], merged)
+		if c := cmp.Compare(b.size, a.size); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.first, b.first)
+	})
+	if len(rs) > budget {
+		merged := ranked{}
+		for _, r := range rs[budget-1:] {
+			merged.nodes = append(merged.nodes, r.nodes...)
+			merged.size += r.size
+		}
+		rs = append(rs[:budget-1], merged)
 	}
-
-	out := make([]Layer, len(layers))
-	for i, l := range layers {
-		slices.Sort(l.paths)
-		out[i] = Layer{Paths: l.paths, Size: l.size}
+	out := make([]Layer, len(rs))
+	for i, r := range rs {
+		paths := make([]string, len(r.nodes))
+		for j, n := range r.nodes {
+			paths[j] = g.paths[n-1].Path
+		}
+		slices.Sort(paths)
+		out[i] = Layer{Paths: paths, Size: r.size}
 	}
-	return out, nil
-}
-
-type group struct {
-	head      int64
-	paths     []string
-	size      int64
-	referrers int
-}
-
-func sumPaths(layers []group) int {
-	n := 0
-	for _, l := range layers {
-		n += len(l.paths)
-	}
-	return n
+	return out
 }

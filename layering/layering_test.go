@@ -13,8 +13,8 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 )
 
-// graph builds a closure from "path: ref ref" lines; sizes are 10 each.
-func graph(spec ...string) []nixbuild.StorePath {
+// closureOf builds a closure from "path: ref ref" lines; sizes are 10 each.
+func closureOf(spec ...string) []nixbuild.StorePath {
 	var out []nixbuild.StorePath
 	for _, line := range spec {
 		name, refs, _ := strings.Cut(line, ":")
@@ -34,7 +34,7 @@ func paths(layers []Layer) [][]string {
 }
 
 func TestGroup(t *testing.T) {
-	htop := graph("glibc:", "ncurses: glibc", "libnl: glibc", "htop: ncurses libnl glibc", "cacert:")
+	htop := closureOf("glibc:", "ncurses: glibc", "libnl: glibc", "htop: ncurses libnl glibc", "cacert:")
 	for _, tc := range []struct {
 		name    string
 		roots   []string
@@ -46,18 +46,18 @@ func TestGroup(t *testing.T) {
 			name:    "shared library heads its own layer, first",
 			roots:   []string{"htop", "cacert"},
 			closure: htop,
-			want:    [][]string{{"glibc"}, {"cacert"}, {"htop", "libnl", "ncurses"}},
+			want:    [][]string{{"glibc"}, {"htop", "libnl", "ncurses"}, {"cacert"}},
 		},
 		{
 			name:    "library used by two packages is separate from both",
 			roots:   []string{"htop", "nano", "cacert"},
-			closure: append(graph("nano: ncurses glibc"), htop...),
-			want:    [][]string{{"glibc"}, {"ncurses"}, {"cacert"}, {"htop", "libnl"}, {"nano"}},
+			closure: append(closureOf("nano: ncurses glibc"), htop...),
+			want:    [][]string{{"glibc"}, {"ncurses"}, {"htop", "libnl"}, {"cacert"}, {"nano"}},
 		},
 		{
 			name:    "budget merges the least depended-upon layers",
 			roots:   []string{"htop", "nano", "cacert"},
-			closure: append(graph("nano: ncurses glibc"), htop...),
+			closure: append(closureOf("nano: ncurses glibc"), htop...),
 			budget:  3,
 			want:    [][]string{{"glibc"}, {"ncurses"}, {"cacert", "htop", "libnl", "nano"}},
 		},
@@ -71,13 +71,13 @@ func TestGroup(t *testing.T) {
 		{
 			name:    "a root that another root needs is still its own layer",
 			roots:   []string{"bash", "hello"},
-			closure: graph("glibc:", "bash: glibc", "hello: bash"),
+			closure: closureOf("glibc:", "bash: glibc", "hello: bash"),
 			want:    [][]string{{"bash", "glibc"}, {"hello"}},
 		},
 		{
 			name:    "cycles are fine",
 			roots:   []string{"a"},
-			closure: graph("a: b", "b: c", "c: b"),
+			closure: closureOf("a: b", "b: c", "c: b"),
 			want:    [][]string{{"b", "c"}, {"a"}},
 		},
 		{
@@ -107,6 +107,53 @@ func TestGroup(t *testing.T) {
 	}
 }
 
+func TestGroupAutoLayer(t *testing.T) {
+	// Sizes make the order: big is the largest path.
+	closure := closureOf("glibc:", "ncurses: glibc", "libnl: glibc", "htop: ncurses libnl glibc", "nano: ncurses glibc", "cacert:")
+	for i := range closure {
+		if closure[i].Path == "libnl" {
+			closure[i].NarSize = 500
+		}
+	}
+	roots := []string{"htop", "nano", "cacert"}
+	for _, tc := range []struct {
+		budget int
+		want   [][]string
+	}{
+		// Room for every path: each is a primary.
+		{10, [][]string{{"glibc"}, {"ncurses"}, {"libnl"}, {"cacert"}, {"htop"}, {"nano"}}},
+		// Roots are primaries; glibc and ncurses are needed by the same
+		// two, libnl by htop alone.
+		{5, [][]string{{"glibc", "ncurses"}, {"libnl"}, {"cacert"}, {"htop"}, {"nano"}}},
+		// Fewer layers than that: the least shared are merged.
+		{4, [][]string{{"glibc", "ncurses"}, {"libnl"}, {"cacert"}, {"htop", "nano"}}},
+	} {
+		layers, err := Group(roots, closure, WithAlgorithm(AutoLayer), WithBudget(tc.budget))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := paths(layers); !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("budget %d: got %v, want %v", tc.budget, got, tc.want)
+		}
+	}
+}
+
+func TestGroupPopularity(t *testing.T) {
+	closure := closureOf("/nix/store/a-glibc-2.36:", "/nix/store/b-htop: /nix/store/a-glibc-2.36")
+	roots := []string{"/nix/store/b-htop"}
+	layers, _ := Group(roots, closure)
+	if len(layers) != 1 {
+		t.Errorf("without popularity: %v", paths(layers))
+	}
+	layers, _ = Group(roots, closure, WithPopularity(map[string]int{"glibc-2.36": 5000}))
+	if got := paths(layers); !reflect.DeepEqual(got, [][]string{{"/nix/store/a-glibc-2.36"}, {"/nix/store/b-htop"}}) {
+		t.Errorf("with popularity: %v", got)
+	}
+	if _, err := Group(roots, closure, WithAlgorithm("magic")); !errdefs.IsInvalidArgument(err) {
+		t.Errorf("unknown algorithm: %v", err)
+	}
+}
+
 func TestGroupRejects(t *testing.T) {
 	for name, tc := range map[string]struct {
 		roots   []string
@@ -114,11 +161,11 @@ func TestGroupRejects(t *testing.T) {
 		budget  int
 		want    string
 	}{
-		"dangling reference":  {[]string{"a"}, graph("a: b"), 5, "not in the closure"},
-		"root not in closure": {[]string{"x"}, graph("a:"), 5, "not in its closure"},
-		"unreachable path":    {[]string{"a"}, graph("a:", "b:"), 5, "not needed by any package"},
-		"duplicate path":      {[]string{"a"}, graph("a:", "a:"), 5, "listed twice"},
-		"zero budget":         {[]string{"a"}, graph("a:"), 0, "at least 1"},
+		"dangling reference":  {[]string{"a"}, closureOf("a: b"), 5, "not in the closure"},
+		"root not in closure": {[]string{"x"}, closureOf("a:"), 5, "not in its closure"},
+		"unreachable path":    {[]string{"a"}, closureOf("a:", "b:"), 5, "not needed by any package"},
+		"duplicate path":      {[]string{"a"}, closureOf("a:", "a:"), 5, "listed twice"},
+		"zero budget":         {[]string{"a"}, closureOf("a:"), 0, "at least 1"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, err := Group(tc.roots, tc.closure, WithBudget(tc.budget))
@@ -129,63 +176,88 @@ func TestGroupRejects(t *testing.T) {
 	}
 }
 
-// randomClosure makes a layered DAG with shared dependencies.
+// randomClosure makes an image's closure: n paths in a DAG with shared
+// dependencies (each path refers to up to three earlier ones), sizes spread
+// over three orders of magnitude, and 20 requested packages that need all.
 func randomClosure(r *rand.Rand, n int) ([]string, []nixbuild.StorePath) {
+	const roots = 20
 	var closure []nixbuild.StorePath
 	for i := 0; i < n; i++ {
-		sp := nixbuild.StorePath{Path: fmt.Sprintf("/nix/store/%05d-p", i), NarSize: int64(r.IntN(1000) + 1)}
+		sp := nixbuild.StorePath{Path: fmt.Sprintf("/nix/store/%05d-p", i), NarSize: int64(r.IntN(1000)+1) * int64(1+r.IntN(1000))}
 		for j := 0; j < 3 && i > 0; j++ {
 			sp.References = append(sp.References, closure[r.IntN(i)].Path)
 		}
-		slices.Sort(sp.References)
-		sp.References = slices.Compact(sp.References)
 		closure = append(closure, sp)
 	}
-	// Every path must be needed: make the unreferenced ones roots.
+	// The last paths are the packages; they also need whatever nothing
+	// else does, so every path is in the closure of some package.
 	referenced := map[string]bool{}
 	for _, sp := range closure {
 		for _, ref := range sp.References {
 			referenced[ref] = true
 		}
 	}
-	var roots []string
-	for _, sp := range closure {
-		if !referenced[sp.Path] {
-			roots = append(roots, sp.Path)
+	k := 0
+	for i := 0; i < n-roots; i++ {
+		if !referenced[closure[i].Path] {
+			root := &closure[n-roots+k%roots]
+			root.References = append(root.References, closure[i].Path)
+			k++
 		}
 	}
-	return roots, closure
+	var rootPaths []string
+	for i := range closure {
+		slices.Sort(closure[i].References)
+		closure[i].References = slices.Compact(closure[i].References)
+		if i >= n-roots {
+			rootPaths = append(rootPaths, closure[i].Path)
+		}
+	}
+	return rootPaths, closure
 }
 
 func TestGroupDeterministic(t *testing.T) {
-	r := rand.New(rand.NewPCG(1, 2))
-	roots, closure := randomClosure(r, 500)
-	want, err := Group(roots, closure, WithBudget(20))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(want) != 20 {
-		t.Errorf("%d layers, want the budget of 20", len(want))
-	}
-	for i := 0; i < 10; i++ {
-		shuffled := slices.Clone(closure)
-		r.Shuffle(len(shuffled), func(a, b int) { shuffled[a], shuffled[b] = shuffled[b], shuffled[a] })
-		got, err := Group(roots, shuffled, WithBudget(20))
+	for _, algo := range []Algorithm{Nixery, AutoLayer} {
+		r := rand.New(rand.NewPCG(1, 2))
+		roots, closure := randomClosure(r, 500)
+		want, err := Group(roots, closure, WithBudget(20), WithAlgorithm(algo))
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !reflect.DeepEqual(got, want) {
-			t.Fatal("shuffled input gave different layers")
+		if len(want) != 20 {
+			t.Errorf("%s: %d layers, want the budget of 20", algo, len(want))
+		}
+		var n int
+		for _, l := range want {
+			n += len(l.Paths)
+		}
+		if n != len(closure) {
+			t.Errorf("%s: %d paths in layers, %d in the closure", algo, n, len(closure))
+		}
+		for i := 0; i < 5; i++ {
+			shuffled := slices.Clone(closure)
+			r.Shuffle(len(shuffled), func(a, b int) { shuffled[a], shuffled[b] = shuffled[b], shuffled[a] })
+			got, err := Group(roots, shuffled, WithBudget(20), WithAlgorithm(algo))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got, want) {
+				t.Fatalf("%s: shuffled input gave different layers", algo)
+			}
 		}
 	}
 }
 
+// BenchmarkGroup groups a generated 10 000-node closure (goal: 100 ms).
 func BenchmarkGroup(b *testing.B) {
 	roots, closure := randomClosure(rand.New(rand.NewPCG(1, 2)), 10000)
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		if _, err := Group(roots, closure); err != nil {
-			b.Fatal(err)
-		}
+	for _, algo := range []Algorithm{Nixery, AutoLayer} {
+		b.Run(string(algo), func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				if _, err := Group(roots, closure, WithAlgorithm(algo)); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
