@@ -5,7 +5,6 @@ package layering
 import (
 	"cmp"
 	"fmt"
-	"math/bits"
 	"slices"
 
 	"github.com/containerd/errdefs"
@@ -29,8 +28,9 @@ const (
 	AutoLayer Algorithm = "auto"
 )
 
-// DefaultAlgorithm is chosen by the layer-reuse benchmark (README).
-const DefaultAlgorithm = Nixery
+// DefaultAlgorithm is chosen by the layer-reuse benchmark (README): it
+// stores the fewest bytes for a sequence of different images.
+const DefaultAlgorithm = AutoLayer
 
 // Layer is a group of store paths that go into one image layer.
 type Layer struct {
@@ -59,10 +59,12 @@ func WithAlgorithm(a Algorithm) Opt { return func(o *options) { o.algorithm = a 
 func WithPopularity(p map[string]int) Opt { return func(o *options) { o.popularity = p } }
 
 // Group splits the closure of roots into layers with the chosen algorithm.
-// Layers come most shared first (needed by the most roots, then by the
-// most other paths):
-// snapshots are keyed by the chain of layers below them, so a common
-// prefix is what another image reuses.
+// Layers come base first: by the height of their paths in the reference
+// graph (libc and data-only packages like cacert at 0, what is built on
+// them above), then larger first, then by path. Snapshots are keyed by the
+// chain of layers below them, so a common prefix is what another image
+// reuses, and a path's height — unlike how much one image shares it — is
+// the same in every image.
 func Group(roots []string, closure []nixbuild.StorePath, opts ...Opt) ([]Layer, error) {
 	o := options{budget: DefaultBudget, algorithm: DefaultAlgorithm}
 	for _, opt := range opts {
@@ -99,7 +101,6 @@ type graph struct {
 	roots    []int64
 	succ     [][]int64 // references by node, as slices: gonum's maps are slow to walk
 	inDegree []int     // references from other store paths
-	shared   []int     // how many roots need each path
 
 	mark       []uint32 // for reach: visited in generation
 	generation uint32
@@ -118,7 +119,7 @@ func newGraph(roots []string, closure []nixbuild.StorePath) (*graph, error) {
 		id[sp.Path] = int64(i + 1)
 	}
 	g := &graph{DirectedGraph: simple.NewDirectedGraph(), paths: sorted, succ: make([][]int64, len(sorted)+1),
-		inDegree: make([]int, len(sorted)+1), shared: make([]int, len(sorted)+1)}
+		inDegree: make([]int, len(sorted)+1)}
 	g.AddNode(simple.Node(rootID))
 	for i := range sorted {
 		g.AddNode(simple.Node(int64(i + 1)))
@@ -151,59 +152,11 @@ func newGraph(roots []string, closure []nixbuild.StorePath) (*graph, error) {
 	}
 	slices.Sort(g.roots)
 	g.mark = make([]uint32, len(sorted)+1)
-	g.countShared()
-	unreached := 0
-	for n := 1; n <= len(sorted); n++ {
-		if g.shared[n] == 0 {
-			unreached++
-		}
-	}
+	unreached := len(sorted) + 1 - len(g.reach(rootID))
 	if unreached > 0 {
 		return nil, fmt.Errorf("%d of %d store paths are not needed by any package: %w", unreached, len(sorted), errdefs.ErrInvalidArgument)
 	}
 	return g, nil
-}
-
-// countShared sets shared[n] to the number of roots that need n: sets of
-// roots (bitsets) flow down the references in topological order. Nix
-// closures have no cycles but self-references (dropped); should one have a
-// cycle anyway, every root is walked instead.
-func (g *graph) countShared() {
-	order, ok := g.topoOrder()
-	if !ok {
-		for _, r := range g.roots {
-			for _, n := range g.reach(r) {
-				g.shared[n]++
-			}
-		}
-		return
-	}
-	words := (len(g.roots) + 63) / 64
-	sets := make([][]uint64, len(g.paths)+1)
-	for i, r := range g.roots {
-		if sets[r] == nil {
-			sets[r] = make([]uint64, words)
-		}
-		sets[r][i/64] |= 1 << (i % 64)
-	}
-	for _, n := range order {
-		set := sets[n]
-		if n == rootID || set == nil {
-			continue
-		}
-		for _, w := range set {
-			g.shared[n] += bits.OnesCount64(w)
-		}
-		for _, c := range g.succ[n] {
-			if sets[c] == nil {
-				sets[c] = make([]uint64, words)
-			}
-			for i, w := range set {
-				sets[c][i] |= w
-			}
-		}
-		sets[n] = nil // no longer needed: keep memory to the frontier
-	}
 }
 
 // topoOrder sorts all nodes so that every node comes before those it
@@ -250,17 +203,14 @@ func (g *graph) reach(n int64) []int64 {
 
 func (g *graph) size(n int64) int64 { return g.paths[n-1].NarSize }
 
-// order sorts groups most shared first (by the most roots that need any of
-// their paths, then the most store paths that refer to one of them — the
-// libraries everything links — then size, then first path), merges what
-// exceeds the budget into the last layer, and returns them as Layers.
+// order sorts groups base first (see Group), merges what exceeds the
+// budget into the last layer, and returns them as Layers.
 func (g *graph) order(groups [][]int64, budget int) []Layer {
 	type ranked struct {
-		nodes    []int64
-		shared   int
-		inDegree int
-		size     int64
-		first    string
+		nodes  []int64
+		height int
+		size   int64
+		first  string
 	}
 	var rs []ranked
 	for _, grp := range groups {
@@ -270,17 +220,18 @@ func (g *graph) order(groups [][]int64, budget int) []Layer {
 		r := ranked{nodes: grp}
 		r.first = g.paths[slices.Min(grp)-1].Path
 		for _, n := range grp {
-			r.shared = max(r.shared, g.shared[n])
-			r.inDegree = max(r.inDegree, g.inDegree[n])
 			r.size += g.size(n)
 		}
 		rs = append(rs, r)
 	}
-	slices.SortFunc(rs, func(a, b ranked) int {
-		if c := cmp.Compare(b.shared, a.shared); c != 0 {
-			return c
+	height := g.heights()
+	for i := range rs {
+		for _, n := range rs[i].nodes {
+			rs[i].height = max(rs[i].height, height[n])
 		}
-		if c := cmp.Compare(b.inDegree, a.inDegree); c != 0 {
+	}
+	slices.SortFunc(rs, func(a, b ranked) int {
+		if c := cmp.Compare(a.height, b.height); c != 0 {
 			return c
 		}
 		if c := cmp.Compare(b.size, a.size); c != 0 {
@@ -306,4 +257,23 @@ func (g *graph) order(groups [][]int64, budget int) []Layer {
 		out[i] = Layer{Paths: paths, Size: r.size}
 	}
 	return out
+}
+
+// heights gives each path the length of its longest chain of references
+// down to a path that refers to nothing: 0 for libc, more for what is
+// built on it. Unlike sharing within one image, this is the same in every
+// image that holds the path.
+func (g *graph) heights() []int {
+	h := make([]int, len(g.succ))
+	order, ok := g.topoOrder()
+	if !ok {
+		return h
+	}
+	for i := len(order) - 1; i >= 0; i-- {
+		n := order[i]
+		for _, c := range g.succ[n] {
+			h[n] = max(h[n], h[c]+1)
+		}
+	}
+	return h
 }

@@ -33,6 +33,7 @@ func paths(layers []Layer) [][]string {
 	return out
 }
 
+// TestGroup is the Nixery algorithm's table.
 func TestGroup(t *testing.T) {
 	htop := closureOf("glibc:", "ncurses: glibc", "libnl: glibc", "htop: ncurses libnl glibc", "cacert:")
 	for _, tc := range []struct {
@@ -43,23 +44,23 @@ func TestGroup(t *testing.T) {
 		want    [][]string
 	}{
 		{
-			name:    "shared library heads its own layer, first",
+			name:    "shared library heads its own layer; bases first",
 			roots:   []string{"htop", "cacert"},
 			closure: htop,
-			want:    [][]string{{"glibc"}, {"htop", "libnl", "ncurses"}, {"cacert"}},
+			want:    [][]string{{"cacert"}, {"glibc"}, {"htop", "libnl", "ncurses"}},
 		},
 		{
 			name:    "library used by two packages is separate from both",
 			roots:   []string{"htop", "nano", "cacert"},
 			closure: append(closureOf("nano: ncurses glibc"), htop...),
-			want:    [][]string{{"glibc"}, {"ncurses"}, {"htop", "libnl"}, {"cacert"}, {"nano"}},
+			want:    [][]string{{"cacert"}, {"glibc"}, {"ncurses"}, {"htop", "libnl"}, {"nano"}},
 		},
 		{
-			name:    "budget merges the least depended-upon layers",
+			name:    "budget merges the top layers",
 			roots:   []string{"htop", "nano", "cacert"},
 			closure: append(closureOf("nano: ncurses glibc"), htop...),
 			budget:  3,
-			want:    [][]string{{"glibc"}, {"ncurses"}, {"cacert", "htop", "libnl", "nano"}},
+			want:    [][]string{{"cacert"}, {"glibc"}, {"htop", "libnl", "nano", "ncurses"}},
 		},
 		{
 			name:    "budget of one is one layer",
@@ -85,7 +86,7 @@ func TestGroup(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var opts []Opt
+			opts := []Opt{WithAlgorithm(Nixery)}
 			if tc.budget > 0 {
 				opts = append(opts, WithBudget(tc.budget))
 			}
@@ -121,12 +122,13 @@ func TestGroupAutoLayer(t *testing.T) {
 		want   [][]string
 	}{
 		// Room for every path: each is a primary.
-		{10, [][]string{{"glibc"}, {"ncurses"}, {"libnl"}, {"cacert"}, {"htop"}, {"nano"}}},
-		// Roots are primaries; glibc and ncurses are needed by the same
-		// two, libnl by htop alone.
-		{5, [][]string{{"glibc", "ncurses"}, {"libnl"}, {"cacert"}, {"htop"}, {"nano"}}},
-		// Fewer layers than that: the least shared are merged.
-		{4, [][]string{{"glibc", "ncurses"}, {"libnl"}, {"cacert"}, {"htop", "nano"}}},
+		{10, [][]string{{"cacert"}, {"glibc"}, {"libnl"}, {"ncurses"}, {"htop"}, {"nano"}}},
+		// Primaries largest first (libnl), then in path order until one
+		// more would make too many layers: htop would split its group.
+		{5, [][]string{{"cacert"}, {"glibc"}, {"libnl"}, {"htop", "nano", "ncurses"}}},
+		{4, [][]string{{"cacert"}, {"glibc"}, {"libnl"}, {"htop", "nano", "ncurses"}}},
+		// Fewer layers than that: the top ones are merged.
+		{2, [][]string{{"cacert", "glibc", "htop", "libnl", "nano", "ncurses"}}},
 	} {
 		layers, err := Group(roots, closure, WithAlgorithm(AutoLayer), WithBudget(tc.budget))
 		if err != nil {
@@ -141,11 +143,11 @@ func TestGroupAutoLayer(t *testing.T) {
 func TestGroupPopularity(t *testing.T) {
 	closure := closureOf("/nix/store/a-glibc-2.36:", "/nix/store/b-htop: /nix/store/a-glibc-2.36")
 	roots := []string{"/nix/store/b-htop"}
-	layers, _ := Group(roots, closure)
+	layers, _ := Group(roots, closure, WithAlgorithm(Nixery))
 	if len(layers) != 1 {
 		t.Errorf("without popularity: %v", paths(layers))
 	}
-	layers, _ = Group(roots, closure, WithPopularity(map[string]int{"glibc-2.36": 5000}))
+	layers, _ = Group(roots, closure, WithAlgorithm(Nixery), WithPopularity(map[string]int{"glibc-2.36": 5000}))
 	if got := paths(layers); !reflect.DeepEqual(got, [][]string{{"/nix/store/a-glibc-2.36"}, {"/nix/store/b-htop"}}) {
 		t.Errorf("with popularity: %v", got)
 	}
@@ -224,8 +226,8 @@ func TestGroupDeterministic(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(want) != 20 {
-			t.Errorf("%s: %d layers, want the budget of 20", algo, len(want))
+		if len(want) > 20 || len(want) < 15 {
+			t.Errorf("%s: %d layers, want close to the budget of 20", algo, len(want))
 		}
 		var n int
 		for _, l := range want {

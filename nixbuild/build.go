@@ -185,11 +185,12 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		return nil, &NotPackageError{Attributes: eval.NotPackages}
 	}
 
-	// Indirect GC roots keep the packages (and so their closures) from a
-	// concurrent `nix-store --gc` until the caller has packed them.
-	rootDir, err := os.MkdirTemp("", "nixery-gcroots-")
+	// GC roots keep the derivations until they are built, and the packages
+	// (and so their closures) until the caller has packed them, from a
+	// concurrent `nix-store --gc`.
+	rootDir, err := gcRootDir()
 	if err != nil {
-		return nil, fmt.Errorf("creating GC root directory: %w", err)
+		return nil, err
 	}
 	res := &Result{rootDir: rootDir}
 	defer func() {
@@ -205,6 +206,11 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	}
 	slices.Sort(drvs)
 	drvs = slices.Compact(drvs)
+	for _, drv := range drvs {
+		if err := os.Symlink(drv, filepath.Join(rootDir, "drv-"+filepath.Base(drv))); err != nil {
+			return nil, fmt.Errorf("GC root for %s: %w", drv, err)
+		}
+	}
 
 	log.G(ctx).WithField("derivations", len(drvs)).Info("realising packages")
 	realise := append([]string{"--realise", "--add-root", filepath.Join(rootDir, "root")}, drvs...)
@@ -233,6 +239,27 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		return nil, &BuildError{Stage: "query", Err: err}
 	}
 	return res, nil
+}
+
+// gcRootsDir is where Nix looks for GC roots; build roots go below it.
+const gcRootsDir = "/nix/var/nix/gcroots"
+
+// gcRootDir makes a directory for one build's GC roots: below Nix's gcroots
+// directory, where every symlink into the store is a root, or, where that
+// is not writable (another Nix state directory), a temporary one whose
+// roots only `--add-root` registers.
+func gcRootDir() (string, error) {
+	parent := filepath.Join(gcRootsDir, "nixery-builds")
+	if err := os.MkdirAll(parent, 0o755); err == nil {
+		if dir, err := os.MkdirTemp(parent, "build-"); err == nil {
+			return dir, nil
+		}
+	}
+	dir, err := os.MkdirTemp("", "nixery-gcroots-")
+	if err != nil {
+		return "", fmt.Errorf("creating GC root directory: %w", err)
+	}
+	return dir, nil
 }
 
 func (b *Builder) args(args ...string) []string {

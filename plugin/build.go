@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -96,6 +97,7 @@ type Builder struct {
 	sem       chan struct{}
 	flight    singleflight.Group
 	cache     *Cache
+	layering  []layering.Opt
 
 	pinnedSource bool
 }
@@ -116,6 +118,11 @@ func WithMaxBuilds(n int) BuildOpt {
 
 // WithProgress writes one line per step for a person to read.
 func WithProgress(w io.Writer) BuildOpt { return func(b *Builder) { b.progress = w } }
+
+// WithLayering passes options (algorithm, popularity) to the grouping.
+func WithLayering(opts ...layering.Opt) BuildOpt {
+	return func(b *Builder) { b.layering = append(b.layering, opts...) }
+}
 
 // WithCache remembers layer descriptors (and images of pinned sources) in c.
 func WithCache(c *Cache) BuildOpt { return func(b *Builder) { b.cache = c } }
@@ -247,7 +254,7 @@ func (b *Builder) build(ctx context.Context, img resolver.Image, describe Descri
 	for _, sp := range res.Closure {
 		closureSize += sp.NarSize
 	}
-	groups, err := layering.Group(roots, res.Closure, layering.WithBudget(b.maxLayers-1))
+	groups, err := layering.Group(roots, res.Closure, append(slices.Clone(b.layering), layering.WithBudget(b.maxLayers-1))...)
 	if err != nil {
 		return nil, fmt.Errorf("group layers of %s: %w", img.Ref(), err)
 	}

@@ -1,6 +1,7 @@
 package plugin
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
@@ -97,6 +99,12 @@ type ImageConfig struct {
 	// WithLayers writes full tar layers even for the nix snapshotter (for
 	// export, or for other snapshotters to unpack the same image).
 	WithLayers bool `toml:"with_layers"`
+	// Layering is the grouping algorithm: "auto" (nixpkgs' size-first) or
+	// "nixery" (dominator tree).
+	Layering string `toml:"layering"`
+	// PopularityFile is a Nixery popularity file (JSON: package name →
+	// how many packages need it) for the "nixery" algorithm.
+	PopularityFile string `toml:"popularity_file"`
 }
 
 // Duration is a time.Duration written as "30m" in TOML.
@@ -121,7 +129,7 @@ func DefaultConfig() Config {
 	return Config{
 		Containerd: ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespace: ns, NixSnapshotter: "nix"},
 		Nix:        NixConfig{Timeout: Duration(nixbuild.DefaultTimeout), MaxBuilds: DefaultMaxBuilds, Options: map[string]string{}},
-		Image:      ImageConfig{Host: resolver.DefaultHost, MaxLayers: DefaultMaxLayers},
+		Image:      ImageConfig{Host: resolver.DefaultHost, MaxLayers: DefaultMaxLayers, Layering: string(layering.DefaultAlgorithm)},
 		Snapshotter: SnapshotterConfig{
 			Address:    "/run/nixery-snapshotter/nixery-snapshotter.sock",
 			Root:       "/var/lib/nixery-snapshotter",
@@ -194,13 +202,26 @@ func (c NixConfig) Builder(opts ...nixbuild.Opt) (*nixbuild.Builder, error) {
 }
 
 // ImageBuilder returns an image Builder for this configuration.
-func (c Config) ImageBuilder(nix *nixbuild.Builder, opts ...BuildOpt) *Builder {
+func (c Config) ImageBuilder(nix *nixbuild.Builder, opts ...BuildOpt) (*Builder, error) {
+	lopts := []layering.Opt{layering.WithAlgorithm(layering.Algorithm(c.Image.Layering))}
+	if c.Image.PopularityFile != "" {
+		b, err := os.ReadFile(c.Image.PopularityFile)
+		if err != nil {
+			return nil, fmt.Errorf("popularity file: %w", err)
+		}
+		var pop map[string]int
+		if err := json.Unmarshal(b, &pop); err != nil {
+			return nil, fmt.Errorf("popularity file %s: %w: %w", c.Image.PopularityFile, err, errdefs.ErrInvalidArgument)
+		}
+		lopts = append(lopts, layering.WithPopularity(pop))
+	}
 	return NewBuilder(nix, append([]BuildOpt{
 		WithHost(c.Image.Host),
 		WithMaxLayers(c.Image.MaxLayers),
 		WithMaxBuilds(c.Nix.MaxBuilds),
 		WithPinnedSource(c.Nix.Pinned),
-	}, opts...)...)
+		WithLayering(lopts...),
+	}, opts...)...), nil
 }
 
 // CacheDir is where the layer and image cache lives.

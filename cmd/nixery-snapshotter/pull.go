@@ -72,7 +72,11 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		log.G(ctx).WithError(err).Debug("building without the cache")
 	}
 	defer cache.Close()
-	p := plugin.NewProvisioner(client, cfg.ImageBuilder(builder, plugin.WithProgress(stderr), plugin.WithCache(cache)),
+	images, err := cfg.ImageBuilder(builder, plugin.WithProgress(stderr), plugin.WithCache(cache))
+	if err != nil {
+		return err
+	}
+	p := plugin.NewProvisioner(client, images,
 		plugin.WithSnapshotter(cfg.Containerd.Snapshotter),
 		plugin.WithNixSnapshotter(cfg.Containerd.NixSnapshotter),
 		plugin.WithLayerBlobs(cfg.Image.WithLayers),

@@ -73,7 +73,11 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			return err
 		}
 		defer cache.Close()
-		registry := plugin.NewRegistry(cfg.ImageBuilder(builder, plugin.WithCache(cache)), plugin.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders)))
+		images, err := cfg.ImageBuilder(builder, plugin.WithCache(cache))
+		if err != nil {
+			return err
+		}
+		registry := plugin.NewRegistry(images, plugin.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders)))
 		g.Go(func() error { return plugin.ServeRegistry(ctx, registry, cfg.Registry.Address) })
 	}
 	return g.Wait()
