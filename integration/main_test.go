@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -52,6 +53,8 @@ type env struct {
 	// extraNix are more [nix] settings.
 	extraNix map[string]any
 	path     string // PATH for the CLI; the default when empty
+	// peakRSS is the largest resident set a CLI run had, in bytes.
+	peakRSS int64
 }
 
 func newEnv(t testing.TB) *env {
@@ -172,6 +175,9 @@ func (e *env) pull(args ...string) (string, string, error) {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
+	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+		e.peakRSS = max(e.peakRSS, ru.Maxrss<<10)
+	}
 	return stdout.String(), stderr.String(), err
 }
 

@@ -93,6 +93,17 @@ func (c contentDescriber) Describe(ctx context.Context, l *Layer) error {
 			l.Desc = known
 			return nil
 		}
+		// In another namespace the blob may exist already: a writer that
+		// names the expected digest shares it instead of taking bytes.
+		w, err := c.cs.Writer(ctx, content.WithRef(l.Key()), content.WithDescriptor(known))
+		if errdefs.IsAlreadyExists(err) {
+			l.Desc = known
+			return nil
+		}
+		if err == nil {
+			w.Close()
+			_ = c.cs.Abort(ctx, l.Key())
+		}
 	}
 	desc, err := writeLayer(ctx, c.cs, l.Key(), l.WriteTar)
 	if err != nil {

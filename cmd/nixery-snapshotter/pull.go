@@ -67,7 +67,7 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 
 	// The daemon holds the cache while it runs (and then builds for us);
 	// without it, use the cache here, or do without if it is elsewhere busy.
-	cache, err := plugin.OpenCache(cfg.CacheDir(), 100*time.Millisecond)
+	cache, err := plugin.OpenCache(cfg.CacheDir(), time.Millisecond) // one try: busy means the daemon has it
 	if err != nil {
 		log.G(ctx).WithError(err).Debug("building without the cache")
 	}
