@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/content"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -235,4 +236,71 @@ func BenchmarkWarmProvision(b *testing.B) {
 	b.ReportMetric(float64(ns.Milliseconds())/n, "new-namespace-ms")
 	b.ReportMetric(float64(empty.Milliseconds())/n, "empty-content-store-ms")
 	b.ReportMetric(float64(overlay.Milliseconds())/n, "overlayfs-same-namespace-ms")
+}
+
+// reuseRefs are 20 different images of the test package set.
+var reuseRefs = []string{
+	"nix.local/htop", "nix.local/git", "nix.local/jq", "nix.local/nano", "nix.local/shell",
+	"nix.local/git/htop", "nix.local/jq/nano", "nix.local/shell/htop", "nix.local/shell/git", "nix.local/shell/jq",
+	"nix.local/moreutils", "nix.local/coreutils/git", "nix.local/htop/nano", "nix.local/1password", "nix.local/haskellpackages.hello",
+	"nix.local/pause", "nix.local/git/jq/htop", "nix.local/shell/nano/git", "nix.local/coreutils/jq", "nix.local/bash/htop",
+}
+
+// diskBytes sums the sizes of the files below dir that are not hard links
+// (what they hold is stored elsewhere already: the Nix store).
+func diskBytes(dir string) int64 {
+	var n int64
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return nil
+		}
+		if info, err := d.Info(); err == nil {
+			if st, ok := info.Sys().(*syscall.Stat_t); ok && st.Nlink == 1 {
+				n += info.Size()
+			}
+		}
+		return nil
+	})
+	return n
+}
+
+// BenchmarkReuseSequence provisions 20 different images of the test
+// package set one after another, per layering algorithm, and reports bytes
+// stored as multiples of the ideal (each store path once): layer blobs in
+// the content store, overlayfs snapshots, and nix snapshots.
+func BenchmarkReuseSequence(b *testing.B) {
+	for i := 0; i < b.N; i++ {
+		for _, algo := range []string{"nixery", "auto"} {
+			e := newNixEnv(b, func(e *env) { e.extraImage = map[string]any{"layering": algo} })
+			ideal := map[string]int64{}
+			for _, ref := range reuseRefs {
+				e.mustPull("--snapshotter", "overlayfs", ref)
+				m, _ := e.manifest(b, ref+":latest")
+				for _, l := range m.Layers {
+					for _, p := range snapshot.StorePathsFromLabels(l.Annotations) {
+						ideal[p] = 0
+					}
+				}
+			}
+			var idealBytes int64
+			for p := range ideal {
+				idealBytes += hashClosure(b, []string{p})
+			}
+			var blobs int64
+			e.ctd.Client.ContentStore().Walk(e.ctx(), func(info content.Info) error {
+				if strings.HasPrefix(info.Labels["containerd.io/uncompressed"], "sha256:") {
+					blobs += info.Size
+				}
+				return nil
+			})
+			overlay := diskBytes(filepath.Join(e.ctd.Dir, "root", "io.containerd.snapshotter.v1.overlayfs", "snapshots"))
+			for _, ref := range reuseRefs {
+				e.mustPull("--snapshotter", "nix", "--namespace", "nix", ref)
+			}
+			nixSnapshots := diskBytes(filepath.Join(e.daemon.root, "overlayfs", "snapshots"))
+			b.ReportMetric(float64(blobs)/float64(idealBytes), algo+"-content/ideal")
+			b.ReportMetric(float64(overlay)/float64(idealBytes), algo+"-overlayfs/ideal")
+			b.ReportMetric(float64(nixSnapshots)/float64(idealBytes), algo+"-nix/ideal")
+		}
+	}
 }

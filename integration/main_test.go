@@ -50,9 +50,9 @@ type env struct {
 	pkgs   string // package set directory, when not the test set
 	cri    bool   // containerd's CRI is on
 	root   string // the CLI's state (cache) without a daemon
-	// extraNix are more [nix] settings.
-	extraNix map[string]any
-	path     string // PATH for the CLI; the default when empty
+	// extraNix and extraImage are more [nix] and [image] settings.
+	extraNix, extraImage map[string]any
+	path                 string // PATH for the CLI; the default when empty
 	// peakRSS is the largest resident set a CLI run had, in bytes.
 	peakRSS int64
 }
@@ -134,6 +134,9 @@ func (e *env) writeConfig(pkgs string) {
 		for k, v := range e.extraNix {
 			cfg["nix"].(map[string]any)[k] = v
 		}
+	}
+	if e.extraImage != nil {
+		cfg["image"] = e.extraImage
 	}
 	if d := e.daemon; d == nil {
 		// The CLI's cache lives under the snapshotter root: keep it here.
