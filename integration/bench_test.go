@@ -2,14 +2,18 @@ package integration
 
 import (
 	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"io"
 	"io/fs"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -35,7 +39,9 @@ func benchMiB(b *testing.B) int {
 
 // bigPackages writes a package set that adds `big`: size MiB of data in
 // files of 16 KiB to 1 MiB, as real closures mix small and large files.
-func bigPackages(b *testing.B, mib int) string {
+func bigPackages(b *testing.B, mib int) string { return bigPackagesT(b, mib) }
+
+func bigPackagesT(b testing.TB, mib int) string {
 	dir := b.TempDir()
 	script := fmt.Sprintf(`set -e
 mkdir -p $out/share/big
@@ -303,4 +309,94 @@ func BenchmarkReuseSequence(b *testing.B) {
 			b.ReportMetric(float64(nixSnapshots)/float64(idealBytes), algo+"-nix/ideal")
 		}
 	}
+}
+
+// BenchmarkLoad drives the daemon with a mix of requests — manifest and
+// config fetches over the endpoint, as CRI and ctr make them, and CLI pulls
+// — over 20 references of a pinned package set at concurrency 16, and
+// reports latency percentiles, errors (must be none), Nix evaluations (at
+// most one per reference) and the daemon's peak memory.
+// NIXERY_LOAD_REQUESTS sets the number of requests (200).
+func BenchmarkLoad(b *testing.B) {
+	requests := 200
+	if v := os.Getenv("NIXERY_LOAD_REQUESTS"); v != "" {
+		requests, _ = strconv.Atoi(v)
+	}
+	bin, calls := countingNix(b)
+	// A pinned package set, as a production node has: each image is built
+	// once, then answered from the cache.
+	e := newNixEnv(b, func(e *env) {
+		e.daemon.nixBin = bin
+		e.extraNix = map[string]any{"pinned": true}
+	})
+	base := "http://" + e.daemon.http
+	const concurrency = 16
+	for i := 0; i < b.N; i++ {
+		latencies := make([]time.Duration, requests)
+		errs := make([]error, requests)
+		work := make(chan int)
+		var wg sync.WaitGroup
+		for w := 0; w < concurrency; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for j := range work {
+					ref := reuseRefs[j%len(reuseRefs)]
+					start := time.Now()
+					if j%5 == 4 {
+						// One in five from the CLI, into its own namespace.
+						_, stderr, err := e.pull("--namespace", fmt.Sprintf("load%d", j%3), ref)
+						if err != nil {
+							errs[j] = fmt.Errorf("%v: %s", err, stderr)
+						}
+					} else {
+						errs[j] = fetchImage(base, strings.TrimPrefix(ref, "nix.local/"))
+					}
+					latencies[j] = time.Since(start)
+				}
+			}()
+		}
+		for j := 0; j < requests; j++ {
+			work <- j
+		}
+		close(work)
+		wg.Wait()
+		failed := 0
+		for j, err := range errs {
+			if err != nil {
+				failed++
+				b.Errorf("request %d (%s): %v", j, reuseRefs[j%len(reuseRefs)], err)
+			}
+		}
+		slices.Sort(latencies)
+		b.ReportMetric(float64(latencies[len(latencies)/2].Milliseconds()), "p50-ms")
+		b.ReportMetric(float64(latencies[len(latencies)*99/100].Milliseconds()), "p99-ms")
+		b.ReportMetric(float64(failed), "errors")
+		b.ReportMetric(float64(evaluations(b, calls)), "nix-evaluations")
+		b.ReportMetric(float64(e.daemon.peakRSS())/(1<<20), "daemon-peak-MiB")
+	}
+}
+
+// fetchImage gets an image's manifest by tag and its config by digest.
+func fetchImage(base, name string) error {
+	resp, err := http.Get(base + "/v2/" + name + "/manifests/latest")
+	if err != nil {
+		return err
+	}
+	var m ocispec.Manifest
+	err = json.NewDecoder(resp.Body).Decode(&m)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || err != nil {
+		return fmt.Errorf("manifest: %s %v", resp.Status, err)
+	}
+	resp, err = http.Get(base + "/v2/" + name + "/blobs/" + m.Config.Digest.String())
+	if err != nil {
+		return err
+	}
+	n, _ := io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || n != m.Config.Size {
+		return fmt.Errorf("config: %s, %d bytes", resp.Status, n)
+	}
+	return nil
 }

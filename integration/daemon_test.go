@@ -19,6 +19,7 @@ type daemon struct {
 	dir     string
 	address string
 	http    string // the distribution endpoint's host:port
+	metrics string // host:port of /metrics and /healthz
 	root    string
 	gcRoots string
 	nixBin  string // Nix commands the daemon runs, when not PATH's
@@ -44,6 +45,7 @@ func newDaemon(t testing.TB) *daemon {
 		t:       t,
 		dir:     dir,
 		http:    freePort(t),
+		metrics: freePort(t),
 		address: filepath.Join(dir, "run", "nix.sock"),
 		root:    filepath.Join(dir, "root"),
 		gcRoots: gcRoots,

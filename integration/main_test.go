@@ -147,6 +147,7 @@ func (e *env) writeConfig(pkgs string) {
 	} else {
 		cfg["snapshotter"] = map[string]any{"address": d.address, "root": d.root, "gc_roots_dir": d.gcRoots}
 		cfg["registry"] = map[string]any{"address": d.http}
+		cfg["metrics"] = map[string]any{"address": d.metrics}
 		if d.earlyHeaders != "" {
 			cfg["registry"].(map[string]any)["early_headers"] = d.earlyHeaders
 		}

@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -28,6 +30,9 @@ const DefaultMaxLayers = layering.DefaultBudget + 1
 
 // DefaultMaxBuilds is how many different images are built at once.
 const DefaultMaxBuilds = 2
+
+// DefaultMaxQueued is how many builds of different images may wait.
+const DefaultMaxQueued = 64
 
 // Layer is one layer of a built image: store paths, or the symlink forest
 // of the image's packages.
@@ -98,6 +103,9 @@ type Builder struct {
 	flight    singleflight.Group
 	cache     *Cache
 	layering  []layering.Opt
+	allow     []string
+	maxQueued int64
+	queued    atomic.Int64
 
 	pinnedSource bool
 }
@@ -123,6 +131,15 @@ func WithProgress(w io.Writer) BuildOpt { return func(b *Builder) { b.progress =
 func WithLayering(opts ...layering.Opt) BuildOpt {
 	return func(b *Builder) { b.layering = append(b.layering, opts...) }
 }
+
+// WithAllow restricts the packages a reference may ask for to those
+// matching one of patterns (path.Match syntax, e.g. "python3Packages.*");
+// nil allows all.
+func WithAllow(patterns []string) BuildOpt { return func(b *Builder) { b.allow = patterns } }
+
+// WithMaxQueued bounds how many builds of different images wait for a
+// build slot; more are refused as busy instead of piling up.
+func WithMaxQueued(n int) BuildOpt { return func(b *Builder) { b.maxQueued = int64(n) } }
 
 // WithCache remembers layer descriptors (and images of pinned sources) in c.
 func WithCache(c *Cache) BuildOpt { return func(b *Builder) { b.cache = c } }
@@ -170,7 +187,7 @@ func (b *Builder) cachedImage(ctx context.Context, key []byte, img resolver.Imag
 
 // NewBuilder returns a Builder that realises packages with nix.
 func NewBuilder(nix *nixbuild.Builder, opts ...BuildOpt) *Builder {
-	b := &Builder{nix: nix, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers}
+	b := &Builder{nix: nix, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers, maxQueued: DefaultMaxQueued}
 	WithMaxBuilds(DefaultMaxBuilds)(b)
 	for _, opt := range opts {
 		opt(b)
@@ -184,9 +201,25 @@ func (b *Builder) say(format string, args ...any) {
 	}
 }
 
-// Parse reads a reference as this Builder does.
+// Parse reads a reference as this Builder does, allow-list included.
 func (b *Builder) Parse(ref string) (resolver.Image, error) {
-	return resolver.Parse(ref, resolver.WithHost(b.host))
+	img, err := resolver.Parse(ref, resolver.WithHost(b.host))
+	if err != nil || b.allow == nil {
+		return img, err
+	}
+	var denied []string
+	for _, p := range img.Requested {
+		if !slices.ContainsFunc(b.allow, func(pattern string) bool {
+			ok, _ := path.Match(pattern, p)
+			return ok
+		}) {
+			denied = append(denied, p)
+		}
+	}
+	if len(denied) > 0 {
+		return img, fmt.Errorf("packages not allowed on this node: %v: %w", denied, errdefs.ErrPermissionDenied)
+	}
+	return img, nil
 }
 
 // Build builds the image for ref. Concurrent calls for the same image (in
@@ -204,21 +237,30 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 		return nil, err
 	}
 	key := fmt.Sprintf("%s %s %s/%s %T", img.Platform.NixSystem, img.Tag, strings.Join(img.Packages, " "), strings.Join(img.Requested, " "), describe)
+	cached := false
 	v, err, _ := b.flight.Do(key, func() (any, error) {
+		if b.queued.Add(1) > b.maxQueued+int64(cap(b.sem)) {
+			b.queued.Add(-1)
+			return nil, fmt.Errorf("%d image builds are running or waiting: try again later: %w", b.maxQueued+int64(cap(b.sem)), errdefs.ErrResourceExhausted)
+		}
+		defer b.queued.Add(-1)
 		select {
 		case b.sem <- struct{}{}:
 			defer func() { <-b.sem }()
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
+		start := time.Now()
+		defer func() { buildSeconds.Observe(time.Since(start).Seconds()) }()
 		// Shared by every caller: not cancelled with the first of them.
 		ctx := context.WithoutCancel(ctx)
 		if !b.pinned(img) {
 			return b.build(ctx, img, describe)
 		}
 		ikey := cacheKey("image", b.nix.Source().String(), key, strconv.Itoa(b.maxLayers))
-		if cached, ok := b.cachedImage(ctx, ikey, img, describe); ok {
-			return cached, nil
+		if hit, ok := b.cachedImage(ctx, ikey, img, describe); ok {
+			cached = true
+			return hit, nil
 		}
 		built, err := b.build(ctx, img, describe)
 		if err == nil {
@@ -228,6 +270,11 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 		}
 		return built, err
 	})
+	result := buildResult(err)
+	if cached {
+		result = "cached"
+	}
+	buildsTotal.WithLabelValues(result).Inc()
 	if err != nil {
 		return nil, err
 	}
@@ -308,6 +355,8 @@ func (h hashDescriber) Describe(ctx context.Context, l *Layer) error {
 		return err
 	}
 	l.Desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
+	layersPacked.Inc()
+	bytesStreamed.Add(float64(m.Size()))
 	log.G(ctx).WithFields(log.Fields{"digest": l.Desc.Digest, "size": l.Desc.Size}).Debug("packed layer")
 	return h.cache.putLayer(l.identity(), l.Desc)
 }

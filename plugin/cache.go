@@ -79,9 +79,14 @@ func cacheKey(parts ...string) []byte {
 // layer returns the remembered descriptor of the layer with key.
 func (c *Cache) layer(key []byte) (ocispec.Descriptor, bool) {
 	var desc ocispec.Descriptor
-	if c == nil || !c.get(layersBucket, key, &desc) {
+	if c == nil {
 		return desc, false
 	}
+	if !c.get(layersBucket, key, &desc) {
+		cacheLookups.WithLabelValues("layer", "miss").Inc()
+		return desc, false
+	}
+	cacheLookups.WithLabelValues("layer", "hit").Inc()
 	if desc.Digest.Validate() != nil || desc.Size <= 0 || desc.MediaType == "" {
 		c.drop(layersBucket, key)
 		return ocispec.Descriptor{}, false
@@ -147,9 +152,14 @@ type layerRecord struct {
 
 func (c *Cache) image(key []byte) (imageRecord, bool) {
 	var rec imageRecord
-	if c == nil || !c.get(imagesBucket, key, &rec) {
+	if c == nil {
 		return rec, false
 	}
+	if !c.get(imagesBucket, key, &rec) {
+		cacheLookups.WithLabelValues("image", "miss").Inc()
+		return rec, false
+	}
+	cacheLookups.WithLabelValues("image", "hit").Inc()
 	if digest.FromBytes(rec.ManifestBytes) != rec.Manifest.Digest || digest.FromBytes(rec.ConfigBytes) != rec.Config.Digest || len(rec.Layers) == 0 {
 		c.drop(imagesBucket, key)
 		return imageRecord{}, false

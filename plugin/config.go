@@ -27,6 +27,13 @@ type Config struct {
 	Image       ImageConfig       `toml:"image"`
 	Snapshotter SnapshotterConfig `toml:"snapshotter"`
 	Registry    RegistryConfig    `toml:"registry"`
+	Metrics     MetricsConfig     `toml:"metrics"`
+}
+
+// MetricsConfig is where `serve` exposes /metrics and /healthz.
+type MetricsConfig struct {
+	// Address is the TCP address; loopback unless you mean it; "" disables.
+	Address string `toml:"address"`
 }
 
 // RegistryConfig is the `serve` daemon's distribution endpoint.
@@ -85,6 +92,9 @@ type NixConfig struct {
 	// MaxBuilds bounds how many different images are built at once; more
 	// requests for an image being built join that build.
 	MaxBuilds int `toml:"max_builds"`
+	// MaxQueued bounds builds of different images waiting for a slot;
+	// further requests are refused as busy (HTTP 429) until one ends.
+	MaxQueued int `toml:"max_queued"`
 	// Options are Nix settings passed to every call, e.g.
 	// substituters = "" on hosts that cannot reach a binary cache.
 	Options map[string]string `toml:"options"`
@@ -105,6 +115,10 @@ type ImageConfig struct {
 	// PopularityFile is a Nixery popularity file (JSON: package name →
 	// how many packages need it) for the "nixery" algorithm.
 	PopularityFile string `toml:"popularity_file"`
+	// Allow, when set, lists the package attributes references may ask
+	// for (path.Match patterns such as "python3Packages.*"), for nodes
+	// whose users should not build arbitrary packages.
+	Allow []string `toml:"allow"`
 }
 
 // Duration is a time.Duration written as "30m" in TOML.
@@ -128,7 +142,7 @@ func DefaultConfig() Config {
 	}
 	return Config{
 		Containerd: ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespace: ns, NixSnapshotter: "nix"},
-		Nix:        NixConfig{Timeout: Duration(nixbuild.DefaultTimeout), MaxBuilds: DefaultMaxBuilds, Options: map[string]string{}},
+		Nix:        NixConfig{Timeout: Duration(nixbuild.DefaultTimeout), MaxBuilds: DefaultMaxBuilds, MaxQueued: DefaultMaxQueued, Options: map[string]string{}},
 		Image:      ImageConfig{Host: resolver.DefaultHost, MaxLayers: DefaultMaxLayers, Layering: string(layering.DefaultAlgorithm)},
 		Snapshotter: SnapshotterConfig{
 			Address:    "/run/nixery-snapshotter/nixery-snapshotter.sock",
@@ -136,6 +150,7 @@ func DefaultConfig() Config {
 			GCRootsDir: snapshot.DefaultGCRootsDir,
 		},
 		Registry: RegistryConfig{Address: DefaultRegistryAddress, EarlyHeaders: Duration(DefaultEarlyHeaders)},
+		Metrics:  MetricsConfig{Address: DefaultMetricsAddress},
 	}
 }
 
@@ -219,6 +234,8 @@ func (c Config) ImageBuilder(nix *nixbuild.Builder, opts ...BuildOpt) (*Builder,
 		WithHost(c.Image.Host),
 		WithMaxLayers(c.Image.MaxLayers),
 		WithMaxBuilds(c.Nix.MaxBuilds),
+		WithMaxQueued(c.Nix.MaxQueued),
+		WithAllow(c.Image.Allow),
 		WithPinnedSource(c.Nix.Pinned),
 		WithLayering(lopts...),
 	}, opts...)...), nil

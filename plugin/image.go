@@ -109,6 +109,8 @@ func (c contentDescriber) Describe(ctx context.Context, l *Layer) error {
 	if err != nil {
 		return err
 	}
+	layersPacked.Inc()
+	bytesStreamed.Add(float64(desc.Size))
 	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("packed layer")
 	if ok && known.Digest != desc.Digest {
 		log.G(ctx).WithFields(log.Fields{"recorded": known.Digest, "written": desc.Digest}).Warn("layer cache record was stale: replaced")

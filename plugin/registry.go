@@ -105,7 +105,11 @@ func ServeRegistry(ctx context.Context, r *Registry, address string) error {
 func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	w := &statusWriter{ResponseWriter: rw, status: http.StatusOK}
 	start := time.Now()
+	inflightRequests.Inc()
+	route := "other"
 	defer func() {
+		inflightRequests.Dec()
+		requestsTotal.WithLabelValues(route, strconv.Itoa(w.status)).Inc()
 		log.G(req.Context()).WithFields(log.Fields{
 			"method": req.Method, "path": req.URL.Path, "status": w.status,
 			"duration": time.Since(start).Round(time.Millisecond),
@@ -116,7 +120,13 @@ func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 		writeError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "this registry is read-only: "+req.Method+" is not supported")
 		return
 	}
-	// Route on the decoded path: containerd adds ?ns=HOST to mirror requests.
+	// Registry names never need percent-encoding: an encoded slash or dot
+	// is someone trying to get past the routing.
+	if req.URL.RawPath != "" || strings.Contains(req.URL.Path, "%") {
+		writeError(w, http.StatusBadRequest, "NAME_INVALID", "percent-encoded characters are not allowed in registry paths")
+		return
+	}
+	// Route on the path: containerd adds ?ns=HOST to mirror requests.
 	path := req.URL.Path
 	if path == "/v2/" || path == "/v2" {
 		w.Header().Set(sourceHeader, r.builder.nix.Source().String())
@@ -131,10 +141,12 @@ func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 		return
 	}
 	if name, ref, ok := cutLast(rest, "/manifests/"); ok {
+		route = "manifests"
 		r.manifest(w, req, name, ref)
 		return
 	}
 	if _, dgst, ok := cutLast(rest, "/blobs/"); ok {
+		route = "blobs"
 		r.blob(w, req, dgst)
 		return
 	}
@@ -292,7 +304,9 @@ func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Dige
 		log.G(req.Context()).WithError(err).WithField("digest", d).Warn("streaming layer")
 		return
 	}
-	if _, err := io.CopyN(w, pr, end-start); err != nil {
+	n, err := io.CopyN(w, pr, end-start)
+	bytesStreamed.Add(float64(n))
+	if err != nil {
 		log.G(req.Context()).WithError(err).WithField("digest", d).Warn("streaming layer")
 	}
 }
@@ -356,6 +370,11 @@ func writeBuildError(ctx context.Context, w http.ResponseWriter, err error) {
 		writeError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", err.Error())
 	case errdefs.IsInvalidArgument(err):
 		writeError(w, http.StatusBadRequest, "NAME_INVALID", err.Error())
+	case errdefs.IsPermissionDenied(err):
+		writeError(w, http.StatusForbidden, "DENIED", err.Error())
+	case errdefs.IsResourceExhausted(err):
+		w.Header().Set("Retry-After", "5")
+		writeError(w, http.StatusTooManyRequests, "TOOMANYREQUESTS", err.Error())
 	case errors.As(err, &buildErr):
 		msg := err.Error()
 		if len(msg) > maxLogInError {

@@ -344,3 +344,59 @@ func BenchmarkWriteStorePaths(b *testing.B) {
 		}
 	}
 }
+
+// FuzzWriteStorePaths writes store paths with arbitrary file names,
+// contents and modes, and reads the layer back: every file is there once,
+// with its bytes, and the bytes are the same on a second run.
+func FuzzWriteStorePaths(f *testing.F) {
+	f.Add("bin/htop", []byte("program"), true, "share/ünïcödé", []byte{0, 1, 2})
+	f.Add(strings.Repeat("d/", 60)+"f", []byte("deep"), false, "a b", []byte(""))
+	f.Fuzz(func(t *testing.T, name1 string, data1 []byte, exec1 bool, name2 string, data2 []byte) {
+		clean := func(name string) (string, bool) {
+			name = filepath.Clean(name)
+			if name == "." || strings.HasPrefix(name, "..") || filepath.IsAbs(name) || strings.ContainsRune(name, 0) || len(name) > 1000 {
+				return "", false
+			}
+			for _, part := range strings.Split(name, "/") {
+				if len(part) > 255 {
+					return "", false
+				}
+			}
+			return name, true
+		}
+		n1, ok1 := clean(name1)
+		n2, ok2 := clean(name2)
+		if !ok1 || !ok2 || n1 == n2 || strings.HasPrefix(n1+"/", n2+"/") || strings.HasPrefix(n2+"/", n1+"/") {
+			return
+		}
+		root := t.TempDir()
+		files := map[string][]byte{n1: data1, n2: data2}
+		for name, data := range files {
+			p := filepath.Join(root, htop, name)
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				return
+			}
+			mode := os.FileMode(0o644)
+			if name == n1 && exec1 {
+				mode = 0o755
+			}
+			if err := os.WriteFile(p, data, mode); err != nil {
+				return
+			}
+		}
+		var a, b bytes.Buffer
+		if err := WriteStorePaths(&a, []string{htop}, WithRoot(root)); err != nil {
+			t.Fatal(err)
+		}
+		if err := WriteStorePaths(&b, []string{htop}, WithRoot(root)); err != nil || !bytes.Equal(a.Bytes(), b.Bytes()) {
+			t.Fatal("two runs differ")
+		}
+		_, entries := readTar(t, a.Bytes())
+		for name, data := range files {
+			e, ok := entries[entryName(htop)+"/"+filepath.ToSlash(name)]
+			if !ok || e.content != string(data) {
+				t.Fatalf("%q: got %+v (present %v)", name, e, ok)
+			}
+		}
+	})
+}

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"time"
 
 	"github.com/containerd/log"
@@ -26,6 +27,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		root       = fs.String("root", "", "state directory (default /var/lib/nixery-snapshotter)")
 		ctrAddress = fs.String("containerd-address", "", "containerd socket, used when the daemon provisions images")
 		regAddress = fs.String("registry-address", "", "address of the distribution endpoint (default 127.0.0.1:8484; \"\" disables it)")
+		metAddress = fs.String("metrics-address", "", "address of /metrics and /healthz (default 127.0.0.1:9484; \"\" disables them)")
 	)
 	common := addCommonFlags(fs, "info")
 	positional, cfg, err := common.parse(fs, args)
@@ -46,6 +48,8 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			cfg.Containerd.Address = *ctrAddress
 		case "registry-address":
 			cfg.Registry.Address = *regAddress
+		case "metrics-address":
+			cfg.Metrics.Address = *metAddress
 		}
 	})
 
@@ -67,6 +71,18 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return plugin.ServeSnapshotter(ctx, sn, cfg.Snapshotter.Address) })
+	if cfg.Metrics.Address != "" {
+		g.Go(func() error {
+			return plugin.ServeMetrics(ctx, cfg.Metrics.Address, func() error {
+				// Healthy while the snapshotter answers on its socket.
+				c, err := net.DialTimeout("unix", cfg.Snapshotter.Address, time.Second)
+				if err == nil {
+					c.Close()
+				}
+				return err
+			})
+		})
+	}
 	if cfg.Registry.Address != "" {
 		cache, err := plugin.OpenCache(cfg.CacheDir(), 5*time.Second)
 		if err != nil {

@@ -30,8 +30,9 @@ type Containerd struct {
 }
 
 type containerdConfig struct {
-	extra strings.Builder
-	cri   bool
+	extra     strings.Builder
+	cri       bool
+	tmpfsRoot string
 }
 
 // ContainerdOpt adjusts the daemon's configuration.
@@ -40,6 +41,12 @@ type ContainerdOpt func(*containerdConfig)
 // WithConfig appends TOML to containerd's configuration.
 func WithConfig(toml string) ContainerdOpt {
 	return func(c *containerdConfig) { c.extra.WriteString(toml + "\n") }
+}
+
+// WithTmpfsRoot puts containerd's root (content store, snapshots) on a
+// tmpfs of size (e.g. "32m"), to run it out of space.
+func WithTmpfsRoot(size string) ContainerdOpt {
+	return func(c *containerdConfig) { c.tmpfsRoot = size }
 }
 
 // WithCRI keeps containerd's CRI plugins (off otherwise: they want CNI).
@@ -83,6 +90,15 @@ disabled_plugins = [%s]
 	}
 	c.cfgPath = cfgPath
 	t.Cleanup(func() { c.stop(t) })
+	if cc.tmpfsRoot != "" {
+		root := filepath.Join(dir, "root")
+		if err := os.MkdirAll(root, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Mount("tmpfs", root, "tmpfs", 0, "size="+cc.tmpfsRoot); err != nil {
+			Skip(t, "cannot mount a tmpfs: "+err.Error())
+		}
+	}
 	c.start(t)
 	return c
 }

@@ -1,0 +1,150 @@
+package integration
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+)
+
+// The daemon killed while it streams a large layer: the pull fails, a
+// restarted daemon serves the next one, and nothing is left behind.
+func TestFaultDaemonKilledMidStream(t *testing.T) {
+	e := newNixEnv(t, withPkgs(bigPackagesT(t, 256)))
+	const ref = "nix.local/shell/big"
+	// Build first, so that what is killed is the streaming.
+	if out, err := exec.Command("nix-build", append([]string{"--no-out-link", "-A", "big", e.pkgs}, nixOptionArgs()...)...).CombinedOutput(); err != nil {
+		t.Fatalf("nix-build: %v\n%s", err, out)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := e.pull("--snapshotter", "overlayfs", ref)
+		done <- err
+	}()
+	// Kill it once it streams layers.
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(e.daemon.log(), "/blobs/sha256:") && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.daemon.stop(syscall.SIGKILL)
+	if err := <-done; err == nil {
+		t.Fatal("the pull succeeded although the daemon was killed under it")
+	}
+	if imgs := e.images(); len(imgs) != 0 {
+		t.Errorf("images after the failed pull: %v", imgs)
+	}
+	e.daemon.start(e.config)
+	e.mustPull("--snapshotter", "overlayfs", ref)
+	if out := e.runOn("overlayfs", ref, "big"); out != "big\n" {
+		t.Errorf("big printed %q", out)
+	}
+	// The failed pull's lease was deleted and its ingests with it.
+	ls, err := e.ctd.Client.LeasesService().List(e.ctx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ls) != 0 {
+		t.Errorf("leases left: %v", ls)
+	}
+	statuses, _ := e.ctd.Client.ContentStore().ListStatuses(e.ctx())
+	if len(statuses) != 0 {
+		t.Errorf("ingests left: %v", statuses)
+	}
+}
+
+// A content store that runs out of space: a clear error, nothing
+// registered, and a pull after space is freed succeeds.
+func TestFaultNoSpace(t *testing.T) {
+	testutil.RequireNix(t)
+	ctd := testutil.StartContainerd(t, testutil.WithTmpfsRoot("48m"))
+	e := &env{t: t, ctd: ctd, pkgs: bigPackagesT(t, 64)}
+	e.writeConfig(e.pkgs)
+	_, stderr, err := e.pull("--snapshotter", "overlayfs", "nix.local/shell/big")
+	if err == nil {
+		t.Fatal("a 64 MiB image fit in 48 MiB")
+	}
+	if !strings.Contains(stderr, "no space left on device") {
+		t.Errorf("stderr does not say the disk is full:\n%s", stderr)
+	}
+	if imgs := e.images(); len(imgs) != 0 {
+		t.Errorf("images after running out of space: %v", imgs)
+	}
+	if err := syscall.Mount("tmpfs", filepath.Join(ctd.Dir, "root"), "tmpfs", syscall.MS_REMOUNT, "size=512m"); err != nil {
+		t.Fatal(err)
+	}
+	e.mustPull("--snapshotter", "overlayfs", "nix.local/shell/big")
+	if out := e.run("nix.local/shell/big", "big"); out != "big\n" {
+		t.Errorf("big printed %q", out)
+	}
+}
+
+// `nix-store --gc` running all along provisioning breaks nothing.
+func TestFaultConcurrentGC(t *testing.T) {
+	e := newEnv(t)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			exec.Command("nix-store", "--gc").Run()
+		}
+	}()
+	for _, ref := range []string{"nix.local/htop", "nix.local/git", "nix.local/shell/jq", "nix.local/shell/htop", "nix.local/nano/git"} {
+		e.mustPull(ref)
+	}
+	close(stop)
+	wg.Wait()
+	if out := e.run("nix.local/shell/htop", "htop", "--version"); !strings.Contains(out, "htop 3.2.2") {
+		t.Errorf("htop --version printed %q", out)
+	}
+}
+
+// A package set whose evaluation never ends is stopped by the timeout, and
+// the error says so.
+func TestFaultEvaluationTimeout(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "never")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Reading a FIFO nobody writes blocks evaluation forever.
+	src := `{ system ? builtins.currentSystem, ... }:
+import ` + testutil.TestPkgs() + ` { inherit system; } // { forever = import ` + fifo + `; }`
+	if err := os.WriteFile(filepath.Join(dir, "default.nix"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t)
+	e.extraNix = map[string]any{"timeout": "3s"}
+	e.writeConfig(dir)
+	start := time.Now()
+	_, stderr, err := e.pull("nix.local/forever")
+	if err == nil {
+		t.Fatal("evaluating forever succeeded")
+	}
+	if !strings.Contains(stderr, "timeout of 3s") {
+		t.Errorf("stderr does not name the timeout:\n%s", stderr)
+	}
+	if d := time.Since(start); d > 30*time.Second {
+		t.Errorf("the timeout took %s", d)
+	}
+}
+
+func nixOptionArgs() []string {
+	var args []string
+	for k, v := range testutil.NixOptions() {
+		args = append(args, "--option", k, v)
+	}
+	return args
+}

@@ -1,0 +1,99 @@
+package plugin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// DefaultMetricsAddress is where metrics and health are served: loopback.
+const DefaultMetricsAddress = "127.0.0.1:9484"
+
+// The daemon's metrics, in Prometheus' default registry.
+var (
+	buildsTotal = promauto.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "nixery", Name: "builds_total",
+		Help: "Image requests by result: ok, cached, not_found, invalid, busy, failed, timeout.",
+	}, []string{"result"})
+	buildSeconds = promauto.NewHistogram(prometheus.HistogramOpts{
+		Namespace: "nixery", Name: "build_duration_seconds",
+		Help:    "Time to build an image (Nix, grouping, describing layers).",
+		Buckets: prometheus.ExponentialBuckets(0.05, 2, 14),
+	})
+	cacheLookups = promauto.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "nixery", Name: "cache_lookups_total",
+		Help: "Cache lookups by kind (layer, image) and result (hit, miss).",
+	}, []string{"kind", "result"})
+	layersPacked = promauto.NewCounter(prometheus.CounterOpts{
+		Namespace: "nixery", Name: "layers_packed_total",
+		Help: "Layers read from the store and hashed to be described.",
+	})
+	bytesStreamed = promauto.NewCounter(prometheus.CounterOpts{
+		Namespace: "nixery", Name: "bytes_streamed_total",
+		Help: "Layer bytes streamed (packed, written, or served).",
+	})
+	inflightRequests = promauto.NewGauge(prometheus.GaugeOpts{
+		Namespace: "nixery", Name: "inflight_requests",
+		Help: "Distribution endpoint requests being answered.",
+	})
+	requestsTotal = promauto.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "nixery", Name: "requests_total",
+		Help: "Distribution endpoint requests by route and status code.",
+	}, []string{"route", "code"})
+)
+
+// buildResult names the outcome of a build for the builds_total metric.
+func buildResult(err error) string {
+	switch {
+	case err == nil:
+		return "ok"
+	case errors.Is(err, context.DeadlineExceeded):
+		return "timeout"
+	case errdefs.IsNotFound(err):
+		return "not_found"
+	case errdefs.IsInvalidArgument(err), errdefs.IsPermissionDenied(err):
+		return "invalid"
+	case errdefs.IsResourceExhausted(err):
+		return "busy"
+	}
+	return "failed"
+}
+
+// ServeMetrics serves /metrics (Prometheus) and /healthz on address until
+// ctx ends. healthy reports whether the daemon can serve.
+func ServeMetrics(ctx context.Context, address string, healthy func() error) error {
+	l, err := net.Listen("tcp", address)
+	if err != nil {
+		return fmt.Errorf("metrics: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.Handler())
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		if err := healthy(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: 64 << 10}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopGrace)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	log.G(ctx).WithField("address", l.Addr().String()).Info("serving metrics and health")
+	if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("metrics: %w", err)
+	}
+	return nil
+}
