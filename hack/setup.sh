@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what nixery-snapshotter's demo and tests need on Debian 12, as
 # root: Nix, runc, patchelf, the host programs the offline package set in
-# testdata/pkgs is made of, and containerd v2.4.2 built from the Go module
-# proxy. Safe to run again: it installs only what is missing.
+# testdata/pkgs is made of, containerd v2.4.2 built from the Go module
+# proxy, and containerd 1.7 (hack/containerd-1.7) for the compatibility
+# tests. Safe to run again: it installs only what is missing.
 set -euo pipefail
 
 containerd_version=v2.4.2
@@ -38,4 +39,16 @@ if [ "$need_containerd" -eq 1 ]; then
   for bin in "${bins[@]}"; do
     GOBIN=/usr/local/bin go install "github.com/containerd/containerd/v2/cmd/$bin@$containerd_version"
   done
+fi
+
+# containerd 1.7 for the compatibility run: go install cannot build it (its
+# go.mod has replace directives), so a small module pins it.
+old=/usr/local/lib/nixery-snapshotter/containerd-1.7
+want17=$(awk '/containerd\/containerd v/ {print $NF}' "$(dirname "$0")/containerd-1.7/go.mod")
+if ! "$old/containerd" --version 2>/dev/null | grep -q " ${want17#v}"; then
+  echo "setup: building containerd $want17 (compatibility tests)"
+  mkdir -p "$old"
+  (cd "$(dirname "$0")/containerd-1.7" && go build -o "$old/" \
+    github.com/containerd/containerd/cmd/containerd \
+    github.com/containerd/containerd/cmd/containerd-shim-runc-v2)
 fi

@@ -22,3 +22,8 @@ go test -count=1 -run '^$' -bench . -benchtime 1x ./...
 # One package at a time: they share this machine's Nix store and one test
 # collects its garbage.
 go test -count=1 -p 1 "$@" ./...
+
+# Compatibility: the integration tests against containerd 1.7 (all but
+# CRI's, whose configuration differs; README, "containerd 1.7").
+NIXERY_CONTAINERD_BIN_DIR=/usr/local/lib/nixery-snapshotter/containerd-1.7 \
+  go test -count=1 "$@" -run '^Test(Pull|NixSnapshotter|Cache|Registry|Fault|Metrics|Hostile|AllowList)' ./integration

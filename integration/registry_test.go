@@ -36,8 +36,13 @@ func (e *env) hostsDir() string {
 // ctrPull pulls ref with ctr through the endpoint.
 func (e *env) ctrPull(snapshotter, ref string) {
 	e.t.Helper()
-	out, err := e.ctd.Ctr(e.t.Context(), "--namespace", "default", "images", "pull",
-		"--hosts-dir", e.hostsDir(), "--snapshotter", snapshotter, ref).CombinedOutput()
+	args := []string{"--namespace", "default", "images", "pull", "--hosts-dir", e.hostsDir(), "--snapshotter", snapshotter}
+	if testutil.ContainerdBinDir() != "" {
+		// containerd 1.7's transfer service does not take ctr's hosts
+		// directory: pull in the client, as ctr 1.7 does.
+		args = append(args, "--local")
+	}
+	out, err := e.ctd.Ctr(e.t.Context(), append(args, ref)...).CombinedOutput()
 	if err != nil {
 		e.t.Fatalf("ctr images pull %s: %v\n%s\ndaemon log:\n%s", ref, err, out, e.daemon.log())
 	}
@@ -67,18 +72,21 @@ func TestRegistryPull(t *testing.T) {
 
 	// The nix snapshotter makes every layer itself: no layer blob crosses
 	// (and glibc & co. were fetched for overlayfs already: count anew).
+	// ctr --local (containerd 1.7) fetches every blob before it unpacks.
 	log := len(e.daemon.log())
 	before := e.requests("/blobs/")
 	e.ctrPull("nix", "nix.local/git:latest")
-	m, _ := e.manifest(t, "nix.local/git:latest")
-	since := e.daemon.log()[log:]
-	for _, l := range m.Layers {
-		if strings.Contains(since, "/blobs/"+l.Digest.String()) {
-			t.Errorf("layer %s fetched for the nix pull", l.Digest)
+	if testutil.ContainerdBinDir() == "" {
+		m, _ := e.manifest(t, "nix.local/git:latest")
+		since := e.daemon.log()[log:]
+		for _, l := range m.Layers {
+			if strings.Contains(since, "/blobs/"+l.Digest.String()) {
+				t.Errorf("layer %s fetched for the nix pull", l.Digest)
+			}
 		}
-	}
-	if after := e.requests("/blobs/"); after-before != 1 {
-		t.Errorf("%d blob requests for a nix pull, want 1 (the config)", after-before)
+		if after := e.requests("/blobs/"); after-before != 1 {
+			t.Errorf("%d blob requests for a nix pull, want 1 (the config)", after-before)
+		}
 	}
 	if out := e.runOn("nix", "nix.local/git:latest", "git", "--version"); !strings.Contains(out, "git version") {
 		t.Errorf("git --version printed %q", out)

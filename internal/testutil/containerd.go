@@ -24,6 +24,7 @@ type Containerd struct {
 	Address string // gRPC socket
 	Client  *containerd.Client
 	cmd     *exec.Cmd
+	v17     bool
 	exited  chan struct{}
 	cfgPath string
 	logPath string
@@ -73,8 +74,14 @@ func StartContainerd(t testing.TB, opts ...ContainerdOpt) *Containerd {
 	if !cc.cri {
 		disabled += `, "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"`
 	}
+	// containerd 1.7 reads configuration version 2; the tables used here
+	// are the same in both.
+	version := 3
+	if c.v17 = ContainerdBinDir() != ""; c.v17 {
+		version = 2
+	}
 	var cfg strings.Builder
-	fmt.Fprintf(&cfg, `version = 3
+	fmt.Fprintf(&cfg, `version = %d
 root = %q
 state = %q
 disabled_plugins = [%s]
@@ -82,7 +89,7 @@ disabled_plugins = [%s]
   address = %q
 [ttrpc]
   address = %q
-`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), disabled, c.Address, c.Address+".ttrpc")
+`, version, filepath.Join(dir, "root"), filepath.Join(dir, "state"), disabled, c.Address, c.Address+".ttrpc")
 	cfg.WriteString(cc.extra.String())
 	cfgPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg.String()), 0o600); err != nil {
@@ -109,7 +116,15 @@ func (c *Containerd) start(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.cmd = exec.Command("containerd", "--config", c.cfgPath, "--log-level", "debug")
+	bin := "containerd"
+	if dir := ContainerdBinDir(); dir != "" {
+		bin = filepath.Join(dir, "containerd")
+		// Its own shim, found through PATH.
+		c.cmd = exec.Command(bin, "--config", c.cfgPath, "--log-level", "debug")
+		c.cmd.Env = append(os.Environ(), "PATH="+dir+":"+os.Getenv("PATH"))
+	} else {
+		c.cmd = exec.Command(bin, "--config", c.cfgPath, "--log-level", "debug")
+	}
 	c.cmd.Stdout, c.cmd.Stderr = logFile, logFile
 	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := c.cmd.Start(); err != nil {
@@ -260,3 +275,7 @@ func unmountBelow(dir string) {
 		_ = syscall.Unmount(mounts[i], syscall.MNT_DETACH)
 	}
 }
+
+// ContainerdBinDir is where another containerd (1.7) is installed for a
+// compatibility run: $NIXERY_CONTAINERD_BIN_DIR, or "" for the one in PATH.
+func ContainerdBinDir() string { return os.Getenv("NIXERY_CONTAINERD_BIN_DIR") }
