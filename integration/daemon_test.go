@@ -36,7 +36,11 @@ func newDaemon(t testing.TB) *daemon {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// GC roots only count below Nix's gcroots directory.
+	// GC roots only count below Nix's gcroots directory (which a fresh
+	// Nix may not have made yet).
+	if err := os.MkdirAll("/nix/var/nix/gcroots", 0o755); err != nil {
+		t.Fatal(err)
+	}
 	gcRoots, err := os.MkdirTemp("/nix/var/nix/gcroots", "nixery-test-")
 	if err != nil {
 		t.Fatal(err)
