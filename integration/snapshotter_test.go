@@ -197,6 +197,13 @@ func TestNixSnapshotterGC(t *testing.T) {
 func TestNixSnapshotterRestart(t *testing.T) {
 	e := newNixEnv(t)
 	e.mustPull("--snapshotter", "nix", "nix.local/shell/htop")
+	// containerd restarted under a running daemon: containerd reconnects
+	// to the snapshotter's socket by itself, and pulls and runs go on.
+	e.ctd.Restart(t)
+	e.mustPull("--snapshotter", "nix", "nix.local/git")
+	if out := e.runOn("nix", "nix.local/git", "git", "--version"); !strings.Contains(out, "git version") {
+		t.Errorf("after a containerd restart: %q", out)
+	}
 	e.daemon.stop()
 	e.ctd.Restart(t)
 	e.daemon.start(e.config)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"flag"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -39,5 +40,27 @@ func TestRunUsage(t *testing.T) {
 	}
 	if err := run(context.Background(), []string{"pull", "--pkgs-path", "/a", "--pkgs-git", "b", "nix.local/htop"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "more than one package source") {
 		t.Errorf("two sources: %v", err)
+	}
+}
+
+func TestDisplay(t *testing.T) {
+	var plain bytes.Buffer
+	d := newDisplay(&plain)
+	d.nix("building htop")
+	fmt.Fprintln(d, "layer 1/2")
+	d.done()
+	if got := plain.String(); got != "  nix: building htop\nlayer 1/2\n" {
+		t.Errorf("plain: %q", got)
+	}
+	var tty bytes.Buffer
+	d = &display{w: &tty, width: 20}
+	d.nix("building a derivation with a long name")
+	d.nix("done")
+	fmt.Fprintln(d, "layer 1/2")
+	d.nix("x")
+	d.done()
+	want := "\r\033[K  nix: building a …\r\033[K  nix: done\r\033[Klayer 1/2\n\r\033[K  nix: x\r\033[K"
+	if got := tty.String(); got != want {
+		t.Errorf("terminal: %q\nwant      %q", got, want)
 	}
 }

@@ -50,9 +50,9 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 	})
 
-	builder, err := cfg.Nix.Builder(nixbuild.WithProgress(func(line string) {
-		fmt.Fprintln(stderr, "  nix:", line)
-	}))
+	progress := newDisplay(stderr)
+	defer progress.done()
+	builder, err := cfg.Nix.Builder(nixbuild.WithProgress(progress.nix))
 	if err != nil {
 		return err
 	}
@@ -72,7 +72,7 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		log.G(ctx).WithError(err).Debug("building without the cache")
 	}
 	defer cache.Close()
-	images, err := cfg.ImageBuilder(builder, plugin.WithProgress(stderr), plugin.WithCache(cache))
+	images, err := cfg.ImageBuilder(builder, plugin.WithProgress(progress), plugin.WithCache(cache))
 	if err != nil {
 		return err
 	}
