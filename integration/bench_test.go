@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -80,32 +79,6 @@ func freeBytes(b *testing.B, path string) int64 {
 	return int64(st.Bavail) * st.Bsize
 }
 
-// hashClosure reads every file of paths once through sha256: the least any
-// provisioning that reads the closure must do.
-func hashClosure(b *testing.B, paths []string) int64 {
-	var n int64
-	h := sha256.New()
-	for _, p := range paths {
-		err := filepath.WalkDir(p, func(path string, d fs.DirEntry, err error) error {
-			if err != nil || !d.Type().IsRegular() {
-				return err
-			}
-			f, err := os.Open(path)
-			if err != nil {
-				return err
-			}
-			defer f.Close()
-			m, err := io.Copy(h, f)
-			n += m
-			return err
-		})
-		if err != nil {
-			b.Fatal(err)
-		}
-	}
-	return n
-}
-
 // BenchmarkColdProvision provisions nix.local/shell/big into an empty
 // containerd (store paths already realised) with overlayfs, with the nix
 // snapshotter, and the way Nixery does (gzip, loopback HTTP registry,
@@ -140,7 +113,7 @@ func BenchmarkColdProvision(b *testing.B) {
 	for _, l := range m.Layers {
 		paths = append(paths, snapshot.StorePathsFromLabels(l.Annotations)...)
 	}
-	closureBytes := hashClosure(b, paths)
+	closureBytes := testutil.HashFiles(b, paths...)
 	var cfg ocispec.Image
 	e.readJSON(b, m.Config, &cfg)
 	e.removeImages(b, ref)
@@ -150,7 +123,7 @@ func BenchmarkColdProvision(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		start := time.Now()
-		hashClosure(b, paths)
+		testutil.HashFiles(b, paths...)
 		hashT += time.Since(start)
 
 		for _, mode := range []struct {
@@ -290,7 +263,7 @@ func BenchmarkReuseSequence(b *testing.B) {
 			}
 			var idealBytes int64
 			for p := range ideal {
-				idealBytes += hashClosure(b, []string{p})
+				idealBytes += testutil.HashFiles(b, p)
 			}
 			var blobs int64
 			e.ctd.Client.ContentStore().Walk(e.ctx(), func(info content.Info) error {

@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -191,19 +190,7 @@ import ` + testutil.TestPkgs() + ` { inherit system; } // {
 // make them) and from the CLI, make one Nix build, and all get the image.
 func TestRegistryConcurrentRequests(t *testing.T) {
 	testutil.RequireNix(t)
-	// Nix commands that count their calls.
-	bin := t.TempDir()
-	calls := filepath.Join(bin, "calls")
-	for _, name := range []string{"nix-instantiate", "nix-store", "nix"} {
-		real, err := exec.LookPath(name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		script := fmt.Sprintf("#!/bin/sh\necho %s >> %s\nexec %s \"$@\"\n", name, calls, real)
-		if err := os.WriteFile(filepath.Join(bin, name), []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
+	bin, calls := countingNix(t)
 	e := newNixEnv(t, func(e *env) { e.daemon.nixBin = bin })
 	url := "http://" + e.daemon.http + "/v2/jq/git/manifests/latest?ns=nix.local"
 
@@ -247,9 +234,8 @@ func TestRegistryConcurrentRequests(t *testing.T) {
 			t.Errorf("request %d: %v, digest %s (first %s)", i, errs[i], digests[i], digests[0])
 		}
 	}
-	b, _ := os.ReadFile(calls)
-	if got := strings.Count(string(b), "nix-instantiate"); got != 1 {
-		t.Errorf("%d Nix evaluations for %d concurrent requests, want 1:\n%s", got, n, b)
+	if got := evaluations(t, calls); got != 1 {
+		t.Errorf("%d Nix evaluations for %d concurrent requests, want 1", got, n)
 	}
 }
 

@@ -4,12 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
-	"time"
 
 	"github.com/containerd/errdefs"
-	"github.com/containerd/log"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -71,10 +68,6 @@ func buildResult(err error) string {
 // ServeMetrics serves /metrics (Prometheus) and /healthz on address until
 // ctx ends. healthy reports whether the daemon can serve.
 func ServeMetrics(ctx context.Context, address string, healthy func() error) error {
-	l, err := net.Listen("tcp", address)
-	if err != nil {
-		return fmt.Errorf("metrics: %w", err)
-	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.Handler())
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -84,16 +77,5 @@ func ServeMetrics(ctx context.Context, address string, healthy func() error) err
 		}
 		fmt.Fprintln(w, "ok")
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: 64 << 10}
-	go func() {
-		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopGrace)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	}()
-	log.G(ctx).WithField("address", l.Addr().String()).Info("serving metrics and health")
-	if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("metrics: %w", err)
-	}
-	return nil
+	return serveHTTP(ctx, "metrics and health", address, mux)
 }

@@ -78,12 +78,18 @@ func NewRegistry(builder *Builder, opts ...RegistryOpt) *Registry {
 
 // ServeRegistry serves r on the TCP address until ctx ends.
 func ServeRegistry(ctx context.Context, r *Registry, address string) error {
+	return serveHTTP(ctx, "the distribution endpoint", address, r)
+}
+
+// serveHTTP serves h on the TCP address until ctx ends, then shuts down
+// gracefully. Requests carry ctx (and its logger).
+func serveHTTP(ctx context.Context, what, address string, h http.Handler) error {
 	l, err := net.Listen("tcp", address)
 	if err != nil {
-		return fmt.Errorf("registry: %w", err)
+		return fmt.Errorf("%s: %w", what, err)
 	}
 	srv := &http.Server{
-		Handler:           r,
+		Handler:           h,
 		ReadHeaderTimeout: 10 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 		BaseContext:       func(net.Listener) context.Context { return ctx },
@@ -94,9 +100,9 @@ func ServeRegistry(ctx context.Context, r *Registry, address string) error {
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 	}()
-	log.G(ctx).WithField("address", l.Addr().String()).Info("serving the distribution endpoint")
+	log.G(ctx).WithField("address", l.Addr().String()).Info("serving " + what)
 	if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("registry: %w", err)
+		return fmt.Errorf("%s: %w", what, err)
 	}
 	return nil
 }

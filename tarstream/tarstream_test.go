@@ -3,11 +3,9 @@ package tarstream
 import (
 	"archive/tar"
 	"bytes"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -17,6 +15,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
 
 const (
@@ -280,37 +279,13 @@ func benchStore(b *testing.B, mib int) (string, string) {
 	return root, htop
 }
 
-// hashFiles reads every file below dir once through sha256: the least any
-// packing of them must do.
-func hashFiles(b *testing.B, dir string) int64 {
-	var n int64
-	h := sha256.New()
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
-			return err
-		}
-		f, err := os.Open(p)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		m, err := io.Copy(h, f)
-		n += m
-		return err
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	return n
-}
-
 // BenchmarkPackingVsHash packs a store path into a tar layer and digests it
 // (what describing a layer costs) and, side by side in each iteration,
 // reads the same files once through sha256: packing/limit is how close
 // packing comes to that limit (goal: at least 0.9).
 func BenchmarkPackingVsHash(b *testing.B) {
 	root, path := benchStore(b, 256)
-	size := hashFiles(b, filepath.Join(root, path)) // warm the page cache
+	size := testutil.HashFiles(b, filepath.Join(root, path)) // warms the page cache too
 	var packT, hashT time.Duration
 	b.SetBytes(size)
 	b.ResetTimer()
@@ -323,7 +298,7 @@ func BenchmarkPackingVsHash(b *testing.B) {
 		_ = m.Digest()
 		packT += time.Since(start)
 		start = time.Now()
-		hashFiles(b, filepath.Join(root, path))
+		testutil.HashFiles(b, filepath.Join(root, path))
 		hashT += time.Since(start)
 	}
 	b.ReportMetric(float64(hashT)/float64(packT), "packing/limit")
