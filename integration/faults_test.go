@@ -13,24 +13,37 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
 
-// The daemon killed while it streams a large layer: the pull fails, a
-// restarted daemon serves the next one, and nothing is left behind.
+// The daemon killed while it streams a large layer to a client (ctr here,
+// CRI on a node): the pull fails, a restarted daemon serves the next one,
+// and nothing is left behind.
 func TestFaultDaemonKilledMidStream(t *testing.T) {
-	e := newNixEnv(t, withPkgs(bigPackagesT(t, 256)))
-	const ref = "nix.local/shell/big"
+	e := newNixEnv(t, withPkgs(bigPackagesT(t, 512)))
+	const ref = "nix.local/shell/big:latest"
 	// Build first, so that what is killed is the streaming.
 	if out, err := exec.Command("nix-build", append([]string{"--no-out-link", "-A", "big", e.pkgs}, nixOptionArgs()...)...).CombinedOutput(); err != nil {
 		t.Fatalf("nix-build: %v\n%s", err, out)
 	}
+	hosts := e.hostsDir()
+	pull := func() ([]byte, error) {
+		args := []string{"--namespace", "default", "images", "pull", "--hosts-dir", hosts, "--snapshotter", "overlayfs"}
+		if testutil.ContainerdBinDir() != "" {
+			args = append(args, "--local")
+		}
+		return e.ctd.Ctr(t.Context(), append(args, ref)...).CombinedOutput()
+	}
 	done := make(chan error, 1)
 	go func() {
-		_, _, err := e.pull("--snapshotter", "overlayfs", ref)
+		_, err := pull()
 		done <- err
 	}()
-	// Kill it once it streams layers.
+	// The layers are fetched after the config: kill the daemon once the
+	// config was served and layer bytes flow.
 	deadline := time.Now().Add(60 * time.Second)
-	for !strings.Contains(e.daemon.log(), "/blobs/sha256:") && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
+	for !strings.Contains(e.daemon.log(), "/blobs/sha256:") || e.metric(t, "nixery_inflight_requests") == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no layer was requested")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	e.daemon.stop(syscall.SIGKILL)
 	if err := <-done; err == nil {
@@ -40,11 +53,13 @@ func TestFaultDaemonKilledMidStream(t *testing.T) {
 		t.Errorf("images after the failed pull: %v", imgs)
 	}
 	e.daemon.start(e.config)
-	e.mustPull("--snapshotter", "overlayfs", ref)
+	if out, err := pull(); err != nil {
+		t.Fatalf("pull after the restart: %v\n%s", err, out)
+	}
 	if out := e.runOn("overlayfs", ref, "big"); out != "big\n" {
 		t.Errorf("big printed %q", out)
 	}
-	// The failed pull's lease was deleted and its ingests with it.
+	// The failed pull's lease and ingests went with it.
 	ls, err := e.ctd.Client.LeasesService().List(e.ctx())
 	if err != nil {
 		t.Fatal(err)

@@ -169,7 +169,7 @@ func TestAllowListAndQueue(t *testing.T) {
 	salt := time.Now().String()
 	var slow strings.Builder
 	for i := 0; i < 4; i++ {
-		fmt.Fprintf(&slow, `slow%d = derivation { name = "slow%d"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin"; args = [ "-c" "sleep 3; mkdir $out" ]; salt = %q; };`+"\n", i, i, salt)
+		fmt.Fprintf(&slow, `slow%d = derivation { name = "slow%d"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin"; args = [ "-c" "sleep 3; mkdir $out; (sleep 0.2 &)" ]; salt = %q; };`+"\n", i, i, salt)
 	}
 	src := `{ system ? builtins.currentSystem, ... }:
 import ` + testutil.TestPkgs() + ` { inherit system; } // {

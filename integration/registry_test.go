@@ -248,7 +248,7 @@ func TestRegistrySlowBuild(t *testing.T) {
 let base = import ` + testutil.TestPkgs() + ` { inherit system; }; in base // {
   slow = derivation {
     name = "slow-1.0"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin";
-    args = [ "-c" "sleep 3; mkdir -p $out/bin; cp ${base.htop}/bin/htop $out/bin/slow-htop" ];
+    args = [ "-c" "sleep 3; mkdir -p $out/bin; cp ${base.htop}/bin/htop $out/bin/slow-htop; (sleep 0.2 &)" ];
     salt = "` + salt + `";
   };
   slowbroken = derivation {

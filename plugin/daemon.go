@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/containerd/v2/core/remotes"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -94,10 +95,19 @@ func (d *daemonClient) build(ctx context.Context, ref string, byReference bool) 
 		}
 		blobs[desc.Digest] = b
 	}
+	var layers []*Layer
+	for _, desc := range manifest.Layers {
+		l := &Layer{Desc: desc, Paths: snapshot.StorePathsFromLabels(desc.Annotations)}
+		if len(l.Paths) == 0 {
+			l.Paths, l.Symlinks = snapshot.SymlinksFromLabels(desc.Annotations), true
+		}
+		layers = append(layers, l)
+	}
 	return &Image{
 		Image:    img,
 		Manifest: ocispec.Descriptor{MediaType: mType, Digest: digest.FromBytes(mBytes), Size: int64(len(mBytes))},
 		Config:   manifest.Config,
+		Layers:   layers,
 		Blobs:    blobs,
 	}, fetcher, nil
 }

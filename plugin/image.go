@@ -1,12 +1,12 @@
 package plugin
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"slices"
+	"sync"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/errdefs"
@@ -17,7 +17,6 @@ import (
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
-	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // defaultPath is the PATH of every image: the symlink forest puts packages'
@@ -26,9 +25,18 @@ const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 
 // writeLayer streams one layer into the content store and returns its
 // descriptor. ref names the ingest, so that concurrent writers of the same
-// layer wait for each other instead of writing it twice at once.
-func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io.Writer) error) (ocispec.Descriptor, error) {
-	w, err := content.OpenWriter(ctx, cs, content.WithRef(ref))
+// layer wait for each other instead of writing it twice at once. With an
+// expected descriptor, a blob containerd has already (in any namespace) is
+// not written again, and what is written must match it.
+func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io.Writer) error, expected *ocispec.Descriptor) (ocispec.Descriptor, error) {
+	opts := []content.WriterOpt{content.WithRef(ref)}
+	if expected != nil {
+		opts = append(opts, content.WithDescriptor(*expected))
+	}
+	w, err := content.OpenWriter(ctx, cs, opts...)
+	if expected != nil && errdefs.IsAlreadyExists(err) {
+		return *expected, nil
+	}
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("open content writer %s: %w", ref, err)
 	}
@@ -43,16 +51,28 @@ func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io
 	if err := w.Truncate(0); err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("reset content writer %s: %w", ref, err)
 	}
-	// The content writer sends every Write as one gRPC message: batch them.
-	buf := bufio.NewWriterSize(w, 1<<20)
-	m := tarstream.Measure(buf)
-	if err := write(m); err != nil {
+	// The content writer sends every Write as one gRPC message and waits
+	// for containerd's answer: send large chunks, from a goroutine, so that
+	// packing the next chunk overlaps containerd storing the last.
+	// containerd digests what it stores and says so with every answer:
+	// the layer is not hashed twice.
+	pw := newPipelined(w, 4<<20)
+	if err := write(pw); err != nil {
+		pw.Close()
 		return ocispec.Descriptor{}, err
 	}
-	if err := buf.Flush(); err != nil {
+	if err := pw.Close(); err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("write layer %s: %w", ref, err)
 	}
-	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
+	status, err := w.Status()
+	if err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("write layer %s: %w", ref, err)
+	}
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: w.Digest(), Size: status.Offset}
+	if expected != nil && (desc.Digest != expected.Digest || desc.Size != expected.Size) {
+		return ocispec.Descriptor{}, fmt.Errorf("layer %s is %s (%d bytes), not %s (%d bytes) as described: %w",
+			ref, desc.Digest, desc.Size, expected.Digest, expected.Size, errdefs.ErrFailedPrecondition)
+	}
 	if err := w.Commit(ctx, desc.Size, desc.Digest); err != nil && !errdefs.IsAlreadyExists(err) {
 		return ocispec.Descriptor{}, fmt.Errorf("commit layer %s: %w", desc.Digest, err)
 	}
@@ -95,26 +115,23 @@ func (c contentDescriber) Describe(ctx context.Context, l *Layer) error {
 		}
 		// In another namespace the blob may exist already: a writer that
 		// names the expected digest shares it instead of taking bytes.
-		w, err := c.cs.Writer(ctx, content.WithRef(l.Key()), content.WithDescriptor(known))
-		if errdefs.IsAlreadyExists(err) {
-			l.Desc = known
+		desc, err := writeLayer(ctx, c.cs, l.Key(), l.WriteTar, &known)
+		if err == nil {
+			l.Desc = desc
 			return nil
 		}
-		if err == nil {
-			w.Close()
-			_ = c.cs.Abort(ctx, l.Key())
+		if !errdefs.IsFailedPrecondition(err) {
+			return err
 		}
+		log.G(ctx).WithError(err).Warn("layer cache record was stale: replacing it")
 	}
-	desc, err := writeLayer(ctx, c.cs, l.Key(), l.WriteTar)
+	desc, err := writeLayer(ctx, c.cs, l.Key(), l.WriteTar, nil)
 	if err != nil {
 		return err
 	}
 	layersPacked.Inc()
 	bytesStreamed.Add(float64(desc.Size))
 	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("packed layer")
-	if ok && known.Digest != desc.Digest {
-		log.G(ctx).WithFields(log.Fields{"recorded": known.Digest, "written": desc.Digest}).Warn("layer cache record was stale: replaced")
-	}
 	l.Desc = desc
 	return c.cache.putLayer(l.identity(), desc)
 }
@@ -174,4 +191,73 @@ func newImage(img resolver.Image, packages []nixbuild.Package, layers []*Layer) 
 	blobs[mDesc.Digest] = mBytes
 	blobs[cfgDesc.Digest] = cfgBytes
 	return &Image{Image: img, Manifest: mDesc, Config: cfgDesc, Layers: layers, Blobs: blobs}, nil
+}
+
+// pipelined buffers writes into chunks that a goroutine hands to w, at
+// most three chunks in memory: the writer producing bytes and w consuming
+// them work at the same time.
+type pipelined struct {
+	chunk int
+	cur   []byte
+	full  chan []byte
+	free  chan []byte
+	done  chan struct{}
+	mu    sync.Mutex
+	err   error
+}
+
+func newPipelined(w io.Writer, chunk int) *pipelined {
+	p := &pipelined{chunk: chunk, full: make(chan []byte, 2), free: make(chan []byte, 3), done: make(chan struct{})}
+	for i := 0; i < 2; i++ {
+		p.free <- make([]byte, 0, chunk)
+	}
+	p.cur = make([]byte, 0, chunk)
+	go func() {
+		defer close(p.done)
+		for b := range p.full {
+			if p.failed() == nil {
+				if _, err := w.Write(b); err != nil {
+					p.mu.Lock()
+					p.err = err
+					p.mu.Unlock()
+				}
+			}
+			p.free <- b[:0]
+		}
+	}()
+	return p
+}
+
+func (p *pipelined) failed() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err
+}
+
+func (p *pipelined) Write(b []byte) (int, error) {
+	n := len(b)
+	for len(b) > 0 {
+		if err := p.failed(); err != nil {
+			return 0, err
+		}
+		take := min(p.chunk-len(p.cur), len(b))
+		p.cur = append(p.cur, b[:take]...)
+		b = b[take:]
+		if len(p.cur) == p.chunk {
+			p.full <- p.cur
+			p.cur = <-p.free
+		}
+	}
+	return n, nil
+}
+
+// Close sends what is left and waits until w has it all.
+func (p *pipelined) Close() error {
+	if len(p.cur) > 0 {
+		p.full <- p.cur
+		p.cur = nil
+	}
+	close(p.full)
+	<-p.done
+	return p.failed()
 }

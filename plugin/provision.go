@@ -221,7 +221,24 @@ func (p *Provisioner) waitCRI(ctx context.Context, ref string) error {
 func (p *Provisioner) build(ctx context.Context, ref string, byReference bool) (*Image, remotes.Fetcher, error) {
 	if p.daemon != nil && p.daemon.serves(ctx, p.builder) {
 		p.builder.say("%s: building in the daemon at %s", ref, p.daemon.address)
-		return p.daemon.build(ctx, ref, byReference)
+		img, fetcher, err := p.daemon.build(ctx, ref, byReference)
+		if err != nil {
+			return nil, nil, err
+		}
+		// Tar layers are streamed from the store here, straight into the
+		// content store, rather than through the daemon: one copy less.
+		// Their bytes must match what the daemon described. (For the nix
+		// snapshotter there is nothing to store: it makes every layer.)
+		cs := p.client.ContentStore()
+		for i, l := range img.Layers {
+			if byReference || l.Desc.MediaType != ocispec.MediaTypeImageLayer {
+				continue
+			}
+			if _, err := writeLayer(ctx, cs, l.Key(), l.WriteTar, &l.Desc); err != nil {
+				return nil, nil, fmt.Errorf("layer %d of %s: %w", i+1, img.Ref(), err)
+			}
+		}
+		return img, fetcher, nil
 	}
 	var describe Describer = contentDescriber{p.client.ContentStore(), p.builder.cache}
 	if byReference {
