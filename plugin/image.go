@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 	"sync"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/errdefs"
@@ -29,6 +31,32 @@ const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 // expected descriptor, a blob containerd has already (in any namespace) is
 // not written again, and what is written must match it.
 func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io.Writer) error, expected *ocispec.Descriptor) (ocispec.Descriptor, error) {
+	// Another process writing the same layer holds its ingest: containerd
+	// says so only once bytes are sent. Wait for it and try again; by then
+	// the blob usually exists and an expected descriptor finds it.
+	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+		desc, err := writeLayerOnce(ctx, cs, ref, write, expected)
+		if !ingestLocked(err) {
+			return desc, err
+		}
+		log.G(ctx).WithError(err).Debug("layer is being written by another client: waiting")
+		select {
+		case <-ctx.Done():
+			return ocispec.Descriptor{}, fmt.Errorf("write layer %s: %w", ref, err)
+		case <-time.After(wait):
+		}
+	}
+}
+
+// ingestLocked reports whether err says another writer holds the ingest.
+// containerd's content service passes that on as a plain message when it
+// comes from a write ("truncate failed: ref … locked for …"), not with the
+// Unavailable code it uses when opening: both are recognised.
+func ingestLocked(err error) bool {
+	return err != nil && (errdefs.IsUnavailable(err) || strings.Contains(err.Error(), " locked for "))
+}
+
+func writeLayerOnce(ctx context.Context, cs content.Store, ref string, write func(io.Writer) error, expected *ocispec.Descriptor) (_ ocispec.Descriptor, retErr error) {
 	opts := []content.WriterOpt{content.WithRef(ref)}
 	if expected != nil {
 		opts = append(opts, content.WithDescriptor(*expected))
@@ -43,7 +71,8 @@ func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io
 	committed := false
 	defer func() {
 		w.Close()
-		if !committed {
+		// An ingest another process holds is not ours to remove.
+		if !committed && !ingestLocked(retErr) {
 			_ = cs.Abort(context.WithoutCancel(ctx), ref)
 		}
 	}()
@@ -56,7 +85,7 @@ func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io
 	// packing the next chunk overlaps containerd storing the last.
 	// containerd digests what it stores and says so with every answer:
 	// the layer is not hashed twice.
-	pw := newPipelined(w, 4<<20)
+	pw := newPipelined(w, 1<<20)
 	if err := write(pw); err != nil {
 		pw.Close()
 		return ocispec.Descriptor{}, err
