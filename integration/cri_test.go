@@ -18,7 +18,13 @@ import (
 // host-network pod (its sandbox image nix.local/pause served by the
 // endpoint too) with a container running htop, reads its log, and cleans up.
 func TestCRI(t *testing.T) {
-	e := newNixEnv(t, withCRI())
+	// The node's package set is pinned, as an operator's is: a repeated
+	// pull is answered from the cache, without Nix.
+	bin, calls := countingNix(t)
+	e := newNixEnv(t, withCRI(), func(e *env) {
+		e.daemon.nixBin = bin
+		e.extraNix = map[string]any{"pinned": true}
+	})
 	conn, err := grpc.NewClient("unix://"+e.ctd.Address, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -118,6 +124,7 @@ func TestCRI(t *testing.T) {
 	// kubelet's policy Always for :latest pulls again: the endpoint answers
 	// the manifest, and nothing else moves.
 	blobs := e.requests("/blobs/")
+	evals := evaluations(t, calls)
 	start = time.Now()
 	again, err := images.PullImage(ctx, &runtime.PullImageRequest{Image: &runtime.ImageSpec{Image: image}})
 	if err != nil {
@@ -129,6 +136,9 @@ func TestCRI(t *testing.T) {
 	}
 	if n := e.requests("/blobs/") - blobs; n != 0 {
 		t.Errorf("second pull fetched %d blobs", n)
+	}
+	if n := evaluations(t, calls) - evals; n != 0 {
+		t.Errorf("second pull ran %d Nix evaluations", n)
 	}
 	t.Logf("CRI pull: cold %s, again %s", cold.Round(time.Millisecond), warm.Round(time.Millisecond))
 
