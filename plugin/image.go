@@ -2,6 +2,8 @@ package plugin
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -26,14 +28,20 @@ import (
 const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 // writeLayer streams one layer into the content store and returns its
-// descriptor. ref names the ingest, so that concurrent writers of the same
-// layer wait for each other instead of writing it twice at once. With an
-// expected descriptor, a blob containerd has already (in any namespace) is
-// not written again, and what is written must match it.
+// descriptor. With an expected descriptor, a blob containerd has already
+// (in any namespace) is not written again, and what is written must match
+// it. Each call writes its own ingest (ref plus a random suffix): two
+// clients sharing one ingest were seen to interleave their writes through
+// containerd's content service, so concurrent writers of one layer each
+// write it, and the second commit finds the blob there.
 func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io.Writer) error, expected *ocispec.Descriptor) (ocispec.Descriptor, error) {
-	// Another process writing the same layer holds its ingest: containerd
-	// says so only once bytes are sent. Wait for it and try again; by then
-	// the blob usually exists and an expected descriptor finds it.
+	var suffix [6]byte
+	if _, err := rand.Read(suffix[:]); err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	ref += "-" + hex.EncodeToString(suffix[:])
+	// Should an ingest be held anyway, containerd says so only once bytes
+	// are sent: wait and try again.
 	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
 		desc, err := writeLayerOnce(ctx, cs, ref, write, expected)
 		if !ingestLocked(err) {
@@ -76,7 +84,7 @@ func writeLayerOnce(ctx context.Context, cs content.Store, ref string, write fun
 			_ = cs.Abort(context.WithoutCancel(ctx), ref)
 		}
 	}()
-	// A writer killed mid-layer may have left part of it under this ref.
+	// Start at 0 whatever the writer found: its offset is the client's.
 	if err := w.Truncate(0); err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("reset content writer %s: %w", ref, err)
 	}
