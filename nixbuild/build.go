@@ -248,10 +248,15 @@ const gcRootsDir = "/nix/var/nix/gcroots"
 // directory, where every symlink into the store is a root, or, where that
 // is not writable (another Nix state directory), a temporary one whose
 // roots only `--add-root` registers.
+//
+// A directory is named after the process that made it; those of processes
+// that are gone (killed mid-build) are removed here, so that their roots do
+// not keep store paths forever.
 func gcRootDir() (string, error) {
 	parent := filepath.Join(gcRootsDir, "nixery-builds")
 	if err := os.MkdirAll(parent, 0o755); err == nil {
-		if dir, err := os.MkdirTemp(parent, "build-"); err == nil {
+		sweepGCRoots(parent)
+		if dir, err := os.MkdirTemp(parent, fmt.Sprintf("build-%d-", os.Getpid())); err == nil {
 			return dir, nil
 		}
 	}
@@ -260,6 +265,23 @@ func gcRootDir() (string, error) {
 		return "", fmt.Errorf("creating GC root directory: %w", err)
 	}
 	return dir, nil
+}
+
+// sweepGCRoots removes the root directories of processes that are gone.
+func sweepGCRoots(parent string) {
+	entries, err := os.ReadDir(parent)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		var pid int
+		if _, err := fmt.Sscanf(e.Name(), "build-%d-", &pid); err != nil || pid <= 0 {
+			continue
+		}
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); os.IsNotExist(err) {
+			_ = os.RemoveAll(filepath.Join(parent, e.Name()))
+		}
+	}
 }
 
 func (b *Builder) args(args ...string) []string {

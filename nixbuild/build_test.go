@@ -3,6 +3,7 @@ package nixbuild
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -168,10 +169,12 @@ func TestBuildSystem(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer x86.Release()
 	arm, err := b.Build(context.Background(), Request{Packages: []string{"htop"}, System: "aarch64-linux"})
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer arm.Release()
 	if x86.Packages[0].Out == arm.Packages[0].Out {
 		t.Errorf("aarch64-linux and x86_64-linux give the same store path %s", arm.Packages[0].Out)
 	}
@@ -352,5 +355,26 @@ func TestBuildChannelSearchPath(t *testing.T) {
 	defer res.Release()
 	if !strings.HasSuffix(res.Packages[0].Out, "-htop-3.2.2") {
 		t.Errorf("got %s", res.Packages[0].Out)
+	}
+}
+
+func TestSweepGCRoots(t *testing.T) {
+	parent := t.TempDir()
+	gone := filepath.Join(parent, "build-999999999-abc") // no such process
+	alive := filepath.Join(parent, fmt.Sprintf("build-%d-abc", os.Getpid()))
+	other := filepath.Join(parent, "unrelated")
+	for _, d := range []string{gone, alive, other} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sweepGCRoots(parent)
+	if _, err := os.Stat(gone); !os.IsNotExist(err) {
+		t.Errorf("roots of a dead process kept: %v", err)
+	}
+	for _, d := range []string{alive, other} {
+		if _, err := os.Stat(d); err != nil {
+			t.Errorf("%s removed: %v", d, err)
+		}
 	}
 }
