@@ -109,12 +109,7 @@ func TestPullMissingPackages(t *testing.T) {
 	if !strings.Contains(stderr, "could not find Nix packages: [alsomissing nosuchpkg]") {
 		t.Errorf("stderr does not name both packages:\n%s", stderr)
 	}
-	if got := e.images(); !slices.Equal(got, images) {
-		t.Errorf("images %v, before %v", got, images)
-	}
-	if got := e.content(); !slices.Equal(got, blobs) {
-		t.Errorf("content changed:\n%v\nbefore:\n%v", got, blobs)
-	}
+	e.unchanged(images, blobs)
 }
 
 func TestPullBuildFailure(t *testing.T) {
@@ -162,12 +157,7 @@ func TestPullFailureAfterLayers(t *testing.T) {
 	if !strings.Contains(stderr, "layer 1/") {
 		t.Errorf("failed before writing layers; the test no longer tests cleanup:\n%s", stderr)
 	}
-	if got := e.images(); !slices.Equal(got, images) {
-		t.Errorf("images %v, before %v", got, images)
-	}
-	if got := e.content(); !slices.Equal(got, blobs) {
-		t.Errorf("content changed:\n%v\nbefore:\n%v", got, blobs)
-	}
+	e.unchanged(images, blobs)
 }
 
 func TestPullBadReferences(t *testing.T) {
@@ -304,5 +294,17 @@ func TestPullArm64(t *testing.T) {
 	}
 	if checked == 0 {
 		t.Error("no store paths checked")
+	}
+}
+
+// unchanged fails the test unless the image records and the content store
+// (blobs and ingests) are as they were.
+func (e *env) unchanged(images, blobs []string) {
+	e.t.Helper()
+	if got := e.images(); !slices.Equal(got, images) {
+		e.t.Errorf("images %v, before %v", got, images)
+	}
+	if got := e.content(); !slices.Equal(got, blobs) {
+		e.t.Errorf("content changed:\n%v\nbefore:\n%v", got, blobs)
 	}
 }

@@ -8,9 +8,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
-	"strings"
 	"sync"
-	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/errdefs"
@@ -40,31 +38,6 @@ func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io
 		return ocispec.Descriptor{}, err
 	}
 	ref += "-" + hex.EncodeToString(suffix[:])
-	// Should an ingest be held anyway, containerd says so only once bytes
-	// are sent: wait and try again.
-	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
-		desc, err := writeLayerOnce(ctx, cs, ref, write, expected)
-		if !ingestLocked(err) {
-			return desc, err
-		}
-		log.G(ctx).WithError(err).Debug("layer is being written by another client: waiting")
-		select {
-		case <-ctx.Done():
-			return ocispec.Descriptor{}, fmt.Errorf("write layer %s: %w", ref, err)
-		case <-time.After(wait):
-		}
-	}
-}
-
-// ingestLocked reports whether err says another writer holds the ingest.
-// containerd's content service passes that on as a plain message when it
-// comes from a write ("truncate failed: ref … locked for …"), not with the
-// Unavailable code it uses when opening: both are recognised.
-func ingestLocked(err error) bool {
-	return err != nil && (errdefs.IsUnavailable(err) || strings.Contains(err.Error(), " locked for "))
-}
-
-func writeLayerOnce(ctx context.Context, cs content.Store, ref string, write func(io.Writer) error, expected *ocispec.Descriptor) (_ ocispec.Descriptor, retErr error) {
 	opts := []content.WriterOpt{content.WithRef(ref)}
 	if expected != nil {
 		opts = append(opts, content.WithDescriptor(*expected))
@@ -79,8 +52,7 @@ func writeLayerOnce(ctx context.Context, cs content.Store, ref string, write fun
 	committed := false
 	defer func() {
 		w.Close()
-		// An ingest another process holds is not ours to remove.
-		if !committed && !ingestLocked(retErr) {
+		if !committed {
 			_ = cs.Abort(context.WithoutCancel(ctx), ref)
 		}
 	}()
