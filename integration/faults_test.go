@@ -104,6 +104,10 @@ func TestFaultConcurrentGC(t *testing.T) {
 	e := newEnv(t)
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
+	// Stopped however the test ends: a collector left running would
+	// delete the store paths of the tests after this one.
+	stopGC := sync.OnceFunc(func() { close(stop); wg.Wait() })
+	t.Cleanup(stopGC)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -119,8 +123,7 @@ func TestFaultConcurrentGC(t *testing.T) {
 	for _, ref := range []string{"nix.local/htop", "nix.local/git", "nix.local/shell/jq", "nix.local/shell/htop", "nix.local/nano/git"} {
 		e.mustPull(ref)
 	}
-	close(stop)
-	wg.Wait()
+	stopGC()
 	if out := e.run("nix.local/shell/htop", "htop", "--version"); !strings.Contains(out, "htop 3.2.2") {
 		t.Errorf("htop --version printed %q", out)
 	}

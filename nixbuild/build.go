@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -26,6 +27,9 @@ var prepareNix []byte
 
 // killedBySignal9 is how Nix reports a builder it killed itself.
 const killedBySignal9 = "failed due to signal 9 (Killed)"
+
+// errDerivationsCollected says derivations were gone when realised.
+var errDerivationsCollected = errors.New("derivations deleted between evaluation and build")
 
 // DefaultTimeout bounds one whole prepare step (evaluation and builds).
 const DefaultTimeout = 30 * time.Minute
@@ -133,6 +137,13 @@ func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, b.timeout, fmt.Errorf("nix prepare step exceeded its timeout of %s: %w", b.timeout, context.DeadlineExceeded))
 	defer cancel()
 	res, err := b.build(ctx, req)
+	if errors.Is(err, errDerivationsCollected) {
+		// Evaluation wrote the derivations, and a `nix-store --gc` running
+		// since before they had roots deleted them. Now their roots exist
+		// for any collection that starts later.
+		log.G(ctx).WithError(err).Warn("derivations were garbage-collected before their build: evaluating again")
+		res, err = b.build(ctx, req)
+	}
 	if err != nil && ctx.Err() != nil {
 		if cause := context.Cause(ctx); cause != nil && !errors.Is(err, cause) {
 			err = fmt.Errorf("%w (%w)", cause, err)
@@ -215,6 +226,11 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	log.G(ctx).WithField("derivations", len(drvs)).Info("realising packages")
 	realise := append([]string{"--realise", "--add-root", filepath.Join(rootDir, "root")}, drvs...)
 	if _, err := b.run(ctx, "build", "nix-store", b.args(realise...)...); err != nil {
+		for _, drv := range drvs {
+			if _, serr := os.Lstat(drv); errors.Is(serr, fs.ErrNotExist) {
+				return nil, fmt.Errorf("%s: %w (%w)", drv, errDerivationsCollected, err)
+			}
+		}
 		var be *BuildError
 		if !errors.As(err, &be) || !strings.Contains(be.Log, killedBySignal9) || ctx.Err() != nil {
 			return nil, err

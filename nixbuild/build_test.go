@@ -378,3 +378,53 @@ func TestSweepGCRoots(t *testing.T) {
 		}
 	}
 }
+
+// A `nix-store --gc` that began before evaluation wrote the derivations
+// (and so before they had roots) deletes them before they are built: the
+// prepare step evaluates again instead of failing.
+func TestBuildDerivationsCollected(t *testing.T) {
+	dir := writePkgs(t, `fresh = derivation {
+    name = "fresh-1.0"; inherit system; builder = "/bin/bash";
+    args = [ "-c" "echo ok > $out; (sleep 0.2 &)" ];
+    PATH = "/usr/bin:/bin";
+    salt = "`+time.Now().String()+`";
+  };`)
+	bin := t.TempDir()
+	real, err := exec.LookPath("nix-store")
+	if err != nil {
+		t.Fatal(err)
+	}
+	marker := filepath.Join(bin, "collected")
+	// On the first realise, delete every derivation named, as that
+	// collection would (it does not see roots made after it began).
+	script := `#!/bin/bash
+if [[ " $* " == *" --realise "* ]] && [ ! -e ` + marker + ` ]; then
+  touch ` + marker + `
+  for a in "$@"; do case "$a" in *.drv) ` + real + ` --delete --ignore-liveness "$a" >/dev/null 2>&1 || exit 99;; esac; done
+fi
+exec ` + real + ` "$@"
+`
+	if err := os.WriteFile(filepath.Join(bin, "nix-store"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"nix-instantiate", "nix"} {
+		p, err := exec.LookPath(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(p, filepath.Join(bin, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := newTestBuilder(t, dir, WithBinDir(bin)).Build(context.Background(), Request{Packages: []string{"fresh"}, System: "x86_64-linux"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Release()
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatalf("the derivations were never deleted: %v", err)
+	}
+	if out, err := os.ReadFile(res.Packages[0].Out); err != nil || string(out) != "ok\n" {
+		t.Errorf("%s: %q, %v", res.Packages[0].Out, out, err)
+	}
+}
