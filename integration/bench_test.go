@@ -253,7 +253,9 @@ func BenchmarkReuseSequence(b *testing.B) {
 			e := newNixEnv(b, func(e *env) { e.extraImage = map[string]any{"layering": algo} })
 			ideal := map[string]int64{}
 			for _, ref := range reuseRefs {
-				e.mustPull("--snapshotter", "overlayfs", ref)
+				// Blobs too, to measure them; the snapshots are the same
+				// as those unpacked straight from the store.
+				e.mustPull("--snapshotter", "overlayfs", "--with-layers", ref)
 				m, _ := e.manifest(b, ref+":latest")
 				for _, l := range m.Layers {
 					for _, p := range snapshot.StorePathsFromLabels(l.Annotations) {

@@ -82,19 +82,27 @@ func TestCachePinnedImage(t *testing.T) {
 
 var packedLine = regexp.MustCompile(`msg="packed layer" digest="?(sha256:[0-9a-f]+)`)
 
-// A layer two images share is packed (read and hashed) once.
+// A layer two images share is packed (read and hashed) once as a blob.
+// Unpacked straight into snapshots, it is read once for each chain of
+// layers it lands on: no snapshot is made twice, and one that exists is
+// not read.
 func TestCacheSharedLayerPackedOnce(t *testing.T) {
-	e := newEnv(t)
-	packed := map[string]int{}
-	for _, ref := range []string{"nix.local/htop", "nix.local/git", "nix.local/git/htop"} {
-		_, stderr, err := e.pull("--log-level", "debug", ref)
-		if err != nil {
-			t.Fatalf("pull %s: %v\n%s", ref, err, stderr)
+	refs := []string{"nix.local/htop", "nix.local/git", "nix.local/git/htop"}
+	pullAll := func(e *env, args ...string) map[string]int {
+		packed := map[string]int{}
+		for _, ref := range refs {
+			_, stderr, err := e.pull(append(append([]string{"--log-level", "debug"}, args...), ref)...)
+			if err != nil {
+				t.Fatalf("pull %s: %v\n%s", ref, err, stderr)
+			}
+			for _, m := range packedLine.FindAllStringSubmatch(stderr, -1) {
+				packed[m[1]]++
+			}
 		}
-		for _, m := range packedLine.FindAllStringSubmatch(stderr, -1) {
-			packed[m[1]]++
-		}
+		return packed
 	}
+
+	packed := pullAll(newEnv(t), "--with-layers")
 	if len(packed) < 4 {
 		t.Fatalf("only %d layers packed: is the log line gone?", len(packed))
 	}
@@ -102,6 +110,19 @@ func TestCacheSharedLayerPackedOnce(t *testing.T) {
 		if n != 1 {
 			t.Errorf("layer %s packed %d times", d, n)
 		}
+	}
+
+	e := newEnv(t)
+	unpacked := 0
+	for _, n := range pullAll(e) {
+		unpacked += n
+	}
+	sns := e.snapshots("overlayfs")
+	if unpacked != len(sns) {
+		t.Errorf("%d layers unpacked into %d snapshots", unpacked, len(sns))
+	}
+	if again := pullAll(e); len(again) != 0 {
+		t.Errorf("pulled again, layers were unpacked again: %v", again)
 	}
 }
 

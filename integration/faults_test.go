@@ -90,6 +90,14 @@ func TestFaultNoSpace(t *testing.T) {
 	if imgs := e.images(); len(imgs) != 0 {
 		t.Errorf("images after running out of space: %v", imgs)
 	}
+	// Layers are unpacked straight into snapshots: those that fit were
+	// committed, and are collected with the failed pull's lease.
+	if sns := e.snapshots("overlayfs"); len(sns) != 0 {
+		t.Errorf("snapshots after running out of space: %v", sns)
+	}
+	if got := e.content(); len(got) != 0 {
+		t.Errorf("content after running out of space: %v", got)
+	}
 	if err := syscall.Mount("tmpfs", filepath.Join(ctd.Dir, "root"), "tmpfs", syscall.MS_REMOUNT, "size=512m"); err != nil {
 		t.Fatal(err)
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/pelletier/go-toml/v2"
 
@@ -238,6 +239,21 @@ func (e *env) images() []string {
 	}
 	sort.Strings(names)
 	return names
+}
+
+// snapshots lists the names of the snapshots in snapshotter.
+func (e *env) snapshots(snapshotter string) []string {
+	e.t.Helper()
+	var out []string
+	err := e.ctd.Client.SnapshotService(snapshotter).Walk(e.ctx(), func(_ context.Context, info snapshots.Info) error {
+		out = append(out, info.Name)
+		return nil
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	sort.Strings(out)
+	return out
 }
 
 // content lists the digests in the content store and any ingests.

@@ -12,6 +12,8 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
@@ -62,6 +64,68 @@ func TestPullAndRun(t *testing.T) {
 	}
 	if cfg := e.config_(t, "nix.local/git:latest"); cfg.Config.Cmd != nil {
 		t.Errorf("git image has Cmd %v without bash", cfg.Config.Cmd)
+	}
+}
+
+// A pull into an ordinary snapshotter unpacks layers straight from the
+// store into snapshots: no layer blob is stored, containerd's unpack finds
+// the snapshots by chain ID, its garbage collector keeps and removes them
+// with the image, and a second pull touches nothing. --with-layers adds
+// the blobs, for export.
+func TestPullIntoSnapshots(t *testing.T) {
+	e := newEnv(t)
+	e.mustPull("--snapshotter", "overlayfs", "nix.local/git")
+	m, _ := e.manifest(t, "nix.local/git:latest")
+	cs := e.ctd.Client.ContentStore()
+	for _, l := range m.Layers {
+		if _, err := cs.Info(e.ctx(), l.Digest); !errdefs.IsNotFound(err) {
+			t.Errorf("layer %s is in the content store (%v)", l.Digest, err)
+		}
+	}
+	var cfg ocispec.Image
+	e.readJSON(t, m.Config, &cfg)
+	top := identity.ChainID(cfg.RootFS.DiffIDs).String()
+	info, err := cs.Info(e.ctx(), m.Config.Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := info.Labels["containerd.io/gc.ref.snapshot.overlayfs"]; got != top {
+		t.Errorf("config's snapshot GC label %q, want %s", got, top)
+	}
+	sns := e.snapshots("overlayfs")
+	if len(sns) != len(m.Layers) || !slices.Contains(sns, top) {
+		t.Errorf("snapshots %v: want the %d of chain %s", sns, len(m.Layers), top)
+	}
+	if out := e.run("nix.local/git", "git", "--version"); !strings.Contains(out, "git version 2.") {
+		t.Errorf("git --version printed %q", out)
+	}
+
+	// Again: every layer is found, none is read.
+	_, stderr, err := e.pull("--log-level", "debug", "--snapshotter", "overlayfs", "nix.local/git")
+	if err != nil {
+		t.Fatalf("second pull: %v\n%s", err, stderr)
+	}
+	if strings.Contains(stderr, "packed layer") || !slices.Equal(e.snapshots("overlayfs"), sns) {
+		t.Errorf("second pull unpacked again: snapshots %v\n%s", e.snapshots("overlayfs"), stderr)
+	}
+
+	// Blobs on request make the image exportable.
+	e.mustPull("--with-layers", "--snapshotter", "overlayfs", "nix.local/git")
+	for _, l := range m.Layers {
+		if _, err := cs.Info(e.ctx(), l.Digest); err != nil {
+			t.Errorf("--with-layers: layer %s: %v", l.Digest, err)
+		}
+	}
+	if out, err := e.ctd.Ctr(e.ctx(), "images", "export", filepath.Join(t.TempDir(), "git.tar"), "nix.local/git:latest").CombinedOutput(); err != nil {
+		t.Errorf("export: %v\n%s", err, out)
+	}
+
+	// The snapshots go with the image.
+	if out, err := e.ctd.Ctr(e.ctx(), "images", "rm", "--sync", "nix.local/git", "nix.local/git:latest").CombinedOutput(); err != nil {
+		t.Fatalf("images rm: %v\n%s", err, out)
+	}
+	if sns := e.snapshots("overlayfs"); len(sns) != 0 {
+		t.Errorf("snapshots after the image was removed: %v", sns)
 	}
 }
 
@@ -145,9 +209,12 @@ import ` + testutil.TestPkgs() + ` { inherit system; } // {
 // A failure after the layers were written leaves nothing behind either.
 func TestPullFailureAfterLayers(t *testing.T) {
 	e := newEnv(t)
-	e.mustPull("nix.local/git")
+	// Full layers are written as blobs before the snapshotter is needed.
+	// (The layers htop shares with git are git's blobs whenever they
+	// exist: written with git's, so that only htop's own are at stake.)
+	e.mustPull("--with-layers", "nix.local/git")
 	images, blobs := e.images(), e.content()
-	_, stderr, err := e.pull("--snapshotter", "nosuchsnapshotter", "nix.local/shell/htop")
+	_, stderr, err := e.pull("--with-layers", "--snapshotter", "nosuchsnapshotter", "nix.local/shell/htop")
 	if err == nil {
 		t.Fatal("pull into a missing snapshotter succeeded")
 	}
@@ -224,6 +291,13 @@ func TestPullReproducible(t *testing.T) {
 	other := newEnv(t)
 	if d := other.mustPull("nix.local/shell/htop"); d != first {
 		t.Errorf("fresh containerd gave %s, first %s", d, first)
+	}
+	// Built in the daemon, unpacked here or stored as blobs: the same.
+	daemon := newNixEnv(t)
+	for _, args := range [][]string{{"--snapshotter", "overlayfs"}, {"--snapshotter", "overlayfs", "--with-layers"}} {
+		if d := daemon.mustPull(append(args, "nix.local/shell/htop")...); d != first {
+			t.Errorf("built in the daemon (%v) gave %s, first %s", args, d, first)
+		}
 	}
 	m2, _ := other.manifest(t, "nix.local/shell/htop:latest")
 	if len(m1.Layers) != len(m2.Layers) {

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -20,7 +21,6 @@ import (
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
@@ -78,8 +78,10 @@ func (l *Layer) WriteTar(w io.Writer) error {
 
 // Describer gives a layer its descriptor (l.Desc, and l.Blob for layers
 // kept in memory), storing the content wherever it has to go on the way.
+// An image's layers are described in order, base first; parent is the
+// chain ID of those below l.
 type Describer interface {
-	Describe(ctx context.Context, l *Layer) error
+	Describe(ctx context.Context, parent digest.Digest, l *Layer) error
 }
 
 // Image is a built image, ready to be registered or served.
@@ -101,6 +103,8 @@ type Builder struct {
 	progress  io.Writer
 	sem       chan struct{}
 	flight    singleflight.Group
+	plansMu   sync.Mutex
+	plans     map[string]*planCall
 	cache     *Cache
 	layering  []layering.Opt
 	allow     []string
@@ -163,6 +167,7 @@ func (b *Builder) cachedImage(ctx context.Context, key []byte, img resolver.Imag
 	built := &Image{Image: img, Manifest: rec.Manifest, Config: rec.Config, Blobs: map[digest.Digest][]byte{
 		rec.Manifest.Digest: rec.ManifestBytes, rec.Config.Digest: rec.ConfigBytes,
 	}}
+	var chain digest.Digest
 	for _, rl := range rec.Layers {
 		for _, p := range rl.Paths {
 			if _, err := os.Lstat(p); err != nil {
@@ -171,11 +176,12 @@ func (b *Builder) cachedImage(ctx context.Context, key []byte, img resolver.Imag
 			}
 		}
 		l := &Layer{Paths: rl.Paths, Hashes: rl.Hashes, Symlinks: rl.Symlinks}
-		if err := describe.Describe(ctx, l); err != nil || l.Desc.Digest != rl.Desc.Digest {
+		if err := describe.Describe(ctx, chain, l); err != nil || l.Desc.Digest != rl.Desc.Digest {
 			log.G(ctx).WithError(err).Info("cached image no longer matches its layers: building")
 			return nil, false
 		}
 		l.Desc = rl.Desc
+		chain = chainID(chain, l.Desc.Digest)
 		if l.Blob != nil {
 			built.Blobs[l.Desc.Digest] = l.Blob
 		}
@@ -187,7 +193,7 @@ func (b *Builder) cachedImage(ctx context.Context, key []byte, img resolver.Imag
 
 // NewBuilder returns a Builder that realises packages with nix.
 func NewBuilder(nix *nixbuild.Builder, opts ...BuildOpt) *Builder {
-	b := &Builder{nix: nix, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers, maxQueued: DefaultMaxQueued}
+	b := &Builder{nix: nix, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers, maxQueued: DefaultMaxQueued, plans: map[string]*planCall{}}
 	WithMaxBuilds(DefaultMaxBuilds)(b)
 	for _, opt := range opts {
 		opt(b)
@@ -223,11 +229,12 @@ func (b *Builder) Parse(ref string) (resolver.Image, error) {
 }
 
 // Build builds the image for ref. Concurrent calls for the same image (in
-// whatever spelling: `git/htop` is `htop/git`) share one Nix build and one
-// description of each layer; describe decides how layers are described.
-// The image's store paths are only kept from Nix's garbage collector while
-// Build runs: callers that read them later rely on the GC roots of
-// whatever holds them (snapshots) or realise them again.
+// whatever spelling: `git/htop` is `htop/git`) share one Nix build, and
+// those that describe layers alike one description of each layer;
+// describe decides how layers are described. The image's store paths are
+// only kept from Nix's garbage collector while Build runs: callers that
+// read them later rely on the GC roots of whatever holds them (snapshots)
+// or realise them again.
 func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*Image, error) {
 	if b.maxLayers < 2 {
 		return nil, fmt.Errorf("max layers %d: need at least 2 (store paths and symlinks): %w", b.maxLayers, errdefs.ErrInvalidArgument)
@@ -236,34 +243,28 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 	if err != nil {
 		return nil, err
 	}
-	key := fmt.Sprintf("%s %s %s/%s %T", img.Platform.NixSystem, img.Tag, strings.Join(img.Packages, " "), strings.Join(img.Requested, " "), describe)
+	key := fmt.Sprintf("%s %s %s/%s", img.Platform.NixSystem, img.Tag, strings.Join(img.Packages, " "), strings.Join(img.Requested, " "))
+	described := fmt.Sprintf("%s %T", key, describe)
 	cached := false
-	v, err, _ := b.flight.Do(key, func() (any, error) {
-		if b.queued.Add(1) > b.maxQueued+int64(cap(b.sem)) {
-			b.queued.Add(-1)
-			return nil, fmt.Errorf("%d image builds are running or waiting: try again later: %w", b.maxQueued+int64(cap(b.sem)), errdefs.ErrResourceExhausted)
-		}
-		defer b.queued.Add(-1)
-		select {
-		case b.sem <- struct{}{}:
-			defer func() { <-b.sem }()
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+	v, err, _ := b.flight.Do(described, func() (any, error) {
 		start := time.Now()
 		defer func() { buildSeconds.Observe(time.Since(start).Seconds()) }()
-		// Shared by every caller: not cancelled with the first of them.
-		ctx := context.WithoutCancel(ctx)
-		if !b.pinned(img) {
-			return b.build(ctx, img, describe)
+		var ikey []byte
+		if b.pinned(img) {
+			ikey = cacheKey("image", b.nix.Source().String(), described, strconv.Itoa(b.maxLayers))
+			// Shared by every caller: not cancelled with the first of them.
+			if hit, ok := b.cachedImage(context.WithoutCancel(ctx), ikey, img, describe); ok {
+				cached = true
+				return hit, nil
+			}
 		}
-		ikey := cacheKey("image", b.nix.Source().String(), key, strconv.Itoa(b.maxLayers))
-		if hit, ok := b.cachedImage(ctx, ikey, img, describe); ok {
-			cached = true
-			return hit, nil
+		p, release, err := b.prepare(ctx, img, key)
+		if err != nil {
+			return nil, err
 		}
-		built, err := b.build(ctx, img, describe)
-		if err == nil {
+		defer release()
+		built, err := b.describe(context.WithoutCancel(ctx), img, p, describe)
+		if err == nil && ikey != nil {
 			if err := b.cache.putImage(ikey, built); err != nil {
 				log.G(ctx).WithError(err).Warn("caching image")
 			}
@@ -283,15 +284,78 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 	return &built, nil
 }
 
-func (b *Builder) build(ctx context.Context, img resolver.Image, describe Describer) (*Image, error) {
+// plan is an image realised by Nix and grouped into layers, not yet
+// described.
+type plan struct {
+	packages []nixbuild.Package
+	layers   []*Layer
+	res      *nixbuild.Result
+}
+
+// planCall is one preparation of a plan and the builds that wait for it.
+type planCall struct {
+	done chan struct{}
+	plan *plan
+	err  error
+	refs int // builds that read the plan's store paths
+}
+
+// prepare evaluates, realises and groups img, or joins a preparation of it
+// under way, whatever the builds that share it describe. The plan's store
+// paths are GC roots until the last of them calls release.
+func (b *Builder) prepare(ctx context.Context, img resolver.Image, key string) (*plan, func(), error) {
+	b.plansMu.Lock()
+	c, joined := b.plans[key]
+	if joined {
+		c.refs++
+	} else {
+		c = &planCall{done: make(chan struct{}), refs: 1}
+		b.plans[key] = c
+	}
+	b.plansMu.Unlock()
+	release := sync.OnceFunc(func() {
+		b.plansMu.Lock()
+		defer b.plansMu.Unlock()
+		if c.refs--; c.refs == 0 && c.plan != nil {
+			c.plan.res.Release()
+		}
+	})
+	if !joined {
+		c.plan, c.err = b.queuedPlan(ctx, img)
+		b.plansMu.Lock()
+		delete(b.plans, key)
+		b.plansMu.Unlock()
+		close(c.done)
+	}
+	<-c.done
+	if c.err != nil {
+		release()
+		return nil, nil, c.err
+	}
+	return c.plan, release, nil
+}
+
+// queuedPlan makes img's plan once a build slot is free.
+func (b *Builder) queuedPlan(ctx context.Context, img resolver.Image) (*plan, error) {
+	if b.queued.Add(1) > b.maxQueued+int64(cap(b.sem)) {
+		b.queued.Add(-1)
+		return nil, fmt.Errorf("%d image builds are running or waiting: try again later: %w", b.maxQueued+int64(cap(b.sem)), errdefs.ErrResourceExhausted)
+	}
+	defer b.queued.Add(-1)
+	select {
+	case b.sem <- struct{}{}:
+		defer func() { <-b.sem }()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	// Shared by every build: not cancelled with the first of them.
+	ctx = log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("ref", img.Ref()))
 	start := time.Now()
-	ctx = log.WithLogger(ctx, log.G(ctx).WithField("ref", img.Ref()))
 	b.say("%s: packages %v for %s", img.Ref(), img.Packages, img.Platform.NixSystem)
 	res, err := b.nix.Build(ctx, nixbuild.Request{Packages: img.Packages, System: img.Platform.NixSystem, Tag: img.Tag})
 	if err != nil {
 		return nil, fmt.Errorf("build %s: %w", img.Ref(), err)
 	}
-	defer res.Release()
 
 	var roots []string
 	var closureSize int64
@@ -303,6 +367,7 @@ func (b *Builder) build(ctx context.Context, img resolver.Image, describe Descri
 	}
 	groups, err := layering.Group(roots, res.Closure, append(slices.Clone(b.layering), layering.WithBudget(b.maxLayers-1))...)
 	if err != nil {
+		res.Release()
 		return nil, fmt.Errorf("group layers of %s: %w", img.Ref(), err)
 	}
 	b.say("%s: closure of %d store paths, %s, in %d layers + symlinks (built in %s)",
@@ -319,25 +384,34 @@ func (b *Builder) build(ctx context.Context, img resolver.Image, describe Descri
 		}
 		return out
 	}
-	layers := make([]*Layer, 0, len(groups)+1)
+	p := &plan{packages: res.Packages, res: res}
 	for _, g := range groups {
-		layers = append(layers, &Layer{Paths: g.Paths, Hashes: hashes(g.Paths)})
+		p.layers = append(p.layers, &Layer{Paths: g.Paths, Hashes: hashes(g.Paths)})
 	}
-	layers = append(layers, &Layer{Paths: roots, Hashes: hashes(roots), Symlinks: true})
-	for i, l := range layers {
-		if err := describe.Describe(ctx, l); err != nil {
+	p.layers = append(p.layers, &Layer{Paths: roots, Hashes: hashes(roots), Symlinks: true})
+	return p, nil
+}
+
+// describe describes the layers of plan p in order, base first, and makes
+// the image.
+func (b *Builder) describe(ctx context.Context, img resolver.Image, p *plan, describe Describer) (*Image, error) {
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("ref", img.Ref()))
+	layers := make([]*Layer, len(p.layers))
+	var chain digest.Digest
+	for i, pl := range p.layers {
+		l := *pl // the plan's layers are shared, their descriptors are not
+		if err := describe.Describe(ctx, chain, &l); err != nil {
 			return nil, fmt.Errorf("layer %d of %s: %w", i+1, img.Ref(), err)
 		}
+		layers[i] = &l
+		chain = chainID(chain, l.Desc.Digest)
 		if l.Symlinks {
-			l.Desc.Annotations = snapshot.SymlinkAnnotations(l.Paths)
 			b.say("%s: layer %d/%d %s %s (symlinks)", img.Ref(), i+1, len(layers), l.Desc.Digest.Encoded()[:12], humanBytes(l.Desc.Size))
 		} else {
-			l.Desc.Annotations = snapshot.StorePathAnnotations(l.Paths)
 			b.say("%s: layer %d/%d %s %s (%d store paths)", img.Ref(), i+1, len(layers), l.Desc.Digest.Encoded()[:12], humanBytes(l.Desc.Size), len(l.Paths))
 		}
 	}
-
-	return newImage(img, res.Packages, layers)
+	return newImage(img, imageConfig(img, p.packages), layers)
 }
 
 // hashDescriber describes tar layers by streaming them once through
@@ -345,7 +419,7 @@ func (b *Builder) build(ctx context.Context, img resolver.Image, describe Descri
 // twice to be described; content is streamed again when a blob is fetched.
 type hashDescriber struct{ cache *Cache }
 
-func (h hashDescriber) Describe(ctx context.Context, l *Layer) error {
+func (h hashDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) error {
 	if desc, ok := h.cache.layer(l.identity()); ok {
 		l.Desc = desc
 		return nil
@@ -365,9 +439,9 @@ func (h hashDescriber) Describe(ctx context.Context, l *Layer) error {
 // snapshotter, and leaves the symlink layer to next.
 type referenceDescriber struct{ next Describer }
 
-func (r referenceDescriber) Describe(ctx context.Context, l *Layer) error {
+func (r referenceDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
 	if l.Symlinks {
-		return r.next.Describe(ctx, l)
+		return r.next.Describe(ctx, parent, l)
 	}
 	desc, blob, err := referenceLayer(l.Paths)
 	l.Desc, l.Blob = desc, blob

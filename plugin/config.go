@@ -106,8 +106,9 @@ type ImageConfig struct {
 	Host string `toml:"host"`
 	// MaxLayers bounds the layers of an image, the symlink layer included.
 	MaxLayers int `toml:"max_layers"`
-	// WithLayers writes full tar layers even for the nix snapshotter (for
-	// export, or for other snapshotters to unpack the same image).
+	// WithLayers writes tar layers into the content store (for export, or
+	// for other snapshotters to unpack the same image) rather than
+	// unpacking them straight from the store into snapshots.
 	WithLayers bool `toml:"with_layers"`
 	// Layering is the grouping algorithm: "auto" (nixpkgs' size-first) or
 	// "nixery" (dominator tree).

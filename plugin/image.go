@@ -18,6 +18,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
 
@@ -115,7 +116,7 @@ type contentDescriber struct {
 	cache *Cache
 }
 
-func (c contentDescriber) Describe(ctx context.Context, l *Layer) error {
+func (c contentDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) error {
 	known, ok := c.cache.layer(l.identity())
 	if ok {
 		if _, err := c.cs.Info(ctx, known.Digest); err == nil {
@@ -161,9 +162,8 @@ func command(img resolver.Image, packages []nixbuild.Package) []string {
 	return nil
 }
 
-// newImage writes the config and manifest of an image of layers
-// (uncompressed, so each diffID is its digest).
-func newImage(img resolver.Image, packages []nixbuild.Package, layers []*Layer) (*Image, error) {
+// imageConfig is the config of an image of packages, its layers aside.
+func imageConfig(img resolver.Image, packages []nixbuild.Package) ocispec.Image {
 	cfg := ocispec.Image{
 		Platform: ocispec.Platform{Architecture: img.Platform.Architecture, OS: img.Platform.OS},
 		Config: ocispec.ImageConfig{
@@ -172,9 +172,22 @@ func newImage(img resolver.Image, packages []nixbuild.Package, layers []*Layer) 
 		RootFS: ocispec.RootFS{Type: "layers"},
 	}
 	cfg.Config.Cmd = command(img, packages)
+	return cfg
+}
+
+// newImage writes the config and manifest of an image of described layers
+// (uncompressed, so each diffID is its digest), which it annotates with
+// their store paths or symlinks.
+func newImage(img resolver.Image, cfg ocispec.Image, layers []*Layer) (*Image, error) {
+	cfg.RootFS.DiffIDs = nil
 	blobs := map[digest.Digest][]byte{}
 	var descs []ocispec.Descriptor
 	for _, l := range layers {
+		if l.Symlinks {
+			l.Desc.Annotations = snapshot.SymlinkAnnotations(l.Paths)
+		} else {
+			l.Desc.Annotations = snapshot.StorePathAnnotations(l.Paths)
+		}
 		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.Desc.Digest)
 		descs = append(descs, l.Desc)
 		if l.Blob != nil {

@@ -5,6 +5,7 @@ package plugin
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -128,8 +130,7 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 		}
 	}()
 
-	byReference := snapshotter == p.nixSnapshot && !p.layerBlobs
-	img, fetcher, err := p.build(ctx, ref, byReference)
+	img, fetcher, err := p.build(ctx, ref, p.describer(snapshotter))
 	if err != nil {
 		return images.Image{}, err
 	}
@@ -138,7 +139,7 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	// knows only this image: containerd's machinery then writes manifest
 	// and config with their GC labels, unpacks with the remote-snapshotter
 	// labels the `nix` snapshotter reads, and creates or updates the record.
-	// The layers are in the content store already, so nothing is copied.
+	// The layers are unpacked or stored already, so nothing is copied.
 	p.builder.say("%s: registering and unpacking into %s", img.Ref(), snapshotter)
 	fixed := resolver.NewFixed(img.Ref(), img.Manifest, img.Blobs, fetcher)
 	pullOpts := []containerd.RemoteOpt{
@@ -215,39 +216,68 @@ func (p *Provisioner) waitCRI(ctx context.Context, ref string) error {
 	}
 }
 
+// describer says how layers are described for snapshotter, storing them
+// on the way: into snapshots, without blobs; as blobs when they are asked
+// for; not at all for the nix snapshotter, which makes every layer from
+// the store itself (nil).
+func (p *Provisioner) describer(snapshotter string) Describer {
+	switch {
+	case p.layerBlobs:
+		return contentDescriber{p.client.ContentStore(), p.builder.cache}
+	case snapshotter == p.nixSnapshot:
+		return nil
+	default:
+		return snapshotDescriber{p.client.SnapshotService(snapshotter)}
+	}
+}
+
 // build builds ref in the daemon, when one serves the same package source,
-// so that every client of this node shares its builds; else here, with
-// tar layers streamed straight into the content store.
-func (p *Provisioner) build(ctx context.Context, ref string, byReference bool) (*Image, remotes.Fetcher, error) {
-	if p.daemon != nil && p.daemon.serves(ctx, p.builder) {
-		p.builder.say("%s: building in the daemon at %s", ref, p.daemon.address)
-		img, fetcher, err := p.daemon.build(ctx, ref, byReference)
+// so that every client of this node shares its builds; else here. Either
+// way tar layers are streamed from the store here, straight to where
+// describe stores them.
+func (p *Provisioner) build(ctx context.Context, ref string, describe Describer) (*Image, remotes.Fetcher, error) {
+	if p.daemon == nil || !p.daemon.serves(ctx, p.builder) {
+		if describe == nil {
+			// The nix snapshotter makes the symlink layer too: describe
+			// it without storing it.
+			describe = referenceDescriber{next: hashDescriber{p.builder.cache}}
+		}
+		img, err := p.builder.Build(ctx, ref, describe)
+		return img, resolver.ProviderFetcher{Provider: p.client.ContentStore()}, err
+	}
+
+	p.builder.say("%s: building in the daemon at %s", ref, p.daemon.address)
+	blobs, asBlobs := describe.(contentDescriber)
+	// Blobs must match the daemon's descriptors, which it keeps; anything
+	// else needs only the layers' store paths (and the daemon reads none).
+	img, fetcher, err := p.daemon.build(ctx, ref, !asBlobs)
+	if err != nil || describe == nil {
+		return img, fetcher, err
+	}
+	var chain digest.Digest
+	for i, l := range img.Layers {
+		if asBlobs {
+			_, err = writeLayer(ctx, blobs.cs, l.Key(), l.WriteTar, &l.Desc)
+		} else {
+			err = describe.Describe(ctx, chain, l)
+		}
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, fmt.Errorf("layer %d of %s: %w", i+1, img.Ref(), err)
 		}
-		// Tar layers are streamed from the store here, straight into the
-		// content store, rather than through the daemon: one copy less.
-		// Their bytes must match what the daemon described. (For the nix
-		// snapshotter there is nothing to store: it makes every layer.)
-		cs := p.client.ContentStore()
-		for i, l := range img.Layers {
-			if byReference || l.Desc.MediaType != ocispec.MediaTypeImageLayer {
-				continue
-			}
-			if _, err := writeLayer(ctx, cs, l.Key(), l.WriteTar, &l.Desc); err != nil {
-				return nil, nil, fmt.Errorf("layer %d of %s: %w", i+1, img.Ref(), err)
-			}
-		}
+		chain = chainID(chain, l.Desc.Digest)
+		p.builder.say("%s: layer %d/%d %s %s", img.Ref(), i+1, len(img.Layers), l.Desc.Digest.Encoded()[:12], humanBytes(l.Desc.Size))
+	}
+	if asBlobs {
 		return img, fetcher, nil
 	}
-	var describe Describer = contentDescriber{p.client.ContentStore(), p.builder.cache}
-	if byReference {
-		// The nix snapshotter makes the symlink layer too: describe it
-		// without storing it.
-		describe = referenceDescriber{next: hashDescriber{p.builder.cache}}
+	// The daemon's image had reference layers: the same image with tar
+	// layers has their digests.
+	var cfg ocispec.Image
+	if err := json.Unmarshal(img.Blobs[img.Config.Digest], &cfg); err != nil {
+		return nil, nil, fmt.Errorf("config of %s from the daemon: %w", img.Ref(), err)
 	}
-	img, err := p.builder.Build(ctx, ref, describe)
-	return img, resolver.ProviderFetcher{Provider: p.client.ContentStore()}, err
+	img, err = newImage(img.Image, cfg, img.Layers)
+	return img, fetcher, err
 }
 
 // resolveSnapshotter names the snapshotter images are unpacked into: the

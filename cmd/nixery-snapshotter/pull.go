@@ -26,7 +26,7 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		address     = fs.String("address", "", "containerd socket (default /run/containerd/containerd.sock)")
 		namespace   = fs.String("namespace", "", "containerd namespace (default $CONTAINERD_NAMESPACE or \"default\")")
 		snapshotter = fs.String("snapshotter", "", "snapshotter to unpack into (default: the namespace's default)")
-		withLayers  = fs.Bool("with-layers", false, "write full tar layers even for the nix snapshotter (for export)")
+		withLayers  = fs.Bool("with-layers", false, "write the tar layers into the content store too (for export or push), not only into snapshots")
 	)
 	common := addCommonFlags(fs, "warn")
 	positional, cfg, err := common.parse(fs, args)

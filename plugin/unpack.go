@@ -1,0 +1,175 @@
+package plugin
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/archive"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/moby/sys/userns"
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
+)
+
+// snapshotDescriber unpacks tar layers straight from the Nix store into a
+// snapshotter, describing them on the way, and stores no blob: what
+// containerd's unpacker does with a blob, without the blob. Its snapshots
+// carry the layer's identity and descriptor, so that the snapshot of a
+// layer on a chain that has it already is found without a read.
+type snapshotDescriber struct{ sn snapshots.Snapshotter }
+
+const (
+	// labelLayer names the layer (Layer.Key) a snapshot holds.
+	labelLayer = "containerd.io/snapshot/nixery.layer"
+	// labelLayerSize is the size of the layer's tar.
+	labelLayerSize = "containerd.io/snapshot/nixery.layer.size"
+)
+
+func (s snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
+	desc, ok, err := s.find(ctx, parent, l)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		if desc, err = unpackLayer(ctx, s.sn, parent, l); err != nil {
+			return err
+		}
+		layersPacked.Inc()
+		bytesStreamed.Add(float64(desc.Size))
+		log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("packed layer")
+	}
+	l.Desc = desc
+	return nil
+}
+
+// find describes layer l from its snapshot on top of the chain parent, if
+// there is one. The snapshot's labels were written with its content: they
+// describe exactly what it holds.
+func (s snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *Layer) (ocispec.Descriptor, bool, error) {
+	var found *snapshots.Info
+	err := s.sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+		if found == nil && info.Kind == snapshots.KindCommitted && info.Parent == parent.String() && info.Labels[labelLayer] == l.Key() {
+			found = &info
+		}
+		return nil
+	}, fmt.Sprintf("labels.%q==%q", labelLayer, l.Key()))
+	if err != nil || found == nil {
+		return ocispec.Descriptor{}, false, err
+	}
+	d, derr := digest.Parse(found.Labels[snapshots.LabelSnapshotDiffID])
+	size, serr := strconv.ParseInt(found.Labels[labelLayerSize], 10, 64)
+	if derr != nil || serr != nil || chainID(parent, d).String() != found.Name {
+		log.G(ctx).WithField("snapshot", found.Name).Warn("snapshot labels do not describe it: unpacking the layer again")
+		return ocispec.Descriptor{}, false, nil
+	}
+	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: d, Size: size}, true, nil
+}
+
+// chainID is the snapshot name of layer diffID on top of the chain parent.
+func chainID(parent, diffID digest.Digest) digest.Digest {
+	if parent == "" {
+		return diffID
+	}
+	return identity.ChainID([]digest.Digest{parent, diffID})
+}
+
+// unpackLayer makes the snapshot of layer l on top of the chain parent,
+// by applying its tar as it is written (in this process, which must be
+// able to mount, as containerd's is), and commits it under its chain ID,
+// labelled with what it holds.
+func unpackLayer(ctx context.Context, sn snapshots.Snapshotter, parent digest.Digest, l *Layer) (ocispec.Descriptor, error) {
+	var suffix [6]byte
+	if _, err := rand.Read(suffix[:]); err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	key := l.Key() + "-" + hex.EncodeToString(suffix[:])
+	mounts, err := sn.Prepare(ctx, key, parent.String())
+	if err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("prepare snapshot for layer %s: %w", l.Key(), err)
+	}
+	committed := false
+	defer func() {
+		if !committed {
+			if err := sn.Remove(context.WithoutCancel(ctx), key); err != nil {
+				log.G(ctx).WithError(err).WithField("key", key).Warn("removing unfinished snapshot")
+			}
+		}
+	}()
+
+	// Packing (reading files, hashing) and applying (writing files) run
+	// at once, a few chunks apart.
+	pr, pw := io.Pipe()
+	var m *tarstream.Measurer // set by the writer
+	written := make(chan error, 1)
+	go func() {
+		chunks := newPipelined(pw, 1<<20)
+		m = tarstream.Measure(chunks)
+		err := l.WriteTar(m)
+		if cerr := chunks.Close(); err == nil {
+			err = cerr
+		}
+		pw.CloseWithError(err)
+		written <- err
+	}()
+	err = applyTar(ctx, mounts, pr)
+	if err == nil {
+		// Whatever the tar reader left (its end blocks).
+		_, err = io.Copy(io.Discard, pr)
+	}
+	pr.CloseWithError(errors.New("unpacking stopped")) // stops the writer, if it still writes
+	if werr := <-written; werr != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("pack layer %s: %w", l.Key(), werr)
+	}
+	if err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("unpack layer %s: %w", l.Key(), err)
+	}
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
+	chain := chainID(parent, desc.Digest)
+	err = sn.Commit(ctx, chain.String(), key, snapshots.WithLabels(map[string]string{
+		snapshots.LabelSnapshotDiffID: desc.Digest.String(),
+		labelLayer:                    l.Key(),
+		labelLayerSize:                strconv.FormatInt(desc.Size, 10),
+	}))
+	if err != nil && !errdefs.IsAlreadyExists(err) {
+		return ocispec.Descriptor{}, fmt.Errorf("commit snapshot %s of layer %s: %w", chain, l.Key(), err)
+	}
+	committed = err == nil // else another pull committed the chain: drop ours
+	return desc, nil
+}
+
+// applyTar unpacks a layer onto a snapshot's mounts as containerd's applier
+// does (which is not exported): an overlay's upper directory is written
+// directly, other mounts are mounted for the time it takes.
+func applyTar(ctx context.Context, mounts []mount.Mount, r io.Reader) error {
+	if len(mounts) == 1 && mounts[0].Type == "overlay" && !userns.RunningInUserNS() {
+		var upper string
+		var lowers []string
+		for _, o := range mounts[0].Options {
+			if dir, ok := strings.CutPrefix(o, "upperdir="); ok {
+				upper = dir
+			} else if dirs, ok := strings.CutPrefix(o, "lowerdir="); ok {
+				lowers = strings.Split(dirs, ":")
+			}
+		}
+		if upper != "" {
+			_, err := archive.Apply(ctx, upper, r, archive.WithConvertWhiteout(archive.OverlayConvertWhiteout), archive.WithParents(lowers))
+			return err
+		}
+	}
+	return mount.WithTempMount(ctx, mounts, func(root string) error {
+		_, err := archive.Apply(ctx, root, r)
+		return err
+	})
+}
