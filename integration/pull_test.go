@@ -120,6 +120,13 @@ func TestPullIntoSnapshots(t *testing.T) {
 		t.Errorf("export: %v\n%s", err, out)
 	}
 
+	// Snapshots that containerd unpacked from blobs are found too.
+	other := newEnv(t)
+	other.mustPull("--with-layers", "--snapshotter", "overlayfs", "nix.local/jq")
+	if _, stderr, err := other.pull("--log-level", "debug", "--snapshotter", "overlayfs", "nix.local/jq"); err != nil || strings.Contains(stderr, "packed layer") {
+		t.Errorf("pull after containerd unpacked the layers: %v\n%s", err, stderr)
+	}
+
 	// The snapshots go with the image.
 	if out, err := e.ctd.Ctr(e.ctx(), "images", "rm", "--sync", "nix.local/git", "nix.local/git:latest").CombinedOutput(); err != nil {
 		t.Fatalf("images rm: %v\n%s", err, out)

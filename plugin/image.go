@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"sync"
 
@@ -187,6 +188,12 @@ func newImage(img resolver.Image, cfg ocispec.Image, layers []*Layer) (*Image, e
 			l.Desc.Annotations = snapshot.SymlinkAnnotations(l.Paths)
 		} else {
 			l.Desc.Annotations = snapshot.StorePathAnnotations(l.Paths)
+		}
+		if l.Desc.MediaType == ocispec.MediaTypeImageLayer {
+			// containerd's unpacker labels a layer's snapshot with its
+			// containerd.io/snapshot/ annotations: a pull straight into
+			// snapshots then finds it, whoever unpacked it.
+			maps.Copy(l.Desc.Annotations, layerLabels(l, l.Desc.Size))
 		}
 		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.Desc.Digest)
 		descs = append(descs, l.Desc)

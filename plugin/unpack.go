@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"strconv"
 	"strings"
 
@@ -36,6 +37,12 @@ const (
 	// labelLayerSize is the size of the layer's tar.
 	labelLayerSize = "containerd.io/snapshot/nixery.layer.size"
 )
+
+// layerLabels say which layer a snapshot holds (with the diffID label
+// containerd's unpacker sets).
+func layerLabels(l *Layer, size int64) map[string]string {
+	return map[string]string{labelLayer: l.Key(), labelLayerSize: strconv.FormatInt(size, 10)}
+}
 
 func (s snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
 	desc, ok, err := s.find(ctx, parent, l)
@@ -124,7 +131,9 @@ func unpackLayer(ctx context.Context, sn snapshots.Snapshotter, parent digest.Di
 		written <- err
 	}()
 	err = applyTar(ctx, mounts, pr)
-	if err == nil {
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
+		err = fmt.Errorf("%w (pull writes snapshots itself: it must run as root on containerd's host, or pass --with-layers for containerd to unpack)", err)
+	} else if err == nil {
 		// Whatever the tar reader left (its end blocks).
 		_, err = io.Copy(io.Discard, pr)
 	}
@@ -137,11 +146,9 @@ func unpackLayer(ctx context.Context, sn snapshots.Snapshotter, parent digest.Di
 	}
 	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
 	chain := chainID(parent, desc.Digest)
-	err = sn.Commit(ctx, chain.String(), key, snapshots.WithLabels(map[string]string{
-		snapshots.LabelSnapshotDiffID: desc.Digest.String(),
-		labelLayer:                    l.Key(),
-		labelLayerSize:                strconv.FormatInt(desc.Size, 10),
-	}))
+	labels := layerLabels(l, desc.Size)
+	labels[snapshots.LabelSnapshotDiffID] = desc.Digest.String()
+	err = sn.Commit(ctx, chain.String(), key, snapshots.WithLabels(labels))
 	if err != nil && !errdefs.IsAlreadyExists(err) {
 		return ocispec.Descriptor{}, fmt.Errorf("commit snapshot %s of layer %s: %w", chain, l.Key(), err)
 	}
