@@ -46,6 +46,9 @@ func layerLabels(l *Layer, size int64) map[string]string {
 
 func (s snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
 	desc, ok, err := s.find(ctx, parent, l)
+	if err == nil && ok {
+		ok, err = s.hold(ctx, parent, l, chainID(parent, desc.Digest))
+	}
 	if err != nil {
 		return err
 	}
@@ -84,6 +87,35 @@ func (s snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *La
 	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: d, Size: size}, true, nil
 }
 
+// hold puts the snapshot chain (of layer l on parent) under this pull's
+// lease, as containerd's unpacker does with the snapshots it finds: another
+// client that removes its image meanwhile cannot have it collected from
+// under this one. False if it is gone already.
+func (s snapshotDescriber) hold(ctx context.Context, parent digest.Digest, l *Layer, chain digest.Digest) (bool, error) {
+	key, err := uniqueKey(l)
+	if err != nil {
+		return false, err
+	}
+	_, err = s.sn.Prepare(ctx, key, parent.String(), snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotRef: chain.String()}))
+	switch {
+	case errdefs.IsAlreadyExists(err):
+		return true, nil
+	case err == nil:
+		return false, s.sn.Remove(ctx, key)
+	default:
+		return false, fmt.Errorf("snapshot %s of layer %s: %w", chain, l.Key(), err)
+	}
+}
+
+// uniqueKey is a key for a new active snapshot of layer l.
+func uniqueKey(l *Layer) (string, error) {
+	var suffix [6]byte
+	if _, err := rand.Read(suffix[:]); err != nil {
+		return "", err
+	}
+	return l.Key() + "-" + hex.EncodeToString(suffix[:]), nil
+}
+
 // chainID is the snapshot name of layer diffID on top of the chain parent.
 func chainID(parent, diffID digest.Digest) digest.Digest {
 	if parent == "" {
@@ -97,11 +129,10 @@ func chainID(parent, diffID digest.Digest) digest.Digest {
 // able to mount, as containerd's is), and commits it under its chain ID,
 // labelled with what it holds.
 func unpackLayer(ctx context.Context, sn snapshots.Snapshotter, parent digest.Digest, l *Layer) (ocispec.Descriptor, error) {
-	var suffix [6]byte
-	if _, err := rand.Read(suffix[:]); err != nil {
+	key, err := uniqueKey(l)
+	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
-	key := l.Key() + "-" + hex.EncodeToString(suffix[:])
 	mounts, err := sn.Prepare(ctx, key, parent.String())
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("prepare snapshot for layer %s: %w", l.Key(), err)

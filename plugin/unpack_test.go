@@ -1,0 +1,122 @@
+package plugin
+
+import (
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/metadata"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/plugins/content/local"
+	"github.com/containerd/containerd/v2/plugins/snapshots/native"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
+)
+
+// A snapshotter behind containerd's own metadata store (which gives
+// snapshots their names, labels and leases), in this process.
+func testSnapshotter(t *testing.T) (snapshots.Snapshotter, leases.Manager) {
+	t.Helper()
+	dir := t.TempDir()
+	sn, err := native.NewSnapshotter(filepath.Join(dir, "native"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, err := local.NewStore(filepath.Join(dir, "content"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bdb, err := bolt.Open(filepath.Join(dir, "meta.db"), 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bdb.Close() })
+	db := metadata.NewDB(bdb, cs, map[string]snapshots.Snapshotter{"native": sn})
+	if err := db.Init(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return db.Snapshotter("native"), metadata.NewLeaseManager(db)
+}
+
+func TestSnapshotDescriber(t *testing.T) {
+	testutil.RequireRoot(t) // applying a layer sets owners, as containerd's applier does
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	sn, lm := testSnapshotter(t)
+	withLease := func() (context.Context, leases.Lease) {
+		lease, err := lm.Create(ctx, leases.WithRandomID())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return leases.WithLease(ctx, lease.ID), lease
+	}
+	d := snapshotDescriber{sn}
+	base, top := testLayer(t), testLayer(t)
+
+	// Unpacked: described as the tar it is, committed under its chain.
+	lctx, _ := withLease()
+	if err := d.Describe(lctx, "", base); err != nil {
+		t.Fatal(err)
+	}
+	m := tarstream.Measure(io.Discard)
+	if err := base.WriteTar(m); err != nil {
+		t.Fatal(err)
+	}
+	if base.Desc.Digest != m.Digest() || base.Desc.Size != m.Size() {
+		t.Fatalf("described %s (%d bytes), the tar is %s (%d bytes)", base.Desc.Digest, base.Desc.Size, m.Digest(), m.Size())
+	}
+	if err := d.Describe(lctx, base.Desc.Digest, top); err != nil {
+		t.Fatal(err)
+	}
+	chain := chainID(base.Desc.Digest, top.Desc.Digest)
+	mounts, err := sn.View(lctx, "view", chain.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range []*Layer{base, top} {
+		err = mount.WithReadonlyTempMount(ctx, mounts, func(root string) error {
+			b, err := os.ReadFile(filepath.Join(root, l.Paths[0], "bin", "pkg"))
+			if err == nil && string(b) != "program" {
+				t.Errorf("%s in the snapshot holds %q", l.Paths[0], b)
+			}
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Found again without a read (the store paths are gone), and held by
+	// the lease of the pull that found it.
+	for _, l := range []*Layer{base, top} {
+		if err := os.RemoveAll(l.Paths[0]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lctx, lease := withLease()
+	again := &Layer{Paths: top.Paths, Hashes: top.Hashes}
+	if err := d.Describe(lctx, base.Desc.Digest, again); err != nil {
+		t.Fatalf("snapshot not found: %v", err)
+	}
+	if again.Desc.Digest != top.Desc.Digest || again.Desc.Size != top.Desc.Size {
+		t.Errorf("found %v, unpacked %v", again.Desc, top.Desc)
+	}
+	held, err := lm.ListResources(ctx, lease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(held) != 1 || held[0].ID != chain.String() {
+		t.Errorf("lease holds %v, want snapshot %s", held, chain)
+	}
+
+	// On another chain it is a different snapshot: not found.
+	if err := d.Describe(lctx, "", &Layer{Paths: top.Paths, Hashes: top.Hashes}); err == nil {
+		t.Error("a layer on another chain was described without its store paths")
+	}
+}
