@@ -107,9 +107,11 @@ func TestFaultNoSpace(t *testing.T) {
 	}
 }
 
-// `nix-store --gc` running all along provisioning breaks nothing.
+// `nix-store --gc` running all along provisioning breaks nothing: pulls
+// that build here, pulls that build in the daemon (unpacking layers, or
+// writing blobs), pulls over the daemon's endpoint.
 func TestFaultConcurrentGC(t *testing.T) {
-	e := newEnv(t)
+	local, e := newEnv(t), newNixEnv(t)
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	// Stopped however the test ends: a collector left running would
@@ -129,11 +131,16 @@ func TestFaultConcurrentGC(t *testing.T) {
 		}
 	}()
 	for _, ref := range []string{"nix.local/htop", "nix.local/git", "nix.local/shell/jq", "nix.local/shell/htop", "nix.local/nano/git"} {
-		e.mustPull(ref)
+		local.mustPull(ref)
+		e.mustPull("--namespace", "cli", ref)
+		e.mustPull("--namespace", "blobs", "--with-layers", ref)
+		e.ctrPull("overlayfs", ref+":latest")
 	}
 	stopGC()
-	if out := e.run("nix.local/shell/htop", "htop", "--version"); !strings.Contains(out, "htop 3.2.2") {
-		t.Errorf("htop --version printed %q", out)
+	for _, e := range []*env{local, e} {
+		if out := e.run("nix.local/shell/htop:latest", "htop", "--version"); !strings.Contains(out, "htop 3.2.2") {
+			t.Errorf("htop --version printed %q", out)
+		}
 	}
 }
 

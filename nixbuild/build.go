@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -74,6 +75,32 @@ func (r *Result) Release() error {
 		return nil
 	}
 	return os.RemoveAll(r.rootDir)
+}
+
+// Hold makes paths that another process realised GC roots of this one,
+// until the result is released: a `nix-store --gc` that starts from here
+// on keeps them. A path that is gone already is an error naming it.
+func Hold(paths []string) (*Result, error) {
+	dir, err := gcRootDir()
+	if err != nil {
+		return nil, err
+	}
+	res := &Result{rootDir: dir}
+	for i, p := range paths {
+		if err := os.Symlink(p, filepath.Join(dir, strconv.Itoa(i)+"-"+filepath.Base(p))); err != nil {
+			res.Release()
+			return nil, fmt.Errorf("GC root for %s: %w", p, err)
+		}
+	}
+	// Looked for only now that they are roots: no collection can take
+	// them between the look and the read.
+	for _, p := range paths {
+		if _, err := os.Lstat(p); err != nil {
+			res.Release()
+			return nil, fmt.Errorf("store path %s is gone (garbage-collected?): %w", p, errdefs.ErrNotFound)
+		}
+	}
+	return res, nil
 }
 
 // Builder runs the prepare step against one package source.

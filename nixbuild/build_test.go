@@ -428,3 +428,33 @@ exec ` + real + ` "$@"
 		t.Errorf("%s: %q, %v", res.Packages[0].Out, out, err)
 	}
 }
+
+// Hold makes paths roots of this process, and fails for a path that is gone.
+func TestHold(t *testing.T) {
+	res, err := newTestBuilder(t, testutil.TestPkgs()).Build(context.Background(), Request{Packages: []string{"htop"}, System: "x86_64-linux"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := res.Packages[0].Out
+	held, err := Hold([]string{out})
+	res.Release()
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, err := exec.Command("nix-store", "--gc", "--print-roots").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(roots), held.rootDir) || !strings.Contains(string(roots), out) {
+		t.Errorf("%s is not a root in %s:\n%s", out, held.rootDir, roots)
+	}
+	held.Release()
+	if _, err := os.Stat(held.rootDir); !os.IsNotExist(err) {
+		t.Errorf("roots outlive Release: %v", err)
+	}
+
+	gone := "/nix/store/00000000000000000000000000000000-gone"
+	if _, err := Hold([]string{out, gone}); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), gone) {
+		t.Errorf("holding a path that is gone: %v", err)
+	}
+}

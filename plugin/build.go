@@ -31,6 +31,10 @@ const DefaultMaxLayers = layering.DefaultBudget + 1
 // DefaultMaxBuilds is how many different images are built at once.
 const DefaultMaxBuilds = 2
 
+// DefaultRootGrace is how long the daemon keeps a build's store paths
+// alive for the clients it answered.
+const DefaultRootGrace = time.Minute
+
 // DefaultMaxQueued is how many builds of different images may wait.
 const DefaultMaxQueued = 64
 
@@ -112,6 +116,7 @@ type Builder struct {
 	queued    atomic.Int64
 
 	pinnedSource bool
+	rootGrace    time.Duration
 }
 
 // BuildOpt configures a Builder.
@@ -147,6 +152,11 @@ func WithMaxQueued(n int) BuildOpt { return func(b *Builder) { b.maxQueued = int
 
 // WithCache remembers layer descriptors (and images of pinned sources) in c.
 func WithCache(c *Cache) BuildOpt { return func(b *Builder) { b.cache = c } }
+
+// WithRootGrace keeps a build's store paths GC roots for d after the
+// build is answered: a daemon's clients read them next (layer blobs, pulls
+// that unpack them), and take their own roots first.
+func WithRootGrace(d time.Duration) BuildOpt { return func(b *Builder) { b.rootGrace = d } }
 
 // WithPinnedSource treats the package source as pinned whatever the tag
 // (a path whose content the operator controls): its images are cached, and
@@ -232,9 +242,9 @@ func (b *Builder) Parse(ref string) (resolver.Image, error) {
 // whatever spelling: `git/htop` is `htop/git`) share one Nix build, and
 // those that describe layers alike one description of each layer;
 // describe decides how layers are described. The image's store paths are
-// only kept from Nix's garbage collector while Build runs: callers that
-// read them later rely on the GC roots of whatever holds them (snapshots)
-// or realise them again.
+// kept from Nix's garbage collector while Build runs (and WithRootGrace
+// after): callers that read them later make them roots of their own
+// (nixbuild.Hold), or rely on those of whatever holds them (snapshots).
 func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*Image, error) {
 	if b.maxLayers < 2 {
 		return nil, fmt.Errorf("max layers %d: need at least 2 (store paths and symlinks): %w", b.maxLayers, errdefs.ErrInvalidArgument)
@@ -262,7 +272,13 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 		if err != nil {
 			return nil, err
 		}
-		defer release()
+		defer func() {
+			if b.rootGrace > 0 {
+				time.AfterFunc(b.rootGrace, release)
+			} else {
+				release()
+			}
+		}()
 		built, err := b.describe(context.WithoutCancel(ctx), img, p, describe)
 		if err == nil && ikey != nil {
 			if err := b.cache.putImage(ikey, built); err != nil {

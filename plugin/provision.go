@@ -25,6 +25,7 @@ import (
 	grpcstatus "google.golang.org/grpc/status"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
 
@@ -254,6 +255,17 @@ func (p *Provisioner) build(ctx context.Context, ref string, describe Describer)
 	if err != nil || describe == nil {
 		return img, fetcher, err
 	}
+	// The daemon keeps the image's store paths alive a while after it
+	// answers: long enough for them to become roots of this process too.
+	var paths []string
+	for _, l := range img.Layers {
+		paths = append(paths, l.Paths...)
+	}
+	held, err := nixbuild.Hold(paths)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", img.Ref(), err)
+	}
+	defer held.Release()
 	var chain digest.Digest
 	for i, l := range img.Layers {
 		if asBlobs {

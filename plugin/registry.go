@@ -289,6 +289,14 @@ func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Dige
 		writeError(w, http.StatusRequestedRangeNotSatisfiable, "UNSUPPORTED", err.Error())
 		return
 	}
+	// Kept from Nix's garbage collector while they are read: the build
+	// that described them may be long done.
+	held, err := nixbuild.Hold(l.Paths)
+	if err != nil {
+		writeError(w, http.StatusNotFound, "BLOB_UNKNOWN", fmt.Sprintf("blob %s: %v: request its manifest again", d, err))
+		return
+	}
+	defer held.Release()
 	h := w.Header()
 	h.Set("Content-Type", "application/octet-stream")
 	h.Set("Docker-Content-Digest", d.String())

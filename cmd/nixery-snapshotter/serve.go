@@ -89,7 +89,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			return err
 		}
 		defer cache.Close()
-		images, err := cfg.ImageBuilder(builder, plugin.WithCache(cache))
+		images, err := cfg.ImageBuilder(builder, plugin.WithCache(cache), plugin.WithRootGrace(plugin.DefaultRootGrace))
 		if err != nil {
 			return err
 		}
