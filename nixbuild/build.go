@@ -14,7 +14,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -78,27 +77,24 @@ func (r *Result) Release() error {
 }
 
 // Hold makes paths that another process realised GC roots of this one,
-// until the result is released: a `nix-store --gc` that starts from here
-// on keeps them. A path that is gone already is an error naming it.
-func Hold(paths []string) (*Result, error) {
+// until the result is released. Through Nix, which tells a collection
+// already running to keep them too. A path that is gone already is an
+// error naming it.
+func (b *Builder) Hold(ctx context.Context, paths []string) (*Result, error) {
 	dir, err := gcRootDir()
 	if err != nil {
 		return nil, err
 	}
 	res := &Result{rootDir: dir}
-	for i, p := range paths {
-		if err := os.Symlink(p, filepath.Join(dir, strconv.Itoa(i)+"-"+filepath.Base(p))); err != nil {
-			res.Release()
-			return nil, fmt.Errorf("GC root for %s: %w", p, err)
+	hold := append([]string{"--realise", "--add-root", filepath.Join(dir, "held")}, paths...)
+	if _, err := b.run(ctx, "hold", "nix-store", b.args(hold...)...); err != nil {
+		res.Release()
+		for _, p := range paths {
+			if _, serr := os.Lstat(p); serr != nil {
+				return nil, fmt.Errorf("store path %s is gone (garbage-collected?): %w", p, errdefs.ErrNotFound)
+			}
 		}
-	}
-	// Looked for only now that they are roots: no collection can take
-	// them between the look and the read.
-	for _, p := range paths {
-		if _, err := os.Lstat(p); err != nil {
-			res.Release()
-			return nil, fmt.Errorf("store path %s is gone (garbage-collected?): %w", p, errdefs.ErrNotFound)
-		}
+		return nil, err
 	}
 	return res, nil
 }

@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
@@ -96,6 +98,15 @@ type Image struct {
 	Layers   []*Layer
 	// Blobs holds manifest, config and in-memory layers by digest.
 	Blobs map[digest.Digest][]byte
+}
+
+// paths are the store paths of the image's layers.
+func (img *Image) paths() []string {
+	var paths []string
+	for _, l := range img.Layers {
+		paths = append(paths, l.Paths...)
+	}
+	return paths
 }
 
 // Builder turns image references into images: the reference's packages
@@ -255,8 +266,12 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 	}
 	key := fmt.Sprintf("%s %s %s/%s", img.Platform.NixSystem, img.Tag, strings.Join(img.Packages, " "), strings.Join(img.Requested, " "))
 	described := fmt.Sprintf("%s %T", key, describe)
+	// Shared only by builds that would store the same things in the same
+	// place: describers (which hold where) and namespaces alike.
+	ns, _ := namespaces.Namespace(ctx)
+	flight := fmt.Sprintf("%s %q %v", described, ns, describe)
 	cached := false
-	v, err, _ := b.flight.Do(described, func() (any, error) {
+	v, err, _ := b.flight.Do(flight, func() (any, error) {
 		start := time.Now()
 		defer func() { buildSeconds.Observe(time.Since(start).Seconds()) }()
 		var ikey []byte
@@ -287,6 +302,11 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 		}
 		return built, err
 	})
+	if errors.Is(err, context.Canceled) && ctx.Err() == nil {
+		// The client whose request led the shared build went away, not
+		// this one's: build again.
+		return b.Build(ctx, ref, describe)
+	}
 	result := buildResult(err)
 	if cached {
 		result = "cached"

@@ -2,8 +2,6 @@ package plugin
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -35,11 +33,10 @@ const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 // containerd's content service, so concurrent writers of one layer each
 // write it, and the second commit finds the blob there.
 func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io.Writer) error, expected *ocispec.Descriptor) (ocispec.Descriptor, error) {
-	var suffix [6]byte
-	if _, err := rand.Read(suffix[:]); err != nil {
+	ref, err := unique(ref)
+	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
-	ref += "-" + hex.EncodeToString(suffix[:])
 	opts := []content.WriterOpt{content.WithRef(ref)}
 	if expected != nil {
 		opts = append(opts, content.WithDescriptor(*expected))
@@ -193,7 +190,7 @@ func newImage(img resolver.Image, cfg ocispec.Image, layers []*Layer) (*Image, e
 			// containerd's unpacker labels a layer's snapshot with its
 			// containerd.io/snapshot/ annotations: a pull straight into
 			// snapshots then finds it, whoever unpacked it.
-			maps.Copy(l.Desc.Annotations, layerLabels(l, l.Desc.Size))
+			maps.Copy(l.Desc.Annotations, layerLabels(l, l.Desc))
 		}
 		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.Desc.Digest)
 		descs = append(descs, l.Desc)

@@ -25,7 +25,6 @@ import (
 	grpcstatus "google.golang.org/grpc/status"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
 
@@ -255,15 +254,19 @@ func (p *Provisioner) build(ctx context.Context, ref string, describe Describer)
 	if err != nil || describe == nil {
 		return img, fetcher, err
 	}
-	// The daemon keeps the image's store paths alive a while after it
-	// answers: long enough for them to become roots of this process too.
-	var paths []string
-	for _, l := range img.Layers {
-		paths = append(paths, l.Paths...)
+	// The daemon keeps the store paths of what it builds alive a while
+	// after it answers: long enough for them to become roots of this
+	// process too. Those of an image it had cached may be gone: then it
+	// builds the image again.
+	held, err := p.builder.nix.Hold(ctx, img.paths())
+	if errdefs.IsNotFound(err) {
+		log.G(ctx).WithError(err).Warn("store paths gone since the daemon cached the image: building again")
+		if img, fetcher, err = p.daemon.build(ctx, ref, !asBlobs); err == nil {
+			held, err = p.builder.nix.Hold(ctx, img.paths())
+		}
 	}
-	held, err := nixbuild.Hold(paths)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%s: %w", img.Ref(), err)
+		return nil, nil, fmt.Errorf("%s: %w", ref, err)
 	}
 	defer held.Release()
 	var chain digest.Digest

@@ -291,7 +291,7 @@ func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Dige
 	}
 	// Kept from Nix's garbage collector while they are read: the build
 	// that described them may be long done.
-	held, err := nixbuild.Hold(l.Paths)
+	held, err := r.builder.nix.Hold(req.Context(), l.Paths)
 	if err != nil {
 		writeError(w, http.StatusNotFound, "BLOB_UNKNOWN", fmt.Sprintf("blob %s: %v: request its manifest again", d, err))
 		return

@@ -36,12 +36,18 @@ const (
 	labelLayer = "containerd.io/snapshot/nixery.layer"
 	// labelLayerSize is the size of the layer's tar.
 	labelLayerSize = "containerd.io/snapshot/nixery.layer.size"
+	// labelLayerDiffID is its digest (containerd's unpacker labels
+	// snapshots with their diffID since 2.x only).
+	labelLayerDiffID = "containerd.io/snapshot/nixery.layer.diff-id"
 )
 
-// layerLabels say which layer a snapshot holds (with the diffID label
-// containerd's unpacker sets).
-func layerLabels(l *Layer, size int64) map[string]string {
-	return map[string]string{labelLayer: l.Key(), labelLayerSize: strconv.FormatInt(size, 10)}
+// layerLabels say which layer a snapshot holds.
+func layerLabels(l *Layer, desc ocispec.Descriptor) map[string]string {
+	return map[string]string{
+		labelLayer:       l.Key(),
+		labelLayerSize:   strconv.FormatInt(desc.Size, 10),
+		labelLayerDiffID: desc.Digest.String(),
+	}
 }
 
 func (s snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
@@ -53,7 +59,7 @@ func (s snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, l
 		return err
 	}
 	if !ok {
-		if desc, err = unpackLayer(ctx, s.sn, parent, l); err != nil {
+		if desc, err = s.unpack(ctx, parent, l); err != nil {
 			return err
 		}
 		layersPacked.Inc()
@@ -78,7 +84,7 @@ func (s snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *La
 	if err != nil || found == nil {
 		return ocispec.Descriptor{}, false, err
 	}
-	d, derr := digest.Parse(found.Labels[snapshots.LabelSnapshotDiffID])
+	d, derr := digest.Parse(found.Labels[labelLayerDiffID])
 	size, serr := strconv.ParseInt(found.Labels[labelLayerSize], 10, 64)
 	if derr != nil || serr != nil || chainID(parent, d).String() != found.Name {
 		log.G(ctx).WithField("snapshot", found.Name).Warn("snapshot labels do not describe it: unpacking the layer again")
@@ -108,12 +114,15 @@ func (s snapshotDescriber) hold(ctx context.Context, parent digest.Digest, l *La
 }
 
 // uniqueKey is a key for a new active snapshot of layer l.
-func uniqueKey(l *Layer) (string, error) {
+func uniqueKey(l *Layer) (string, error) { return unique(l.Key()) }
+
+// unique makes name unique with a random suffix.
+func unique(name string) (string, error) {
 	var suffix [6]byte
 	if _, err := rand.Read(suffix[:]); err != nil {
 		return "", err
 	}
-	return l.Key() + "-" + hex.EncodeToString(suffix[:]), nil
+	return name + "-" + hex.EncodeToString(suffix[:]), nil
 }
 
 // chainID is the snapshot name of layer diffID on top of the chain parent.
@@ -124,11 +133,15 @@ func chainID(parent, diffID digest.Digest) digest.Digest {
 	return identity.ChainID([]digest.Digest{parent, diffID})
 }
 
-// unpackLayer makes the snapshot of layer l on top of the chain parent,
-// by applying its tar as it is written (in this process, which must be
-// able to mount, as containerd's is), and commits it under its chain ID,
+// errUnpackStopped stops a layer's writer when unpacking it failed.
+var errUnpackStopped = errors.New("unpacking stopped")
+
+// unpack makes the snapshot of layer l on top of the chain parent, by
+// applying its tar as it is written (in this process, which must be able
+// to mount, as containerd's is), and commits it under its chain ID,
 // labelled with what it holds.
-func unpackLayer(ctx context.Context, sn snapshots.Snapshotter, parent digest.Digest, l *Layer) (ocispec.Descriptor, error) {
+func (s snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l *Layer) (ocispec.Descriptor, error) {
+	sn := s.sn
 	key, err := uniqueKey(l)
 	if err != nil {
 		return ocispec.Descriptor{}, err
@@ -162,28 +175,39 @@ func unpackLayer(ctx context.Context, sn snapshots.Snapshotter, parent digest.Di
 		written <- err
 	}()
 	err = applyTar(ctx, mounts, pr)
-	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
-		err = fmt.Errorf("%w (pull writes snapshots itself: it must run as root on containerd's host, or pass --with-layers for containerd to unpack)", err)
-	} else if err == nil {
+	if err == nil {
 		// Whatever the tar reader left (its end blocks).
 		_, err = io.Copy(io.Discard, pr)
 	}
-	pr.CloseWithError(errors.New("unpacking stopped")) // stops the writer, if it still writes
-	if werr := <-written; werr != nil {
+	pr.CloseWithError(errUnpackStopped) // stops the writer, if it still writes
+	if werr := <-written; werr != nil && !errors.Is(werr, errUnpackStopped) {
+		// Reading the store failed (the applier saw it as a broken tar).
 		return ocispec.Descriptor{}, fmt.Errorf("pack layer %s: %w", l.Key(), werr)
+	}
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
+		return ocispec.Descriptor{}, fmt.Errorf("unpack layer %s: %w (pull writes snapshots itself: it must run as root on containerd's host, or pass --with-layers for containerd to unpack)", l.Key(), err)
 	}
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("unpack layer %s: %w", l.Key(), err)
 	}
 	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
 	chain := chainID(parent, desc.Digest)
-	labels := layerLabels(l, desc.Size)
+	labels := layerLabels(l, desc)
 	labels[snapshots.LabelSnapshotDiffID] = desc.Digest.String()
 	err = sn.Commit(ctx, chain.String(), key, snapshots.WithLabels(labels))
-	if err != nil && !errdefs.IsAlreadyExists(err) {
+	if errdefs.IsAlreadyExists(err) {
+		// Another pull committed the chain meanwhile: drop ours, hold
+		// theirs.
+		held, herr := s.hold(ctx, parent, l, chain)
+		if herr == nil && !held {
+			herr = fmt.Errorf("snapshot %s was removed as it was committed: %w", chain, errdefs.ErrAborted)
+		}
+		return desc, herr
+	}
+	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("commit snapshot %s of layer %s: %w", chain, l.Key(), err)
 	}
-	committed = err == nil // else another pull committed the chain: drop ours
+	committed = true
 	return desc, nil
 }
 

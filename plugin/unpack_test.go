@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/leases"
@@ -118,5 +119,39 @@ func TestSnapshotDescriber(t *testing.T) {
 	// On another chain it is a different snapshot: not found.
 	if err := d.Describe(lctx, "", &Layer{Paths: top.Paths, Hashes: top.Hashes}); err == nil {
 		t.Error("a layer on another chain was described without its store paths")
+	}
+}
+
+// brokenMounts is a snapshotter whose snapshots cannot be written from
+// here (as seen from another mount namespace).
+type brokenMounts struct{ snapshots.Snapshotter }
+
+func (b brokenMounts) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	if _, err := b.Snapshotter.Prepare(ctx, key, parent, opts...); err != nil {
+		return nil, err
+	}
+	return []mount.Mount{{Type: "bind", Source: "/nonexistent/snapshot", Options: []string{"rbind", "rw"}}}, nil
+}
+
+// A layer that cannot be written says why and how else to pull, and
+// leaves no snapshot behind; one whose store paths are gone says that.
+func TestSnapshotDescriberErrors(t *testing.T) {
+	testutil.RequireRoot(t)
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	sn, _ := testSnapshotter(t)
+	err := snapshotDescriber{brokenMounts{sn}}.Describe(ctx, "", testLayer(t))
+	if err == nil || !strings.Contains(err.Error(), "/nonexistent/snapshot") || !strings.Contains(err.Error(), "--with-layers") || strings.Contains(err.Error(), errUnpackStopped.Error()) {
+		t.Errorf("unwritable snapshot: %v", err)
+	}
+	gone := testLayer(t)
+	os.RemoveAll(gone.Paths[0])
+	err = snapshotDescriber{sn}.Describe(ctx, "", gone)
+	if err == nil || !strings.Contains(err.Error(), gone.Paths[0]) || strings.Contains(err.Error(), "--with-layers") {
+		t.Errorf("store path gone: %v", err)
+	}
+	n := 0
+	sn.Walk(ctx, func(context.Context, snapshots.Info) error { n++; return nil })
+	if n != 0 {
+		t.Errorf("%d snapshots left after failed unpacks", n)
 	}
 }
