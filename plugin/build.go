@@ -54,6 +54,9 @@ type Layer struct {
 	// Blob is the layer's content when it is small and kept in memory (a
 	// reference layer).
 	Blob []byte
+	// hold, if set, keeps the layer's store paths from Nix's garbage
+	// collector before they are read (those of a build that is over).
+	hold func() error
 }
 
 // Key identifies the layer's content independent of its encoding.
@@ -76,6 +79,11 @@ func (l *Layer) identity() []byte {
 
 // WriteTar writes the layer's tar.
 func (l *Layer) WriteTar(w io.Writer) error {
+	if l.hold != nil {
+		if err := l.hold(); err != nil {
+			return err
+		}
+	}
 	if l.Symlinks {
 		return tarstream.WriteSymlinkForest(w, l.Paths)
 	}

@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sync"
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
@@ -25,6 +26,7 @@ import (
 	grpcstatus "google.golang.org/grpc/status"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
 
@@ -247,6 +249,18 @@ func (p *Provisioner) build(ctx context.Context, ref string, describe Describer)
 	}
 
 	p.builder.say("%s: building in the daemon at %s", ref, p.daemon.address)
+	img, fetcher, err := p.fromDaemon(ctx, ref, describe)
+	if errdefs.IsNotFound(err) {
+		// Store paths of an image the daemon had cached went since.
+		log.G(ctx).WithError(err).Warn("building in the daemon again")
+		img, fetcher, err = p.fromDaemon(ctx, ref, describe)
+	}
+	return img, fetcher, err
+}
+
+// fromDaemon has the daemon build ref, and describes and stores its layers
+// here.
+func (p *Provisioner) fromDaemon(ctx context.Context, ref string, describe Describer) (*Image, remotes.Fetcher, error) {
 	blobs, asBlobs := describe.(contentDescriber)
 	// Blobs must match the daemon's descriptors, which it keeps; anything
 	// else needs only the layers' store paths (and the daemon reads none).
@@ -255,22 +269,19 @@ func (p *Provisioner) build(ctx context.Context, ref string, describe Describer)
 		return img, fetcher, err
 	}
 	// The daemon keeps the store paths of what it builds alive a while
-	// after it answers: long enough for them to become roots of this
-	// process too. Those of an image it had cached may be gone: then it
-	// builds the image again.
-	held, err := p.builder.nix.Hold(ctx, img.paths())
-	if errdefs.IsNotFound(err) {
-		log.G(ctx).WithError(err).Warn("store paths gone since the daemon cached the image: building again")
-		if img, fetcher, err = p.daemon.build(ctx, ref, !asBlobs); err == nil {
-			held, err = p.builder.nix.Hold(ctx, img.paths())
-		}
-	}
-	if err != nil {
-		return nil, nil, fmt.Errorf("%s: %w", ref, err)
-	}
-	defer held.Release()
+	// after it answers; before the first is read here, they all become
+	// roots of this process too. (A layer that is there already is not
+	// read: a warm pull starts no Nix.)
+	var held *nixbuild.Result
+	hold := sync.OnceValue(func() error {
+		var err error
+		held, err = p.builder.nix.Hold(ctx, img.paths())
+		return err
+	})
+	defer func() { held.Release() }()
 	var chain digest.Digest
 	for i, l := range img.Layers {
+		l.hold = hold
 		if asBlobs {
 			_, err = writeLayer(ctx, blobs.cs, l.Key(), l.WriteTar, &l.Desc)
 		} else {
