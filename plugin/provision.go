@@ -132,9 +132,15 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 		}
 	}()
 
-	img, fetcher, err := p.build(ctx, ref, p.describer(snapshotter))
+	describe := p.describer(ctx, snapshotter)
+	img, fetcher, err := p.build(ctx, ref, describe)
 	if err != nil {
 		return images.Image{}, err
+	}
+	if sd, ok := describe.(*snapshotDescriber); ok {
+		if err := sd.holdFound(ctx); err != nil {
+			return images.Image{}, err
+		}
 	}
 
 	// Register and unpack through the client's Pull with a resolver that
@@ -222,14 +228,14 @@ func (p *Provisioner) waitCRI(ctx context.Context, ref string) error {
 // on the way: into snapshots, without blobs; as blobs when they are asked
 // for; not at all for the nix snapshotter, which makes every layer from
 // the store itself (nil).
-func (p *Provisioner) describer(snapshotter string) Describer {
+func (p *Provisioner) describer(ctx context.Context, snapshotter string) Describer {
 	switch {
 	case p.layerBlobs:
 		return contentDescriber{p.client.ContentStore(), p.builder.cache}
 	case snapshotter == p.nixSnapshot:
 		return nil
 	default:
-		return snapshotDescriber{p.client.SnapshotService(snapshotter)}
+		return newSnapshotDescriber(ctx, p.client.SnapshotService(snapshotter))
 	}
 }
 

@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -29,7 +31,35 @@ import (
 // containerd's unpacker does with a blob, without the blob. Its snapshots
 // carry the layer's identity and descriptor, so that the snapshot of a
 // layer on a chain that has it already is found without a read.
-type snapshotDescriber struct{ sn snapshots.Snapshotter }
+//
+// One describes the layers of one image, in order.
+type snapshotDescriber struct {
+	sn snapshots.Snapshotter
+	// labelled lists the snapshots that name their layer, by layer: read
+	// once for all the layers of an image.
+	labelled func() (map[string][]snapshots.Info, error)
+	// found is the snapshot last found rather than made, not yet held.
+	found *foundSnapshot
+}
+
+// foundSnapshot is layer l's snapshot chain, on parent.
+type foundSnapshot struct {
+	parent, chain digest.Digest
+	l             *Layer
+}
+
+func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter) *snapshotDescriber {
+	return &snapshotDescriber{sn: sn, labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
+		byLayer := map[string][]snapshots.Info{}
+		err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+			if info.Kind == snapshots.KindCommitted {
+				byLayer[info.Labels[labelLayer]] = append(byLayer[info.Labels[labelLayer]], info)
+			}
+			return nil
+		}, fmt.Sprintf("labels.%q", labelLayer))
+		return byLayer, err
+	})}
+}
 
 const (
 	// labelLayer names the layer (Layer.Key) a snapshot holds.
@@ -50,40 +80,63 @@ func layerLabels(l *Layer, desc ocispec.Descriptor) map[string]string {
 	}
 }
 
-func (s snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
+func (s *snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
 	desc, ok, err := s.find(ctx, parent, l)
-	if err == nil && ok {
-		ok, err = s.hold(ctx, parent, l, chainID(parent, desc.Digest))
-	}
 	if err != nil {
 		return err
 	}
-	if !ok {
-		if desc, err = s.unpack(ctx, parent, l); err != nil {
+	if ok {
+		s.found = &foundSnapshot{parent: parent, chain: chainID(parent, desc.Digest), l: l}
+		l.Desc = desc
+		return nil
+	}
+	if s.found != nil && s.found.chain == parent {
+		// Unpacked on top of, it must stay.
+		if err := s.holdFound(ctx); err != nil {
 			return err
 		}
-		layersPacked.Inc()
-		bytesStreamed.Add(float64(desc.Size))
-		log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("packed layer")
 	}
+	s.found = nil
+	if desc, err = s.unpack(ctx, parent, l); err != nil {
+		return err
+	}
+	layersPacked.Inc()
+	bytesStreamed.Add(float64(desc.Size))
+	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("packed layer")
 	l.Desc = desc
 	return nil
+}
+
+// holdFound holds the snapshot last found, and with it the chain below:
+// called before the image is registered, and before a layer is unpacked on
+// top of it. (Holding each snapshot found would cost containerd a
+// metadata write per layer.)
+func (s *snapshotDescriber) holdFound(ctx context.Context) error {
+	f := s.found
+	if f == nil {
+		return nil
+	}
+	s.found = nil
+	held, err := s.hold(ctx, f.parent, f.l, f.chain)
+	if err == nil && !held {
+		err = fmt.Errorf("snapshot %s of layer %s was removed as this pull found it: pull again: %w", f.chain, f.l.Key(), errdefs.ErrAborted)
+	}
+	return err
 }
 
 // find describes layer l from its snapshot on top of the chain parent, if
 // there is one. The snapshot's labels were written with its content: they
 // describe exactly what it holds.
-func (s snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *Layer) (ocispec.Descriptor, bool, error) {
-	var found *snapshots.Info
-	err := s.sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
-		if found == nil && info.Kind == snapshots.KindCommitted && info.Parent == parent.String() && info.Labels[labelLayer] == l.Key() {
-			found = &info
-		}
-		return nil
-	}, fmt.Sprintf("labels.%q==%q", labelLayer, l.Key()))
-	if err != nil || found == nil {
-		return ocispec.Descriptor{}, false, err
+func (s *snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *Layer) (ocispec.Descriptor, bool, error) {
+	labelled, err := s.labelled()
+	if err != nil {
+		return ocispec.Descriptor{}, false, fmt.Errorf("listing snapshots: %w", err)
 	}
+	i := slices.IndexFunc(labelled[l.Key()], func(info snapshots.Info) bool { return info.Parent == parent.String() })
+	if i < 0 {
+		return ocispec.Descriptor{}, false, nil
+	}
+	found := labelled[l.Key()][i]
 	d, derr := digest.Parse(found.Labels[labelLayerDiffID])
 	size, serr := strconv.ParseInt(found.Labels[labelLayerSize], 10, 64)
 	if derr != nil || serr != nil || chainID(parent, d).String() != found.Name {
@@ -97,7 +150,7 @@ func (s snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *La
 // lease, as containerd's unpacker does with the snapshots it finds: another
 // client that removes its image meanwhile cannot have it collected from
 // under this one. False if it is gone already.
-func (s snapshotDescriber) hold(ctx context.Context, parent digest.Digest, l *Layer, chain digest.Digest) (bool, error) {
+func (s *snapshotDescriber) hold(ctx context.Context, parent digest.Digest, l *Layer, chain digest.Digest) (bool, error) {
 	key, err := uniqueKey(l)
 	if err != nil {
 		return false, err
@@ -140,7 +193,7 @@ var errUnpackStopped = errors.New("unpacking stopped")
 // applying its tar as it is written (in this process, which must be able
 // to mount, as containerd's is), and commits it under its chain ID,
 // labelled with what it holds.
-func (s snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l *Layer) (ocispec.Descriptor, error) {
+func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l *Layer) (ocispec.Descriptor, error) {
 	sn := s.sn
 	key, err := uniqueKey(l)
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -57,7 +58,7 @@ func TestSnapshotDescriber(t *testing.T) {
 		}
 		return leases.WithLease(ctx, lease.ID), lease
 	}
-	d := snapshotDescriber{sn}
+	d := newSnapshotDescriber(ctx, sn)
 	base, top := testLayer(t), testLayer(t)
 
 	// Unpacked: described as the tar it is, committed under its chain.
@@ -102,8 +103,12 @@ func TestSnapshotDescriber(t *testing.T) {
 	}
 	lctx, lease := withLease()
 	again := &Layer{Paths: top.Paths, Hashes: top.Hashes}
-	if err := d.Describe(lctx, base.Desc.Digest, again); err != nil {
+	pull := newSnapshotDescriber(lctx, sn)
+	if err := pull.Describe(lctx, base.Desc.Digest, again); err != nil {
 		t.Fatalf("snapshot not found: %v", err)
+	}
+	if err := pull.holdFound(lctx); err != nil {
+		t.Fatal(err)
 	}
 	if again.Desc.Digest != top.Desc.Digest || again.Desc.Size != top.Desc.Size {
 		t.Errorf("found %v, unpacked %v", again.Desc, top.Desc)
@@ -114,6 +119,23 @@ func TestSnapshotDescriber(t *testing.T) {
 	}
 	if len(held) != 1 || held[0].ID != chain.String() {
 		t.Errorf("lease holds %v, want snapshot %s", held, chain)
+	}
+
+	// A snapshot found and then built on is held before it is built on.
+	lctx, lease = withLease()
+	pull = newSnapshotDescriber(lctx, sn)
+	if err := pull.Describe(lctx, "", &Layer{Paths: base.Paths, Hashes: base.Hashes}); err != nil {
+		t.Fatal(err)
+	}
+	if err := pull.Describe(lctx, base.Desc.Digest, testLayer(t)); err != nil {
+		t.Fatal(err)
+	}
+	held, err = lm.ListResources(ctx, lease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(held, func(r leases.Resource) bool { return r.ID == base.Desc.Digest.String() }) {
+		t.Errorf("lease holds %v, not the snapshot built on, %s", held, base.Desc.Digest)
 	}
 
 	// On another chain it is a different snapshot: not found.
@@ -139,13 +161,13 @@ func TestSnapshotDescriberErrors(t *testing.T) {
 	testutil.RequireRoot(t)
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	sn, _ := testSnapshotter(t)
-	err := snapshotDescriber{brokenMounts{sn}}.Describe(ctx, "", testLayer(t))
+	err := newSnapshotDescriber(ctx, brokenMounts{sn}).Describe(ctx, "", testLayer(t))
 	if err == nil || !strings.Contains(err.Error(), "/nonexistent/snapshot") || !strings.Contains(err.Error(), "--with-layers") || strings.Contains(err.Error(), errUnpackStopped.Error()) {
 		t.Errorf("unwritable snapshot: %v", err)
 	}
 	gone := testLayer(t)
 	os.RemoveAll(gone.Paths[0])
-	err = snapshotDescriber{sn}.Describe(ctx, "", gone)
+	err = newSnapshotDescriber(ctx, sn).Describe(ctx, "", gone)
 	if err == nil || !strings.Contains(err.Error(), gone.Paths[0]) || strings.Contains(err.Error(), "--with-layers") {
 		t.Errorf("store path gone: %v", err)
 	}
