@@ -108,6 +108,9 @@ func TestPullIntoSnapshots(t *testing.T) {
 	if strings.Contains(stderr, "packed layer") || !slices.Equal(e.snapshots("overlayfs"), sns) {
 		t.Errorf("second pull unpacked again: snapshots %v\n%s", e.snapshots("overlayfs"), stderr)
 	}
+	if !strings.Contains(stderr, "registered and unpacked into overlayfs already") {
+		t.Errorf("second pull registered the image again:\n%s", stderr)
+	}
 
 	// Blobs on request make the image exportable.
 	e.mustPull("--with-layers", "--snapshotter", "overlayfs", "nix.local/git")

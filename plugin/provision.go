@@ -20,6 +20,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
 	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -148,7 +149,6 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	// and config with their GC labels, unpacks with the remote-snapshotter
 	// labels the `nix` snapshotter reads, and creates or updates the record.
 	// The layers are unpacked or stored already, so nothing is copied.
-	p.builder.say("%s: registering and unpacking into %s", img.Ref(), snapshotter)
 	fixed := resolver.NewFixed(img.Ref(), img.Manifest, img.Blobs, fetcher)
 	pullOpts := []containerd.RemoteOpt{
 		containerd.WithResolver(fixed),
@@ -173,20 +173,29 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 		// nix.local/shell/htop` needs a record without the tag.
 		names = append(names, img.Name)
 	}
+	var records []images.Image
 	for _, name := range names {
-		if _, gerr := p.client.ImageService().Get(ctx, name); errdefs.IsNotFound(gerr) {
+		rec, gerr := p.client.ImageService().Get(ctx, name)
+		if errdefs.IsNotFound(gerr) {
 			created = append(created, name)
 		}
+		records = append(records, rec)
 	}
-	pulled, err := p.client.Pull(ctx, img.Ref(), pullOpts...)
-	if err != nil {
-		return images.Image{}, fmt.Errorf("register %s: %w", img.Ref(), err)
-	}
-	record := pulled.Metadata()
-	for _, name := range names[1:] {
-		alias := images.Image{Name: name, Target: record.Target, Labels: record.Labels}
-		if err = putImage(ctx, p.client.ImageService(), alias); err != nil {
-			return images.Image{}, fmt.Errorf("register %s: %w", name, err)
+	record, current := records[0], p.current(ctx, records, img, snapshotter, ns == CRINamespace)
+	if current {
+		p.builder.say("%s: registered and unpacked into %s already", img.Ref(), snapshotter)
+	} else {
+		p.builder.say("%s: registering and unpacking into %s", img.Ref(), snapshotter)
+		pulled, err := p.client.Pull(ctx, img.Ref(), pullOpts...)
+		if err != nil {
+			return images.Image{}, fmt.Errorf("register %s: %w", img.Ref(), err)
+		}
+		record = pulled.Metadata()
+		for _, name := range names[1:] {
+			alias := images.Image{Name: name, Target: record.Target, Labels: record.Labels}
+			if err = putImage(ctx, p.client.ImageService(), alias); err != nil {
+				return images.Image{}, fmt.Errorf("register %s: %w", name, err)
+			}
 		}
 	}
 	if ns == CRINamespace {
@@ -196,6 +205,44 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	}
 	p.builder.say("%s: done in %s", img.Ref(), time.Since(start).Round(time.Millisecond))
 	return record, nil
+}
+
+// current reports whether the image records are img already, unpacked into
+// snapshotter and kept there by containerd's garbage collector: then there
+// is nothing to register (which would cost containerd a metadata write per
+// layer).
+func (p *Provisioner) current(ctx context.Context, records []images.Image, img *Image, snapshotter string, cri bool) bool {
+	if p.layerBlobs {
+		return false // they may want writing
+	}
+	for _, rec := range records {
+		if rec.Target.Digest != img.Manifest.Digest {
+			return false
+		}
+		for k, v := range criLabels {
+			if cri && rec.Labels[k] != v {
+				return false
+			}
+		}
+	}
+	cs := p.client.ContentStore()
+	if _, err := cs.Info(ctx, img.Manifest.Digest); err != nil {
+		return false
+	}
+	info, err := cs.Info(ctx, img.Config.Digest)
+	if err != nil {
+		return false
+	}
+	var cfg ocispec.Image
+	if err := json.Unmarshal(img.Blobs[img.Config.Digest], &cfg); err != nil {
+		return false
+	}
+	top := identity.ChainID(cfg.RootFS.DiffIDs).String()
+	if info.Labels["containerd.io/gc.ref.snapshot."+snapshotter] != top {
+		return false
+	}
+	_, err = p.client.SnapshotService(snapshotter).Stat(ctx, top)
+	return err == nil
 }
 
 // waitCRI returns once containerd's CRI reports ref, which it learns of
