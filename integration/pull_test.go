@@ -172,18 +172,26 @@ func (e *env) readJSON(t testing.TB, desc ocispec.Descriptor, v any) {
 }
 
 func TestPullMissingPackages(t *testing.T) {
-	e := newEnv(t)
-	e.mustPull("nix.local/htop")
-	images, blobs := e.images(), e.content()
+	bin, calls := countingNix(t)
+	for _, e := range []*env{newEnv(t), newNixEnv(t, func(e *env) { e.daemon.nixBin = bin })} {
+		e.mustPull("nix.local/htop")
+		images, blobs := e.images(), e.content()
+		before := evaluations(t, calls)
 
-	_, stderr, err := e.pull("nix.local/nosuchpkg/alsomissing")
-	if err == nil {
-		t.Fatal("pull of missing packages succeeded")
+		_, stderr, err := e.pull("nix.local/nosuchpkg/alsomissing")
+		if err == nil {
+			t.Fatal("pull of missing packages succeeded")
+		}
+		if !strings.Contains(stderr, "could not find Nix packages: [alsomissing nosuchpkg]") {
+			t.Errorf("stderr does not name both packages:\n%s", stderr)
+		}
+		e.unchanged(images, blobs)
+		if e.daemon != nil {
+			if n := evaluations(t, calls) - before; n != 1 {
+				t.Errorf("the daemon evaluated %d times for missing packages", n)
+			}
+		}
 	}
-	if !strings.Contains(stderr, "could not find Nix packages: [alsomissing nosuchpkg]") {
-		t.Errorf("stderr does not name both packages:\n%s", stderr)
-	}
-	e.unchanged(images, blobs)
 }
 
 func TestPullBuildFailure(t *testing.T) {

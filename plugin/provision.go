@@ -6,6 +6,7 @@ package plugin
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -303,13 +304,16 @@ func (p *Provisioner) build(ctx context.Context, ref string, describe Describer)
 
 	p.builder.say("%s: building in the daemon at %s", ref, p.daemon.address)
 	img, fetcher, err := p.fromDaemon(ctx, ref, describe)
-	if errdefs.IsNotFound(err) {
+	if errors.Is(err, errPathsGone) {
 		// Store paths of an image the daemon had cached went since.
 		log.G(ctx).WithError(err).Warn("building in the daemon again")
 		img, fetcher, err = p.fromDaemon(ctx, ref, describe)
 	}
 	return img, fetcher, err
 }
+
+// errPathsGone says store paths the daemon described are gone.
+var errPathsGone = errors.New("store paths gone since the daemon built the image")
 
 // fromDaemon has the daemon build ref, and describes and stores its layers
 // here.
@@ -329,9 +333,17 @@ func (p *Provisioner) fromDaemon(ctx context.Context, ref string, describe Descr
 	hold := sync.OnceValue(func() error {
 		var err error
 		held, err = p.builder.nix.Hold(ctx, img.paths())
+		if errdefs.IsNotFound(err) {
+			err = fmt.Errorf("%w: %w", errPathsGone, err)
+		}
 		return err
 	})
-	defer func() { held.Release() }()
+	defer func() {
+		for _, l := range img.Layers {
+			l.hold = nil // held no more
+		}
+		held.Release()
+	}()
 	var chain digest.Digest
 	for i, l := range img.Layers {
 		l.hold = hold

@@ -160,9 +160,25 @@ func (s *snapshotDescriber) hold(ctx context.Context, parent digest.Digest, l *L
 	case errdefs.IsAlreadyExists(err):
 		return true, nil
 	case err == nil:
+		s.forget(l, chain)
 		return false, s.sn.Remove(ctx, key)
 	default:
 		return false, fmt.Errorf("snapshot %s of layer %s: %w", chain, l.Key(), err)
+	}
+}
+
+// remember lists a snapshot this describer committed, so that describing
+// the image again (after a cached image turned out stale) finds it.
+func (s *snapshotDescriber) remember(l *Layer, info snapshots.Info) {
+	if labelled, err := s.labelled(); err == nil {
+		labelled[l.Key()] = append(labelled[l.Key()], info)
+	}
+}
+
+// forget unlists a snapshot found gone.
+func (s *snapshotDescriber) forget(l *Layer, chain digest.Digest) {
+	if labelled, err := s.labelled(); err == nil {
+		labelled[l.Key()] = slices.DeleteFunc(labelled[l.Key()], func(info snapshots.Info) bool { return info.Name == chain.String() })
 	}
 }
 
@@ -261,6 +277,7 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 		return ocispec.Descriptor{}, fmt.Errorf("commit snapshot %s of layer %s: %w", chain, l.Key(), err)
 	}
 	committed = true
+	s.remember(l, snapshots.Info{Kind: snapshots.KindCommitted, Name: chain.String(), Parent: parent.String(), Labels: labels})
 	return desc, nil
 }
 

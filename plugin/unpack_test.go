@@ -101,6 +101,11 @@ func TestSnapshotDescriber(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The same describer, describing the image again from the start
+	// (after a cached image turned out stale), finds what it committed.
+	if err := d.Describe(lctx, "", &Layer{Paths: base.Paths, Hashes: base.Hashes}); err != nil {
+		t.Errorf("describing again: %v", err)
+	}
 	lctx, lease := withLease()
 	again := &Layer{Paths: top.Paths, Hashes: top.Hashes}
 	pull := newSnapshotDescriber(lctx, sn)
