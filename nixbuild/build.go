@@ -65,6 +65,7 @@ type Result struct {
 	Closure []StorePath
 
 	rootDir string
+	owner   *Builder
 }
 
 // Release drops the garbage-collector roots that keep the closure alive
@@ -72,6 +73,11 @@ type Result struct {
 func (r *Result) Release() error {
 	if r == nil || r.rootDir == "" {
 		return nil
+	}
+	if r.owner != nil {
+		r.owner.mu.Lock()
+		delete(r.owner.roots, r.rootDir)
+		r.owner.mu.Unlock()
 	}
 	return os.RemoveAll(r.rootDir)
 }
@@ -81,11 +87,11 @@ func (r *Result) Release() error {
 // already running to keep them too. A path that is gone already is an
 // error naming it.
 func (b *Builder) Hold(ctx context.Context, paths []string) (*Result, error) {
-	dir, err := gcRootDir()
+	res, err := b.newResult()
 	if err != nil {
 		return nil, err
 	}
-	res := &Result{rootDir: dir}
+	dir := res.rootDir
 	hold := append([]string{"--realise", "--add-root", filepath.Join(dir, "held")}, paths...)
 	if _, err := b.run(ctx, "hold", "nix-store", b.args(hold...)...); err != nil {
 		res.Release()
@@ -111,6 +117,9 @@ type Builder struct {
 	writeOnce  sync.Once
 	exprPath   string
 	writeError error
+
+	mu    sync.Mutex
+	roots map[string]struct{} // GC root directories of results not released
 }
 
 // Opt configures a Builder.
@@ -136,7 +145,7 @@ func WithLogTail(lines int) Opt { return func(b *Builder) { b.logLines = lines }
 
 // New returns a Builder for source.
 func New(source Source, opts ...Opt) *Builder {
-	b := &Builder{source: source, options: map[string]string{}, logLines: 30}
+	b := &Builder{source: source, options: map[string]string{}, logLines: 30, roots: map[string]struct{}{}}
 	for _, opt := range opts {
 		opt(b)
 	}
@@ -222,11 +231,11 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	// GC roots keep the derivations until they are built, and the packages
 	// (and so their closures) until the caller has packed them, from a
 	// concurrent `nix-store --gc`.
-	rootDir, err := gcRootDir()
+	res, err := b.newResult()
 	if err != nil {
 		return nil, err
 	}
-	res := &Result{rootDir: rootDir}
+	rootDir := res.rootDir
 	defer func() {
 		if retErr != nil {
 			res.Release()
@@ -348,11 +357,33 @@ func (b *Builder) expression() (string, error) {
 }
 
 // Close removes the Builder's temporary files.
-func (b *Builder) Close() error {
-	if b.exprPath == "" {
-		return nil
+// newResult makes a result with a directory for its GC roots, which Close
+// removes if the result is not released by then.
+func (b *Builder) newResult() (*Result, error) {
+	dir, err := gcRootDir()
+	if err != nil {
+		return nil, err
 	}
-	return os.RemoveAll(filepath.Dir(b.exprPath))
+	b.mu.Lock()
+	b.roots[dir] = struct{}{}
+	b.mu.Unlock()
+	return &Result{rootDir: dir, owner: b}, nil
+}
+
+// Close removes the Builder's files, and the GC roots of results not
+// released yet (a daemon that stops keeps no store path alive).
+func (b *Builder) Close() error {
+	b.mu.Lock()
+	var errs []error
+	for dir := range b.roots {
+		errs = append(errs, os.RemoveAll(dir))
+	}
+	clear(b.roots)
+	b.mu.Unlock()
+	if b.exprPath != "" {
+		errs = append(errs, os.RemoveAll(filepath.Dir(b.exprPath)))
+	}
+	return errors.Join(errs...)
 }
 
 // parsePathInfo reads `nix path-info --json`: a list of objects with a

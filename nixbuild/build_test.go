@@ -455,6 +455,16 @@ func TestHold(t *testing.T) {
 		t.Errorf("roots outlive Release: %v", err)
 	}
 
+	// Roots not released go with the Builder.
+	kept, err := b.Hold(context.Background(), []string{out})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.Close()
+	if _, err := os.Stat(kept.rootDir); !os.IsNotExist(err) {
+		t.Errorf("roots outlive Close: %v", err)
+	}
+
 	gone := "/nix/store/00000000000000000000000000000000-gone"
 	if _, err := b.Hold(context.Background(), []string{out, gone}); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), gone) {
 		t.Errorf("holding a path that is gone: %v", err)
