@@ -151,7 +151,7 @@ func (s *snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *L
 // client that removes its image meanwhile cannot have it collected from
 // under this one. False if it is gone already.
 func (s *snapshotDescriber) hold(ctx context.Context, parent digest.Digest, l *Layer, chain digest.Digest) (bool, error) {
-	key, err := uniqueKey(l)
+	key, err := unique(l.Key())
 	if err != nil {
 		return false, err
 	}
@@ -182,9 +182,6 @@ func (s *snapshotDescriber) forget(l *Layer, chain digest.Digest) {
 	}
 }
 
-// uniqueKey is a key for a new active snapshot of layer l.
-func uniqueKey(l *Layer) (string, error) { return unique(l.Key()) }
-
 // unique makes name unique with a random suffix.
 func unique(name string) (string, error) {
 	var suffix [6]byte
@@ -211,7 +208,7 @@ var errUnpackStopped = errors.New("unpacking stopped")
 // labelled with what it holds.
 func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l *Layer) (ocispec.Descriptor, error) {
 	sn := s.sn
-	key, err := uniqueKey(l)
+	key, err := unique(l.Key())
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
