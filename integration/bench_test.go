@@ -19,7 +19,6 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
@@ -111,7 +110,7 @@ func BenchmarkColdProvision(b *testing.B) {
 	m, _ := e.manifest(b, ref+":latest")
 	var paths []string
 	for _, l := range m.Layers {
-		paths = append(paths, snapshot.StorePathsFromLabels(l.Annotations)...)
+		paths = append(paths, storePaths(l.Annotations)...)
 	}
 	closureBytes := testutil.HashFiles(b, paths...)
 	var cfg ocispec.Image
@@ -258,7 +257,7 @@ func BenchmarkReuseSequence(b *testing.B) {
 				e.mustPull("--snapshotter", "overlayfs", "--with-layers", ref)
 				m, _ := e.manifest(b, ref+":latest")
 				for _, l := range m.Layers {
-					for _, p := range snapshot.StorePathsFromLabels(l.Annotations) {
+					for _, p := range storePaths(l.Annotations) {
 						ideal[p] = 0
 					}
 				}

@@ -20,7 +20,7 @@ func countingNix(t testing.TB) (string, string) {
 	t.Helper()
 	bin := t.TempDir()
 	calls := filepath.Join(bin, "calls")
-	for _, name := range []string{"nix-instantiate", "nix-store", "nix"} {
+	for _, name := range []string{"nix-instantiate", "nix-build", "nix-store", "nix"} {
 		real, err := exec.LookPath(name)
 		if err != nil {
 			t.Fatal(err)
@@ -33,6 +33,9 @@ func countingNix(t testing.TB) (string, string) {
 	return bin, calls
 }
 
+// evaluations counts the requests Nix evaluated (nix-instantiate; a
+// package that must be built is evaluated again by nix-build, which
+// builds it).
 func evaluations(t testing.TB, calls string) int {
 	b, _ := os.ReadFile(calls)
 	return strings.Count(string(b), "nix-instantiate")

@@ -19,6 +19,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 )
 
 // binary is the nixery-snapshotter built for this test run.
@@ -277,4 +278,23 @@ func (e *env) content() []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// storePaths are the store paths a layer's annotations name (none for the
+// symlink layer).
+func storePaths(annotations map[string]string) []string {
+	paths, symlinks, err := snapshot.LayerContent(annotations)
+	if err != nil || symlinks {
+		return nil
+	}
+	return paths
+}
+
+// symlinkPaths are the packages whose symlink forest a layer is.
+func symlinkPaths(annotations map[string]string) []string {
+	paths, symlinks, err := snapshot.LayerContent(annotations)
+	if err != nil || !symlinks {
+		return nil
+	}
+	return paths
 }

@@ -16,7 +16,6 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 )
 
 // nixeryStyle provisions the image whose layers m describes the way Nixery
@@ -39,9 +38,9 @@ func nixeryStyle(tb testing.TB, e *env, m ocispec.Manifest, cfg ocispec.Image) s
 	var layers []ocispec.Descriptor
 	cfg.RootFS.DiffIDs = nil
 	for _, l := range m.Layers {
-		layer := &plugin.Layer{Paths: snapshot.StorePathsFromLabels(l.Annotations)}
+		layer := &plugin.Layer{Paths: storePaths(l.Annotations)}
 		if len(layer.Paths) == 0 {
-			layer = &plugin.Layer{Paths: snapshot.SymlinksFromLabels(l.Annotations), Symlinks: true}
+			layer = &plugin.Layer{Paths: symlinkPaths(l.Annotations), Symlinks: true}
 		}
 		f, err := os.CreateTemp(dir, "layer")
 		if err != nil {

@@ -17,7 +17,6 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 )
 
 func TestPullAndRun(t *testing.T) {
@@ -333,13 +332,13 @@ func TestPullReproducible(t *testing.T) {
 	// snapshotter, and together they are the closure.
 	var paths []string
 	for _, l := range m1.Layers[:len(m1.Layers)-1] {
-		p := snapshot.StorePathsFromLabels(l.Annotations)
+		p := storePaths(l.Annotations)
 		if len(p) == 0 {
 			t.Errorf("layer %s names no store paths", l.Digest)
 		}
 		paths = append(paths, p...)
 	}
-	if p := snapshot.StorePathsFromLabels(m1.Layers[len(m1.Layers)-1].Annotations); len(p) != 0 {
+	if p := storePaths(m1.Layers[len(m1.Layers)-1].Annotations); len(p) != 0 {
 		t.Errorf("symlink layer names store paths %v", p)
 	}
 	var htop string
@@ -369,7 +368,7 @@ func TestPullArm64(t *testing.T) {
 	m, _ := e.manifest(t, "nix.local/shell/arm64:latest")
 	var checked int
 	for _, l := range m.Layers {
-		for _, p := range snapshot.StorePathsFromLabels(l.Annotations) {
+		for _, p := range storePaths(l.Annotations) {
 			drv, err := exec.Command("nix-store", "--query", "--deriver", p).Output()
 			if err != nil {
 				t.Fatal(err)

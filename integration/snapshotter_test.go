@@ -17,7 +17,6 @@ import (
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
@@ -45,12 +44,12 @@ func TestNixSnapshotter(t *testing.T) {
 		if _, err := e.ctd.Client.ContentStore().Info(e.ctx(), l.Digest); !errdefs.IsNotFound(err) {
 			t.Errorf("layer %s is in the content store (%v)", l.Digest, err)
 		}
-		if len(snapshot.StorePathsFromLabels(l.Annotations)) > 0 {
+		if len(storePaths(l.Annotations)) > 0 {
 			refs++
 			if l.MediaType != plugin.MediaTypeStorePaths {
 				t.Errorf("layer %s has media type %s", l.Digest, l.MediaType)
 			}
-		} else if len(snapshot.SymlinksFromLabels(l.Annotations)) == 0 {
+		} else if len(symlinkPaths(l.Annotations)) == 0 {
 			t.Errorf("layer %s names neither store paths nor symlinks", l.Digest)
 		}
 	}
@@ -158,7 +157,7 @@ func TestNixSnapshotterGC(t *testing.T) {
 	m, _ := e.manifest(t, "nix.local/shell/htop:latest")
 	var paths []string
 	for _, l := range m.Layers {
-		paths = append(paths, snapshot.StorePathsFromLabels(l.Annotations)...)
+		paths = append(paths, storePaths(l.Annotations)...)
 	}
 
 	// The snapshots' store paths are GC roots: a collection keeps them.

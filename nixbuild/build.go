@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -20,6 +19,9 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/procdir"
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild/storepath"
 )
 
 //go:embed prepare.nix
@@ -27,9 +29,6 @@ var prepareNix []byte
 
 // killedBySignal9 is how Nix reports a builder it killed itself.
 const killedBySignal9 = "failed due to signal 9 (Killed)"
-
-// errDerivationsCollected says derivations were gone when realised.
-var errDerivationsCollected = errors.New("derivations deleted between evaluation and build")
 
 // DefaultTimeout bounds one whole prepare step (evaluation and builds).
 const DefaultTimeout = 30 * time.Minute
@@ -64,62 +63,39 @@ type Result struct {
 	// by path, with references sorted.
 	Closure []StorePath
 
-	rootDir string
-	owner   *Builder
+	roots *Roots
 }
 
 // Release drops the garbage-collector roots that keep the closure alive
 // while it is being packed. Call it once the store paths have been read.
 func (r *Result) Release() error {
-	if r == nil || r.rootDir == "" {
+	if r == nil {
 		return nil
 	}
-	if r.owner != nil {
-		r.owner.mu.Lock()
-		delete(r.owner.roots, r.rootDir)
-		r.owner.mu.Unlock()
-	}
-	return os.RemoveAll(r.rootDir)
-}
-
-// Hold makes paths that another process realised GC roots of this one,
-// until the result is released. Through Nix, which tells a collection
-// already running to keep them too. A path that is gone already is an
-// error naming it.
-func (b *Builder) Hold(ctx context.Context, paths []string) (*Result, error) {
-	res, err := b.newResult()
-	if err != nil {
-		return nil, err
-	}
-	dir := res.rootDir
-	hold := append([]string{"--realise", "--add-root", filepath.Join(dir, "held")}, paths...)
-	if _, err := b.run(ctx, "hold", "nix-store", b.args(hold...)...); err != nil {
-		res.Release()
-		for _, p := range paths {
-			if _, serr := os.Lstat(p); serr != nil {
-				return nil, fmt.Errorf("store path %s is gone (garbage-collected?): %w", p, errdefs.ErrNotFound)
-			}
-		}
-		return nil, err
-	}
-	return res, nil
+	return r.roots.Release()
 }
 
 // Builder runs the prepare step against one package source.
 type Builder struct {
-	source   Source
-	timeout  time.Duration
-	options  map[string]string
-	binDir   string
-	logLines int
-	progress func(line string)
+	source    Source
+	revisions Revisions
+	timeout   time.Duration
+	options   map[string]string
+	binDir    string
+	logLines  int
+	progress  func(line string)
+	// procs bounds the Nix processes started to realise paths for holds,
+	// however many readers ask at once.
+	procs chan struct{}
 
 	writeOnce  sync.Once
 	exprPath   string
 	writeError error
 
+	store store
+
 	mu    sync.Mutex
-	roots map[string]struct{} // GC root directories of results not released
+	roots map[string]struct{} // GC root directories not released
 }
 
 // Opt configures a Builder.
@@ -143,9 +119,24 @@ func WithProgress(f func(line string)) Opt { return func(b *Builder) { b.progres
 // WithLogTail sets how many of Nix's last log lines a BuildError carries.
 func WithLogTail(lines int) Opt { return func(b *Builder) { b.logLines = lines } }
 
+// WithRevisions sets the tags served (path.Match patterns, such as
+// "nixos-*" or a commit id); DefaultRevisions if none.
+func WithRevisions(patterns []string) Opt {
+	return func(b *Builder) {
+		if len(patterns) > 0 {
+			b.revisions = slices.Clone(patterns)
+		}
+	}
+}
+
+// maxHoldProcs bounds the Nix processes realising paths for holds.
+const maxHoldProcs = 4
+
 // New returns a Builder for source.
 func New(source Source, opts ...Opt) *Builder {
-	b := &Builder{source: source, options: map[string]string{}, logLines: 30, roots: map[string]struct{}{}}
+	b := &Builder{source: source, revisions: DefaultRevisions, options: map[string]string{}, logLines: 30,
+		roots: map[string]struct{}{}, procs: make(chan struct{}, maxHoldProcs)}
+	b.store.b = b
 	for _, opt := range opts {
 		opt(b)
 	}
@@ -158,6 +149,10 @@ func New(source Source, opts ...Opt) *Builder {
 // Source is the package source this Builder reads.
 func (b *Builder) Source() Source { return b.source }
 
+// CheckTag refuses a tag that is not one of the revisions served, as a
+// not-found error: before anything is fetched or evaluated.
+func (b *Builder) CheckTag(tag string) error { return b.revisions.check(tag) }
+
 // Build realises the requested packages and returns their closure. Missing
 // attributes are reported all at once as a *NotFoundError; failures of Nix
 // as a *BuildError carrying the end of Nix's log. The caller must Release
@@ -166,16 +161,12 @@ func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
 	if len(req.Packages) == 0 {
 		return nil, fmt.Errorf("no packages requested: %w", errdefs.ErrInvalidArgument)
 	}
+	if err := b.CheckTag(req.Tag); err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithTimeoutCause(ctx, b.timeout, fmt.Errorf("nix prepare step exceeded its timeout of %s: %w", b.timeout, context.DeadlineExceeded))
 	defer cancel()
 	res, err := b.build(ctx, req)
-	if errors.Is(err, errDerivationsCollected) {
-		// Evaluation wrote the derivations, and a `nix-store --gc` running
-		// since before they had roots deleted them. Now their roots exist
-		// for any collection that starts later.
-		log.G(ctx).WithError(err).Warn("derivations were garbage-collected before their build: evaluating again")
-		res, err = b.build(ctx, req)
-	}
 	if err != nil && ctx.Err() != nil {
 		if cause := context.Cause(ctx); cause != nil && !errors.Is(err, cause) {
 			err = fmt.Errorf("%w (%w)", cause, err)
@@ -184,6 +175,22 @@ func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
 	return res, err
 }
 
+// evaluation is what prepare.nix's `result` says.
+type evaluation struct {
+	Missing     []string `json:"missing"`
+	NotPackages []string `json:"notPackages"`
+	Packages    []struct {
+		Name        string `json:"name"`
+		Out         string `json:"out"`
+		MainProgram string `json:"mainProgram"`
+	} `json:"packages"`
+}
+
+// build evaluates the request read-only (nothing is written to the store
+// for packages that are there), then makes the packages GC roots as they
+// are or, when some are missing, builds them with nix-build: evaluation,
+// build and roots in one Nix process, so that no derivation is ever
+// unrooted between them for a concurrent `nix-store --gc` to take.
 func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr error) {
 	expr, err := b.expression()
 	if err != nil {
@@ -197,88 +204,60 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	if err != nil {
 		return nil, err
 	}
-	log.G(ctx).WithFields(log.Fields{"packages": req.Packages, "system": req.System, "source": b.source.String()}).Info("evaluating packages")
-
-	// --read-write-mode lets evaluation write the .drv files it computes,
-	// so that they can be realised below.
-	out, err := b.run(ctx, "evaluate", "nix-instantiate", b.args("--eval", "--strict", "--json", "--read-write-mode", expr,
+	eval, err := b.evalArgs(expr, req.Tag,
 		"--argstr", "source", source,
 		"--argstr", "packages", string(pkgJSON),
-		"--argstr", "system", req.System)...)
+		"--argstr", "system", req.System)
 	if err != nil {
 		return nil, err
 	}
-	var eval struct {
-		Missing     []string `json:"missing"`
-		NotPackages []string `json:"notPackages"`
-		Packages    []struct {
-			Name        string `json:"name"`
-			Drv         string `json:"drv"`
-			Out         string `json:"out"`
-			MainProgram string `json:"mainProgram"`
-		} `json:"packages"`
+	log.G(ctx).WithFields(log.Fields{"packages": req.Packages, "system": req.System, "source": b.source.String()}).Info("evaluating packages")
+	out, err := b.run(ctx, "evaluate", "nix-instantiate", append([]string{"--eval", "--strict", "--json", "-A", "result"}, eval...)...)
+	if err != nil {
+		return nil, err
 	}
-	if err := json.Unmarshal(out, &eval); err != nil {
+	var found evaluation
+	if err := json.Unmarshal(out, &found); err != nil {
 		return nil, &BuildError{Stage: "evaluate", Err: fmt.Errorf("reading evaluation result: %w", err)}
 	}
-	if len(eval.Missing) > 0 {
-		return nil, &NotFoundError{Packages: eval.Missing}
+	if len(found.Missing) > 0 {
+		return nil, &NotFoundError{Packages: found.Missing}
 	}
-	if len(eval.NotPackages) > 0 {
-		return nil, &NotPackageError{Attributes: eval.NotPackages}
+	if len(found.NotPackages) > 0 {
+		return nil, &NotPackageError{Attributes: found.NotPackages}
 	}
 
-	// GC roots keep the derivations until they are built, and the packages
-	// (and so their closures) until the caller has packed them, from a
-	// concurrent `nix-store --gc`.
-	res, err := b.newResult()
-	if err != nil {
+	res := &Result{}
+	if res.roots, err = b.newRoots(); err != nil {
 		return nil, err
 	}
-	rootDir := res.rootDir
 	defer func() {
 		if retErr != nil {
 			res.Release()
 		}
 	}()
-	var drvs, outs []string
-	for _, p := range eval.Packages {
+	var outs []string
+	for _, p := range found.Packages {
+		if err := storepath.Check(p.Out); err != nil {
+			return nil, &BuildError{Stage: "evaluate", Err: fmt.Errorf("package %s: %w", p.Name, err)}
+		}
 		res.Packages = append(res.Packages, Package{Name: p.Name, Out: p.Out, MainProgram: p.MainProgram})
-		drvs = append(drvs, p.Drv)
 		outs = append(outs, p.Out)
 	}
-	slices.Sort(drvs)
-	drvs = slices.Compact(drvs)
-	for _, drv := range drvs {
-		if err := os.Symlink(drv, filepath.Join(rootDir, "drv-"+filepath.Base(drv))); err != nil {
-			return nil, fmt.Errorf("GC root for %s: %w", drv, err)
-		}
-	}
+	outs = slices.Compact(slices.Sorted(slices.Values(outs)))
 
-	log.G(ctx).WithField("derivations", len(drvs)).Info("realising packages")
-	realise := append([]string{"--realise", "--add-root", filepath.Join(rootDir, "root")}, drvs...)
-	if _, err := b.run(ctx, "build", "nix-store", b.args(realise...)...); err != nil {
-		for _, drv := range drvs {
-			if _, serr := os.Lstat(drv); errors.Is(serr, fs.ErrNotExist) {
-				return nil, fmt.Errorf("%s: %w (%w)", drv, errDerivationsCollected, err)
-			}
-		}
-		var be *BuildError
-		if !errors.As(err, &be) || !strings.Contains(be.Log, killedBySignal9) || ctx.Err() != nil {
-			return nil, err
-		}
-		// Nix 2.8 was seen here failing builders "due to signal 9" at
-		// random, without any OOM report: it kills a builder's process
-		// group once its log pipe closes, which can race the builder's
-		// own exit. Once more; a real kill fails again and is reported.
-		log.G(ctx).WithError(err).Warn("builder killed by signal 9, retrying once")
-		if _, err := b.run(ctx, "build", "nix-store", b.args(realise...)...); err != nil {
+	rooted, err := b.rootIfValid(ctx, res.roots.dir, outs)
+	if err != nil {
+		return nil, err
+	}
+	if !rooted {
+		if err := b.realisePackages(ctx, res.roots.dir, eval, outs); err != nil {
 			return nil, err
 		}
 	}
 
 	info, err := b.run(ctx, "query", "nix", b.args(append([]string{
-		"--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive"}, outs...)...)...)
+		"--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive", "--"}, outs...)...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -289,49 +268,77 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	return res, nil
 }
 
-// gcRootsDir is where Nix looks for GC roots; build roots go below it.
-const gcRootsDir = "/nix/var/nix/gcroots"
-
-// gcRootDir makes a directory for one build's GC roots: below Nix's gcroots
-// directory, where every symlink into the store is a root, or, where that
-// is not writable (another Nix state directory), a temporary one whose
-// roots only `--add-root` registers.
-//
-// A directory is named after the process that made it; those of processes
-// that are gone (killed mid-build) are removed here, so that their roots do
-// not keep store paths forever.
-func gcRootDir() (string, error) {
-	parent := filepath.Join(gcRootsDir, "nixery-builds")
-	if err := os.MkdirAll(parent, 0o755); err == nil {
-		sweepGCRoots(parent)
-		if dir, err := os.MkdirTemp(parent, fmt.Sprintf("build-%d-", os.Getpid())); err == nil {
-			return dir, nil
-		}
-	}
-	dir, err := os.MkdirTemp("", "nixery-gcroots-")
+// rootIfValid makes outs GC roots in dir if every one is valid already.
+func (b *Builder) rootIfValid(ctx context.Context, dir string, outs []string) (bool, error) {
+	valid, held, release, err := b.store.tempRoots(ctx, outs)
 	if err != nil {
-		return "", fmt.Errorf("creating GC root directory: %w", err)
+		return false, err
 	}
-	return dir, nil
+	defer release()
+	if len(valid) < len(outs) {
+		return false, nil
+	}
+	if err := b.rootValid(ctx, dir, outs, valid); err != nil {
+		return false, err
+	}
+	return held(), nil
 }
 
-// sweepGCRoots removes the root directories of processes that are gone.
-func sweepGCRoots(parent string) {
-	entries, err := os.ReadDir(parent)
+// realisePackages builds (or substitutes) the requested packages with
+// nix-build, which roots them in dir itself.
+func (b *Builder) realisePackages(ctx context.Context, dir string, eval, outs []string) error {
+	log.G(ctx).WithField("packages", len(outs)).Info("realising packages")
+	build := append([]string{"--out-link", filepath.Join(dir, "out"), "-A", "derivations"}, eval...)
+	built, err := b.run(ctx, "build", "nix-build", build...)
 	if err != nil {
-		return
-	}
-	for _, e := range entries {
-		var pid int
-		if _, err := fmt.Sscanf(e.Name(), "build-%d-", &pid); err != nil || pid <= 0 {
-			continue
+		var be *BuildError
+		if !errors.As(err, &be) || !strings.Contains(be.Log, killedBySignal9) || ctx.Err() != nil {
+			return err
 		}
-		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); os.IsNotExist(err) {
-			_ = os.RemoveAll(filepath.Join(parent, e.Name()))
+		// Nix 2.8 was seen here failing builders "due to signal 9" at
+		// random, without any OOM report: it kills a builder's process
+		// group once its log pipe closes, which can race the builder's
+		// own exit. Once more; a real kill fails again and is reported.
+		log.G(ctx).WithError(err).Warn("builder killed by signal 9, retrying once")
+		if built, err = b.run(ctx, "build", "nix-build", build...); err != nil {
+			return err
 		}
 	}
+	lines := strings.Fields(string(built))
+	for _, o := range outs {
+		if !slices.Contains(lines, o) {
+			// The second evaluation (nix-build's) found other packages.
+			return fmt.Errorf("the package source changed while %s was being built: try again: %w", o, errdefs.ErrAborted)
+		}
+	}
+	return nil
 }
 
+// evalArgs are the arguments of a command that evaluates prepare.nix for
+// tag, followed by args. Evaluation is restricted (restrict-eval): it may
+// read prepare.nix, the package source, the Nix search path and the
+// source's URL, and nothing else of the host.
+func (b *Builder) evalArgs(expr, tag string, args ...string) ([]string, error) {
+	paths, uris, err := b.source.access(tag)
+	if err != nil {
+		return nil, err
+	}
+	restrict := []string{"--option", "restrict-eval", "true"}
+	if op := b.options["allowed-uris"]; op != "" {
+		uris = append([]string{op}, uris...)
+	}
+	if len(uris) > 0 {
+		restrict = append(restrict, "--option", "allowed-uris", strings.Join(uris, " "))
+	}
+	restrict = append(restrict, "-I", "nixery-prepare="+filepath.Dir(expr))
+	for _, p := range paths {
+		restrict = append(restrict, "-I", "nixery-source="+p)
+	}
+	return b.args(append(append(restrict, expr), args...)...), nil
+}
+
+// args puts the configured Nix settings before args; later settings (the
+// restrictions of evalArgs) override them.
 func (b *Builder) args(args ...string) []string {
 	var opts []string
 	for _, k := range slices.Sorted(maps.Keys(b.options)) {
@@ -340,39 +347,44 @@ func (b *Builder) args(args ...string) []string {
 	return append(opts, args...)
 }
 
+func (b *Builder) bin(name string) string {
+	if b.binDir != "" {
+		return filepath.Join(b.binDir, name)
+	}
+	return name
+}
+
+// tmpDir holds this project's temporary files, one directory per process
+// (procdir): those of processes killed are removed by the next.
+func tmpDir() string { return filepath.Join(os.TempDir(), "nixery-snapshotter") }
+
 // expression writes prepare.nix to a private temporary file once per Builder.
 func (b *Builder) expression() (string, error) {
 	b.writeOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "nixery-prepare-")
-		if err != nil {
-			b.writeError = fmt.Errorf("writing prepare.nix: %w", err)
-			return
-		}
-		b.exprPath = filepath.Join(dir, "prepare.nix")
-		if err := os.WriteFile(b.exprPath, prepareNix, 0o400); err != nil {
-			b.writeError = fmt.Errorf("writing prepare.nix: %w", err)
+		b.writeError = func() error {
+			own, err := procdir.Open(tmpDir(), nil)
+			if err != nil {
+				return err
+			}
+			dir, err := os.MkdirTemp(own.Path(), "prepare-")
+			if err != nil {
+				return err
+			}
+			b.exprPath = filepath.Join(dir, "prepare.nix")
+			return os.WriteFile(b.exprPath, prepareNix, 0o400)
+		}()
+		if b.writeError != nil {
+			b.writeError = fmt.Errorf("writing prepare.nix: %w", b.writeError)
 		}
 	})
 	return b.exprPath, b.writeError
 }
 
-// Close removes the Builder's temporary files.
-// newResult makes a result with a directory for its GC roots, which Close
-// removes if the result is not released by then.
-func (b *Builder) newResult() (*Result, error) {
-	dir, err := gcRootDir()
-	if err != nil {
-		return nil, err
-	}
-	b.mu.Lock()
-	b.roots[dir] = struct{}{}
-	b.mu.Unlock()
-	return &Result{rootDir: dir, owner: b}, nil
-}
-
-// Close removes the Builder's files, and the GC roots of results not
-// released yet (a daemon that stops keeps no store path alive).
+// Close ends the Builder's Nix processes and removes its files and the GC
+// roots of results not released yet (a daemon that stops keeps no store
+// path alive).
 func (b *Builder) Close() error {
+	b.store.stop()
 	b.mu.Lock()
 	var errs []error
 	for dir := range b.roots {
@@ -411,13 +423,4 @@ func parsePathInfo(data []byte) ([]StorePath, error) {
 	}
 	slices.SortFunc(list, func(a, b StorePath) int { return cmp.Compare(a.Path, b.Path) })
 	return list, nil
-}
-
-// Realise makes store paths present, by substitution from the configured
-// binary caches or by building their derivers.
-func (b *Builder) Realise(ctx context.Context, paths []string) error {
-	ctx, cancel := context.WithTimeout(ctx, b.timeout)
-	defer cancel()
-	_, err := b.run(ctx, "realise", "nix-store", b.args(append([]string{"--realise"}, paths...)...)...)
-	return err
 }

@@ -3,7 +3,6 @@ package nixbuild
 import (
 	"context"
 	"errors"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -125,11 +124,12 @@ func TestBuild(t *testing.T) {
 			t.Errorf("%s is not a GC root", p.Out)
 		}
 	}
+	dir := res.roots.dir
 	defer func() {
 		res.Release()
 		roots, _ := exec.Command("nix-store", "--gc", "--print-roots").Output()
-		if strings.Contains(string(roots), res.rootDir) {
-			t.Errorf("roots in %s outlive Release", res.rootDir)
+		if strings.Contains(string(roots), dir) {
+			t.Errorf("roots in %s outlive Release", dir)
 		}
 	}()
 	var names []string
@@ -321,7 +321,8 @@ func TestBuildGitSource(t *testing.T) {
 	write(` extra = (import ` + testutil.TestPkgs() + ` { inherit system; }).jq; `)
 	git(t, repo, "checkout", "-q", "main")
 
-	b := New(GitSource("file://"+repo), WithOptions(testutil.NixOptions()))
+	feature := git(t, repo, "rev-parse", "feature")
+	b := New(GitSource("file://"+repo), WithOptions(testutil.NixOptions()), WithRevisions([]string{"latest", "feat*", first, feature}))
 	defer b.Close()
 	build := func(tag string) error {
 		res, err := b.Build(context.Background(), Request{Packages: []string{"extra"}, System: "x86_64-linux", Tag: tag})
@@ -337,9 +338,13 @@ func TestBuildGitSource(t *testing.T) {
 	if err := build(first); !errdefs.IsNotFound(err) {
 		t.Errorf("commit %s has extra: %v", first, err)
 	}
-	feature := git(t, repo, "rev-parse", "feature")
 	if err := build(feature); err != nil {
 		t.Errorf("commit %s (on a branch that is not the default): %v", feature, err)
+	}
+	// A ref the operator did not list is not fetched.
+	git(t, repo, "branch", "other", "feature")
+	if err := build("other"); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "[nix] revisions") {
+		t.Errorf("unlisted ref: %v", err)
 	}
 }
 
@@ -358,74 +363,87 @@ func TestBuildChannelSearchPath(t *testing.T) {
 	}
 }
 
-func TestSweepGCRoots(t *testing.T) {
-	parent := t.TempDir()
-	gone := filepath.Join(parent, "build-999999999-abc") // no such process
-	alive := filepath.Join(parent, fmt.Sprintf("build-%d-abc", os.Getpid()))
-	other := filepath.Join(parent, "unrelated")
-	for _, d := range []string{gone, alive, other} {
-		if err := os.Mkdir(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	sweepGCRoots(parent)
-	if _, err := os.Stat(gone); !os.IsNotExist(err) {
-		t.Errorf("roots of a dead process kept: %v", err)
-	}
-	for _, d := range []string{alive, other} {
-		if _, err := os.Stat(d); err != nil {
-			t.Errorf("%s removed: %v", d, err)
-		}
-	}
-}
-
-// A `nix-store --gc` that began before evaluation wrote the derivations
-// (and so before they had roots) deletes them before they are built: the
-// prepare step evaluates again instead of failing.
-func TestBuildDerivationsCollected(t *testing.T) {
+// A `nix-store --gc` right after evaluation, before anything is rooted,
+// takes nothing the build needs: packages that were there are rooted
+// through Nix or built again, missing ones are built by one Nix process
+// that roots what it builds.
+func TestBuildCollectedAfterEvaluation(t *testing.T) {
+	salt := time.Now().String()
 	dir := writePkgs(t, `fresh = derivation {
     name = "fresh-1.0"; inherit system; builder = "/bin/bash";
     args = [ "-c" "echo ok > $out; (sleep 0.2 &)" ];
     PATH = "/usr/bin:/bin";
-    salt = "`+time.Now().String()+`";
+    salt = "`+salt+`";
   };`)
 	bin := t.TempDir()
-	real, err := exec.LookPath("nix-store")
-	if err != nil {
-		t.Fatal(err)
-	}
 	marker := filepath.Join(bin, "collected")
-	// On the first realise, delete every derivation named, as that
-	// collection would (it does not see roots made after it began).
-	script := `#!/bin/bash
-if [[ " $* " == *" --realise "* ]] && [ ! -e ` + marker + ` ]; then
-  touch ` + marker + `
-  for a in "$@"; do case "$a" in *.drv) ` + real + ` --delete --ignore-liveness "$a" >/dev/null 2>&1 || exit 99;; esac; done
-fi
-exec ` + real + ` "$@"
-`
-	if err := os.WriteFile(filepath.Join(bin, "nix-store"), []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for _, name := range []string{"nix-instantiate", "nix"} {
-		p, err := exec.LookPath(name)
+	for _, name := range []string{"nix-instantiate", "nix-build", "nix-store", "nix"} {
+		real, err := exec.LookPath(name)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.Symlink(p, filepath.Join(bin, name)); err != nil {
+		script := "#!/bin/sh\nexec " + real + ` "$@"` + "\n"
+		if name == "nix-instantiate" {
+			// Evaluate, then collect everything that is not a root.
+			script = "#!/bin/sh\n" + real + ` "$@"; rc=$?` + "\n" +
+				`nix-store --gc >/dev/null 2>&1 && touch ` + marker + "\nexit $rc\n"
+		}
+		if err := os.WriteFile(filepath.Join(bin, name), []byte(script), 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
-	res, err := newTestBuilder(t, dir, WithBinDir(bin)).Build(context.Background(), Request{Packages: []string{"fresh"}, System: "x86_64-linux"})
+	b := newTestBuilder(t, dir, WithBinDir(bin))
+	for _, round := range []string{"missing", "present but not rooted"} {
+		os.Remove(marker)
+		res, err := b.Build(context.Background(), Request{Packages: []string{"fresh"}, System: "x86_64-linux"})
+		if err != nil {
+			t.Fatalf("%s: %v", round, err)
+		}
+		if _, err := os.Stat(marker); err != nil {
+			t.Fatalf("%s: nothing was collected: %v", round, err)
+		}
+		if out, err := os.ReadFile(res.Packages[0].Out); err != nil || string(out) != "ok\n" {
+			t.Errorf("%s: %s: %q, %v", round, res.Packages[0].Out, out, err)
+		}
+		res.Release()
+	}
+}
+
+// A package set cannot read the host: evaluation is restricted to the
+// package source.
+func TestBuildRestrictedEvaluation(t *testing.T) {
+	dir := writePkgs(t, `secret = derivation {
+    name = "secret"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin";
+    args = [ "-c" ("echo " + builtins.readFile /etc/shadow + " > $out") ];
+  };`)
+	_, err := newTestBuilder(t, dir).Build(context.Background(), Request{Packages: []string{"secret"}, System: "x86_64-linux"})
+	var be *BuildError
+	if !errors.As(err, &be) || be.Stage != "evaluate" || !strings.Contains(err.Error(), "forbidden in restricted mode") {
+		t.Errorf("reading /etc/shadow: %v", err)
+	}
+}
+
+// Tags are revisions only where the operator says so; anything else is
+// refused before Nix runs.
+func TestBuildRevisions(t *testing.T) {
+	src, err := PathSource(testutil.TestPkgs())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer res.Release()
-	if _, err := os.Stat(marker); err != nil {
-		t.Fatalf("the derivations were never deleted: %v", err)
+	// No Nix at all in this bin directory: a refused request never gets there.
+	b := New(src, WithBinDir(t.TempDir()))
+	defer b.Close()
+	for _, tag := range []string{"no-such-tag", "0123456789abcdef0123456789abcdef01234567", "nixos-24.05"} {
+		_, err := b.Build(context.Background(), Request{Packages: []string{"htop"}, System: "x86_64-linux", Tag: tag})
+		if !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), tag) {
+			t.Errorf("tag %s: %v", tag, err)
+		}
 	}
-	if out, err := os.ReadFile(res.Packages[0].Out); err != nil || string(out) != "ok\n" {
-		t.Errorf("%s: %q, %v", res.Packages[0].Out, out, err)
+	b = New(src, WithRevisions([]string{"latest", "nixos-*"}))
+	for tag, ok := range map[string]bool{"latest": true, "": true, "nixos-24.05": true, "nixpkgs-unstable": false} {
+		if err := b.CheckTag(tag); (err == nil) != ok {
+			t.Errorf("tag %q: %v", tag, err)
+		}
 	}
 }
 
@@ -447,11 +465,12 @@ func TestHold(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(roots), held.rootDir) || !strings.Contains(string(roots), out) {
-		t.Errorf("%s is not a root in %s:\n%s", out, held.rootDir, roots)
+	dir := held.dir
+	if !strings.Contains(string(roots), dir) || !strings.Contains(string(roots), out) {
+		t.Errorf("%s is not a root in %s:\n%s", out, dir, roots)
 	}
 	held.Release()
-	if _, err := os.Stat(held.rootDir); !os.IsNotExist(err) {
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		t.Errorf("roots outlive Release: %v", err)
 	}
 
@@ -461,12 +480,22 @@ func TestHold(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.Close()
-	if _, err := os.Stat(kept.rootDir); !os.IsNotExist(err) {
+	if _, err := os.Stat(kept.dir); !os.IsNotExist(err) {
 		t.Errorf("roots outlive Close: %v", err)
 	}
 
 	gone := "/nix/store/00000000000000000000000000000000-gone"
 	if _, err := b.Hold(context.Background(), []string{out, gone}); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), gone) {
 		t.Errorf("holding a path that is gone: %v", err)
+	}
+
+	// Strings that are not store paths never reach Nix (there is none in
+	// this bin directory): options, other files, traversal.
+	none := New(Source{}, WithBinDir(t.TempDir()))
+	defer none.Close()
+	for _, bad := range []string{"--option", "/etc/shadow", "/nix/store/../../etc/shadow", out + "/../../../etc", out + "\n/etc/shadow"} {
+		if _, err := none.Hold(context.Background(), []string{out, bad}); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("holding %q: %v", bad, err)
+		}
 	}
 }

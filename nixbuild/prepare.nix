@@ -1,5 +1,6 @@
 # The Nix half of the prepare step. nixery-snapshotter evaluates this file
-# with `--argstr` arguments only: package names and source locations arrive
+# (with restrict-eval: the package set reads nothing but itself) with
+# `--argstr` arguments only: package names and source locations arrive
 # as JSON strings and are read with fromJSON, never spliced into Nix code.
 #
 # It asks nothing of the package set but that it is an attribute set of
@@ -67,13 +68,18 @@ let
   ok = missing == [ ] && notPackages == [ ];
 in
 {
-  inherit missing notPackages;
-  packages = if !ok then [ ] else map (r: {
-    inherit (r) name;
-    # Not `outPath`: toJSON would turn the whole set into that string.
-    drv = r.value.drvPath;
-    out = r.value.outPath;
-    # nixpkgs' name for the program a package is about, if it says.
-    mainProgram = let m = (r.value.meta or { }).mainProgram or null; in if builtins.isString m then m else null;
-  }) fetched;
+  # What was found: evaluated on its own (`-A result`, read-only), so that
+  # nothing is written to the store for a request that builds nothing.
+  result = {
+    inherit missing notPackages;
+    packages = if !ok then [ ] else map (r: {
+      inherit (r) name;
+      # Not `outPath`: toJSON would turn the whole set into that string.
+      out = r.value.outPath;
+      # nixpkgs' name for the program a package is about, if it says.
+      mainProgram = let m = (r.value.meta or { }).mainProgram or null; in if builtins.isString m then m else null;
+    }) fetched;
+  };
+  # What to build (`nix-build -A derivations`), in request order.
+  derivations = if !ok then [ ] else map (r: r.value) fetched;
 }

@@ -25,11 +25,7 @@ const killGrace = 5 * time.Second
 // whole process group: Nix interrupts its builders on SIGTERM, and SIGKILL
 // follows if it does not exit in time.
 func (b *Builder) run(ctx context.Context, stage, name string, args ...string) ([]byte, error) {
-	bin := name
-	if b.binDir != "" {
-		bin = b.binDir + "/" + name
-	}
-	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd := exec.CommandContext(ctx, b.bin(name), args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	exited := make(chan struct{})
 	var cancelled atomic.Bool
@@ -92,6 +88,17 @@ func (b *Builder) run(ctx context.Context, stage, name string, args ...string) (
 		return nil, &BuildError{Stage: stage, Log: tail.String(), Err: fmt.Errorf("%s: %w", name, err)}
 	}
 	return stdout.Bytes(), nil
+}
+
+// limited runs a Nix command once fewer than maxHoldProcs of them run.
+func (b *Builder) limited(ctx context.Context, stage, name string, args ...string) ([]byte, error) {
+	select {
+	case b.procs <- struct{}{}:
+		defer func() { <-b.procs }()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return b.run(ctx, stage, name, args...)
 }
 
 // tail keeps the last n lines written to it.

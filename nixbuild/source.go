@@ -3,8 +3,10 @@ package nixbuild
 import (
 	"encoding/json"
 	"fmt"
+	"path"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -13,12 +15,19 @@ import (
 // commitHash is a full git commit id: a tag of this shape pins a revision.
 var commitHash = regexp.MustCompile(`^[0-9a-f]{40}$`)
 
-const latestTag = "latest"
+// LatestTag is the tag of the source's default revision.
+const LatestTag = "latest"
+
+// DefaultRevisions are the tags served unless the operator lists more:
+// the source's default revision only. Another tag would make the node
+// fetch and evaluate a revision whoever names an image chooses.
+var DefaultRevisions = []string{LatestTag}
 
 // Source is where package sets come from. The image tag selects a revision
 // of it, as in Nixery: for git, a 40-hex tag is a commit, any other tag a
 // ref and `latest` the default branch; for channels, a tag other than
-// `latest` replaces the channel; a path has a single revision.
+// `latest` replaces the channel; a path has a single revision. Which tags
+// are served at all is the operator's choice (WithRevisions).
 type Source struct {
 	kind string // "path", "git" or "channel"
 	loc  string
@@ -59,14 +68,15 @@ func (s Source) Pinned(tag string) bool {
 }
 
 func (s Source) revision(tag string) string {
-	if tag == "" || tag == latestTag {
+	if tag == "" || tag == LatestTag {
 		return s.loc
 	}
 	return tag
 }
 
-// argument is the JSON that prepare.nix reads as its `source` argument.
-func (s Source) argument(tag string) (string, error) {
+// locate says where the package set for tag is: prepare.nix's `source`
+// argument.
+func (s Source) locate(tag string) (map[string]string, error) {
 	arg := map[string]string{"type": s.kind}
 	switch s.kind {
 	case "path":
@@ -74,7 +84,7 @@ func (s Source) argument(tag string) (string, error) {
 	case "git":
 		arg["url"] = s.loc
 		switch {
-		case tag == "" || tag == latestTag:
+		case tag == "" || tag == LatestTag:
 		case commitHash.MatchString(tag):
 			arg["rev"] = tag
 		default:
@@ -91,8 +101,53 @@ func (s Source) argument(tag string) (string, error) {
 			arg["url"] = "https://github.com/NixOS/nixpkgs/archive/" + rev + ".tar.gz"
 		}
 	default:
-		return "", fmt.Errorf("no package source configured: %w", errdefs.ErrFailedPrecondition)
+		return nil, fmt.Errorf("no package source configured: %w", errdefs.ErrFailedPrecondition)
+	}
+	return arg, nil
+}
+
+// argument is the JSON that prepare.nix reads as its `source` argument.
+func (s Source) argument(tag string) (string, error) {
+	arg, err := s.locate(tag)
+	if err != nil {
+		return "", err
 	}
 	b, err := json.Marshal(arg)
 	return string(b), err
+}
+
+// access is what evaluating the package set for tag may read besides
+// prepare.nix: the source's directory, or the URL it is fetched from (a
+// search path entry such as <nixpkgs> is allowed by Nix itself).
+func (s Source) access(tag string) (paths, uris []string, err error) {
+	arg, err := s.locate(tag)
+	if err != nil {
+		return nil, nil, err
+	}
+	if p := arg["path"]; p != "" {
+		paths = append(paths, p)
+	}
+	if u := arg["url"]; u != "" {
+		uris = append(uris, u)
+	}
+	return paths, uris, nil
+}
+
+// Revisions are the tags a Builder serves, as path.Match patterns.
+type Revisions []string
+
+// check refuses a tag the operator did not allow, before anything is
+// fetched: a not-found error, as for a tag a registry does not have.
+func (r Revisions) check(tag string) error {
+	if tag == "" {
+		tag = LatestTag
+	}
+	if slices.ContainsFunc(r, func(pattern string) bool {
+		ok, _ := path.Match(pattern, tag)
+		return ok
+	}) {
+		return nil
+	}
+	return fmt.Errorf("tag %q is not a package-source revision this node serves (allowed: %s; the operator adds more with [nix] revisions): %w",
+		tag, strings.Join(r, ", "), errdefs.ErrNotFound)
 }

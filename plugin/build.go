@@ -23,6 +23,7 @@ import (
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
@@ -129,6 +130,7 @@ type Builder struct {
 	plansMu   sync.Mutex
 	plans     map[string]*planCall
 	cache     *Cache
+	claims    *snapshot.Claims
 	layering  []layering.Opt
 	allow     []string
 	maxQueued int64
@@ -168,6 +170,10 @@ func WithAllow(patterns []string) BuildOpt { return func(b *Builder) { b.allow =
 // WithMaxQueued bounds how many builds of different images wait for a
 // build slot; more are refused as busy instead of piling up.
 func WithMaxQueued(n int) BuildOpt { return func(b *Builder) { b.maxQueued = int64(n) } }
+
+// WithClaims records the layers of the images built, so that the nix
+// snapshotter and later pulls believe their labels (snapshot.Claims).
+func WithClaims(c *snapshot.Claims) BuildOpt { return func(b *Builder) { b.claims = c } }
 
 // WithCache remembers layer descriptors (and images of pinned sources) in c.
 func WithCache(c *Cache) BuildOpt { return func(b *Builder) { b.cache = c } }
@@ -236,11 +242,18 @@ func (b *Builder) say(format string, args ...any) {
 	}
 }
 
-// Parse reads a reference as this Builder does, allow-list included.
+// Parse reads a reference as this Builder does, allow-list and served
+// revisions included.
 func (b *Builder) Parse(ref string) (resolver.Image, error) {
 	img, err := resolver.Parse(ref, resolver.WithHost(b.host))
-	if err != nil || b.allow == nil {
+	if err != nil {
 		return img, err
+	}
+	if err := b.nix.CheckTag(img.Tag); err != nil {
+		return img, err
+	}
+	if b.allow == nil {
+		return img, nil
 	}
 	var denied []string
 	for _, p := range img.Requested {
@@ -323,9 +336,25 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 	if err != nil {
 		return nil, err
 	}
+	if err := b.claim(v.(*Image)); err != nil {
+		return nil, err
+	}
 	built := *v.(*Image)
 	built.Image = img // the caller's own name for it
 	return &built, nil
+}
+
+// claim records the layers of img as made by this node.
+func (b *Builder) claim(img *Image) error {
+	if b.claims == nil {
+		return nil
+	}
+	for _, l := range img.Layers {
+		if err := b.claims.Record(l.Desc.Annotations); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // plan is an image realised by Nix and grouped into layers, not yet

@@ -57,6 +57,11 @@ type SnapshotterConfig struct {
 	// GCRootsDir holds the Nix GC roots of store paths in snapshots; it must
 	// be below /nix/var/nix/gcroots.
 	GCRootsDir string `toml:"gc_roots_dir"`
+	// TrustOtherImages materialises store-path layers of images this node
+	// did not build too (they are still checked to be valid store paths of
+	// this node's store): for nodes whose every image source is trusted.
+	// Otherwise such layers are unpacked from their blobs, as any image's.
+	TrustOtherImages bool `toml:"trust_other_images"`
 }
 
 // ContainerdConfig says which containerd to talk to.
@@ -80,6 +85,11 @@ type NixConfig struct {
 	PkgsPath    string `toml:"pkgs_path"`
 	PkgsGit     string `toml:"pkgs_git"`
 	PkgsChannel string `toml:"pkgs_channel"`
+	// Revisions are the tags served (path.Match patterns such as
+	// "nixos-*", or commit ids): a tag selects a revision of the package
+	// source, which the node fetches and evaluates, so only the operator
+	// chooses them. Default: ["latest"], the source as configured.
+	Revisions []string `toml:"revisions"`
 	// Pinned treats the package source as pinned whatever the tag, so its
 	// images are cached and repeated requests start no Nix. Git commits
 	// and channel commits are pinned anyway; say so for a path whose
@@ -143,8 +153,9 @@ func DefaultConfig() Config {
 	}
 	return Config{
 		Containerd: ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespace: ns, NixSnapshotter: "nix"},
-		Nix:        NixConfig{Timeout: Duration(nixbuild.DefaultTimeout), MaxBuilds: DefaultMaxBuilds, MaxQueued: DefaultMaxQueued, Options: map[string]string{}},
-		Image:      ImageConfig{Host: resolver.DefaultHost, MaxLayers: DefaultMaxLayers, Layering: string(layering.DefaultAlgorithm)},
+		Nix: NixConfig{Timeout: Duration(nixbuild.DefaultTimeout), MaxBuilds: DefaultMaxBuilds, MaxQueued: DefaultMaxQueued,
+			Revisions: nixbuild.DefaultRevisions, Options: map[string]string{}},
+		Image: ImageConfig{Host: resolver.DefaultHost, MaxLayers: DefaultMaxLayers, Layering: string(layering.DefaultAlgorithm)},
 		Snapshotter: SnapshotterConfig{
 			Address:    "/run/nixery-snapshotter/nixery-snapshotter.sock",
 			Root:       "/var/lib/nixery-snapshotter",
@@ -214,6 +225,7 @@ func (c NixConfig) Builder(opts ...nixbuild.Opt) (*nixbuild.Builder, error) {
 		nixbuild.WithTimeout(time.Duration(c.Timeout)),
 		nixbuild.WithOptions(c.Options),
 		nixbuild.WithBinDir(c.BinDir),
+		nixbuild.WithRevisions(c.Revisions),
 	}, opts...)...), nil
 }
 
@@ -240,6 +252,12 @@ func (c Config) ImageBuilder(nix *nixbuild.Builder, opts ...BuildOpt) (*Builder,
 		WithPinnedSource(c.Nix.Pinned),
 		WithLayering(lopts...),
 	}, opts...)...), nil
+}
+
+// Claims opens the record of the layers this node built, which the nix
+// snapshotter and pulls believe (snapshot.Claims).
+func (c Config) Claims() (*snapshot.Claims, error) {
+	return snapshot.OpenClaims(filepath.Join(c.Snapshotter.Root, "claims"))
 }
 
 // CacheDir is where the layer and image cache lives.

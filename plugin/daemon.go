@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
+	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -62,7 +63,7 @@ func (d *daemonClient) serves(ctx context.Context, b *Builder) bool {
 
 // build asks the daemon for ref's manifest (building it) and its config.
 func (d *daemonClient) build(ctx context.Context, ref string, byReference bool) (*Image, remotes.Fetcher, error) {
-	img, err := (&Builder{host: hostOf(ref)}).Parse(ref)
+	img, err := resolver.Parse(ref, resolver.WithHost(hostOf(ref)))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -96,12 +97,16 @@ func (d *daemonClient) build(ctx context.Context, ref string, byReference bool) 
 		blobs[desc.Digest] = b
 	}
 	var layers []*Layer
-	for _, desc := range manifest.Layers {
-		l := &Layer{Desc: desc, Paths: snapshot.StorePathsFromLabels(desc.Annotations)}
-		if len(l.Paths) == 0 {
-			l.Paths, l.Symlinks = snapshot.SymlinksFromLabels(desc.Annotations), true
+	for i, desc := range manifest.Layers {
+		// Checked as any image's: they reach Nix and the file system.
+		paths, symlinks, err := snapshot.LayerContent(desc.Annotations)
+		if err == nil && len(paths) == 0 {
+			err = fmt.Errorf("names no store paths: %w", errdefs.ErrInvalidArgument)
 		}
-		layers = append(layers, l)
+		if err != nil {
+			return nil, nil, fmt.Errorf("layer %d of %s from the daemon: %w", i+1, img.Ref(), err)
+		}
+		layers = append(layers, &Layer{Desc: desc, Paths: paths, Symlinks: symlinks})
 	}
 	return &Image{
 		Image:    img,

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"maps"
 	"slices"
 	"sync"
 
@@ -17,7 +16,6 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
 
@@ -181,17 +179,11 @@ func newImage(img resolver.Image, cfg ocispec.Image, layers []*Layer) (*Image, e
 	blobs := map[digest.Digest][]byte{}
 	var descs []ocispec.Descriptor
 	for _, l := range layers {
-		if l.Symlinks {
-			l.Desc.Annotations = snapshot.SymlinkAnnotations(l.Paths)
-		} else {
-			l.Desc.Annotations = snapshot.StorePathAnnotations(l.Paths)
-		}
-		if l.Desc.MediaType == ocispec.MediaTypeImageLayer {
-			// containerd's unpacker labels a layer's snapshot with its
-			// containerd.io/snapshot/ annotations: a pull straight into
-			// snapshots then finds it, whoever unpacked it.
-			maps.Copy(l.Desc.Annotations, layerLabels(l, l.Desc))
-		}
+		// containerd's unpacker labels a layer's snapshot with its
+		// containerd.io/snapshot/ annotations: the nix snapshotter then
+		// makes it, and a pull straight into snapshots finds it, whoever
+		// unpacked it.
+		l.Desc.Annotations = layerAnnotations(l, l.Desc)
 		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.Desc.Digest)
 		descs = append(descs, l.Desc)
 		if l.Blob != nil {

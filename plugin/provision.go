@@ -283,7 +283,7 @@ func (p *Provisioner) describer(ctx context.Context, snapshotter string) Describ
 	case snapshotter == p.nixSnapshot:
 		return nil
 	default:
-		return newSnapshotDescriber(ctx, p.client.SnapshotService(snapshotter))
+		return newSnapshotDescriber(ctx, p.client.SnapshotService(snapshotter), p.builder.claims)
 	}
 }
 
@@ -329,7 +329,7 @@ func (p *Provisioner) fromDaemon(ctx context.Context, ref string, describe Descr
 	// after it answers; before the first is read here, they all become
 	// roots of this process too. (A layer that is there already is not
 	// read: a warm pull starts no Nix.)
-	var held *nixbuild.Result
+	var held *nixbuild.Roots
 	hold := sync.OnceValue(func() error {
 		var err error
 		held, err = p.builder.nix.Hold(ctx, img.paths())
@@ -367,8 +367,10 @@ func (p *Provisioner) fromDaemon(ctx context.Context, ref string, describe Descr
 	if err := json.Unmarshal(img.Blobs[img.Config.Digest], &cfg); err != nil {
 		return nil, nil, fmt.Errorf("config of %s from the daemon: %w", img.Ref(), err)
 	}
-	img, err = newImage(img.Image, cfg, img.Layers)
-	return img, fetcher, err
+	if img, err = newImage(img.Image, cfg, img.Layers); err != nil {
+		return nil, nil, err
+	}
+	return img, fetcher, p.builder.claim(img)
 }
 
 // resolveSnapshotter names the snapshotter images are unpacked into: the

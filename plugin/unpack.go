@@ -23,6 +23,7 @@ import (
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
@@ -35,6 +36,9 @@ import (
 // One describes the layers of one image, in order.
 type snapshotDescriber struct {
 	sn snapshots.Snapshotter
+	// claims are the layers this node made: a snapshot's labels are
+	// believed only if they are one of them, since any image can carry them.
+	claims *snapshot.Claims
 	// labelled lists the snapshots that name their layer, by layer: read
 	// once for all the layers of an image.
 	labelled func() (map[string][]snapshots.Info, error)
@@ -48,8 +52,8 @@ type foundSnapshot struct {
 	l             *Layer
 }
 
-func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter) *snapshotDescriber {
-	return &snapshotDescriber{sn: sn, labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
+func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, claims *snapshot.Claims) *snapshotDescriber {
+	return &snapshotDescriber{sn: sn, claims: claims, labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
 		byLayer := map[string][]snapshots.Info{}
 		err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
 			if info.Kind == snapshots.KindCommitted {
@@ -71,13 +75,24 @@ const (
 	labelLayerDiffID = "containerd.io/snapshot/nixery.layer.diff-id"
 )
 
-// layerLabels say which layer a snapshot holds.
-func layerLabels(l *Layer, desc ocispec.Descriptor) map[string]string {
-	return map[string]string{
-		labelLayer:       l.Key(),
-		labelLayerSize:   strconv.FormatInt(desc.Size, 10),
-		labelLayerDiffID: desc.Digest.String(),
+// layerAnnotations say what a layer holds and, for a tar layer described
+// as desc, which layer it is: the layer's annotations in the manifest,
+// which containerd's unpacker gives its snapshot as labels, and the
+// labels of the snapshots this project unpacks itself. Both are claims
+// this node records (snapshot.Claims).
+func layerAnnotations(l *Layer, desc ocispec.Descriptor) map[string]string {
+	var labels map[string]string
+	if l.Symlinks {
+		labels = snapshot.SymlinkAnnotations(l.Paths)
+	} else {
+		labels = snapshot.StorePathAnnotations(l.Paths)
 	}
+	if desc.MediaType == ocispec.MediaTypeImageLayer {
+		labels[labelLayer] = l.Key()
+		labels[labelLayerSize] = strconv.FormatInt(desc.Size, 10)
+		labels[labelLayerDiffID] = desc.Digest.String()
+	}
+	return labels
 }
 
 func (s *snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
@@ -137,6 +152,11 @@ func (s *snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *L
 		return ocispec.Descriptor{}, false, nil
 	}
 	found := labelled[l.Key()][i]
+	if !s.claims.Made(found.Labels) {
+		// Labelled by an image this node did not make.
+		log.G(ctx).WithField("snapshot", found.Name).Warn("snapshot claims to hold a layer of this node's, but this node never made it: unpacking the layer again")
+		return ocispec.Descriptor{}, false, nil
+	}
 	d, derr := digest.Parse(found.Labels[labelLayerDiffID])
 	size, serr := strconv.ParseInt(found.Labels[labelLayerSize], 10, 64)
 	if derr != nil || serr != nil || chainID(parent, d).String() != found.Name {
@@ -258,7 +278,10 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 	}
 	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
 	chain := chainID(parent, desc.Digest)
-	labels := layerLabels(l, desc)
+	labels := layerAnnotations(l, desc)
+	if err := s.claims.Record(labels); err != nil {
+		return ocispec.Descriptor{}, err
+	}
 	labels[snapshots.LabelSnapshotDiffID] = desc.Digest.String()
 	err = sn.Commit(ctx, chain.String(), key, snapshots.WithLabels(labels))
 	if errdefs.IsAlreadyExists(err) {

@@ -16,9 +16,12 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/plugins/content/local"
 	"github.com/containerd/containerd/v2/plugins/snapshots/native"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
@@ -58,7 +61,8 @@ func TestSnapshotDescriber(t *testing.T) {
 		}
 		return leases.WithLease(ctx, lease.ID), lease
 	}
-	d := newSnapshotDescriber(ctx, sn)
+	claims := testClaims(t)
+	d := newSnapshotDescriber(ctx, sn, claims)
 	base, top := testLayer(t), testLayer(t)
 
 	// Unpacked: described as the tar it is, committed under its chain.
@@ -108,7 +112,7 @@ func TestSnapshotDescriber(t *testing.T) {
 	}
 	lctx, lease := withLease()
 	again := &Layer{Paths: top.Paths, Hashes: top.Hashes}
-	pull := newSnapshotDescriber(lctx, sn)
+	pull := newSnapshotDescriber(lctx, sn, claims)
 	if err := pull.Describe(lctx, base.Desc.Digest, again); err != nil {
 		t.Fatalf("snapshot not found: %v", err)
 	}
@@ -128,7 +132,7 @@ func TestSnapshotDescriber(t *testing.T) {
 
 	// A snapshot found and then built on is held before it is built on.
 	lctx, lease = withLease()
-	pull = newSnapshotDescriber(lctx, sn)
+	pull = newSnapshotDescriber(lctx, sn, claims)
 	if err := pull.Describe(lctx, "", &Layer{Paths: base.Paths, Hashes: base.Hashes}); err != nil {
 		t.Fatal(err)
 	}
@@ -149,6 +153,43 @@ func TestSnapshotDescriber(t *testing.T) {
 	}
 }
 
+func testClaims(t *testing.T) *snapshot.Claims {
+	t.Helper()
+	c, err := snapshot.OpenClaims(filepath.Join(t.TempDir(), "claims"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// A snapshot labelled as one of this node's layers by an image that this
+// node did not make (containerd copies any image's annotations into its
+// snapshots' labels) is not believed: the layer is unpacked from the store.
+func TestSnapshotDescriberForgedLabels(t *testing.T) {
+	testutil.RequireRoot(t)
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	sn, _ := testSnapshotter(t)
+	l := testLayer(t)
+	// The attacker's layer: other content, our layer's labels.
+	forged := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: digest.FromString("evil"), Size: 4}
+	if _, err := sn.Prepare(ctx, "forging", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn.Commit(ctx, forged.Digest.String(), "forging", snapshots.WithLabels(layerAnnotations(l, forged))); err != nil {
+		t.Fatal(err)
+	}
+	if err := newSnapshotDescriber(ctx, sn, testClaims(t)).Describe(ctx, "", l); err != nil {
+		t.Fatal(err)
+	}
+	if l.Desc.Digest == forged.Digest {
+		t.Fatalf("the forged snapshot was taken for the layer")
+	}
+	m := tarstream.Measure(io.Discard)
+	if err := l.WriteTar(m); err != nil || l.Desc.Digest != m.Digest() {
+		t.Errorf("described %s, the layer is %s (%v)", l.Desc.Digest, m.Digest(), err)
+	}
+}
+
 // brokenMounts is a snapshotter whose snapshots cannot be written from
 // here (as seen from another mount namespace).
 type brokenMounts struct{ snapshots.Snapshotter }
@@ -166,13 +207,13 @@ func TestSnapshotDescriberErrors(t *testing.T) {
 	testutil.RequireRoot(t)
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	sn, _ := testSnapshotter(t)
-	err := newSnapshotDescriber(ctx, brokenMounts{sn}).Describe(ctx, "", testLayer(t))
+	err := newSnapshotDescriber(ctx, brokenMounts{sn}, testClaims(t)).Describe(ctx, "", testLayer(t))
 	if err == nil || !strings.Contains(err.Error(), "/nonexistent/snapshot") || !strings.Contains(err.Error(), "--with-layers") || strings.Contains(err.Error(), errUnpackStopped.Error()) {
 		t.Errorf("unwritable snapshot: %v", err)
 	}
 	gone := testLayer(t)
 	os.RemoveAll(gone.Paths[0])
-	err = newSnapshotDescriber(ctx, sn).Describe(ctx, "", gone)
+	err = newSnapshotDescriber(ctx, sn, testClaims(t)).Describe(ctx, "", gone)
 	if err == nil || !strings.Contains(err.Error(), gone.Paths[0]) || strings.Contains(err.Error(), "--with-layers") {
 		t.Errorf("store path gone: %v", err)
 	}

@@ -72,7 +72,11 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		log.G(ctx).WithError(err).Debug("building without the cache")
 	}
 	defer cache.Close()
-	images, err := cfg.ImageBuilder(builder, plugin.WithProgress(progress), plugin.WithCache(cache))
+	claims, err := cfg.Claims()
+	if err != nil {
+		return fmt.Errorf("%w (pull runs as root, as containerd does)", err)
+	}
+	images, err := cfg.ImageBuilder(builder, plugin.WithProgress(progress), plugin.WithCache(cache), plugin.WithClaims(claims))
 	if err != nil {
 		return err
 	}

@@ -60,9 +60,15 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	defer builder.Close()
+	claims, err := cfg.Claims()
+	if err != nil {
+		return err
+	}
 	sn, err := snapshot.New(cfg.Snapshotter.Root,
 		snapshot.WithGCRootsDir(cfg.Snapshotter.GCRootsDir),
-		snapshot.WithRealiser(builder))
+		snapshot.WithStore(builder),
+		snapshot.WithClaims(claims),
+		snapshot.WithTrustOtherImages(cfg.Snapshotter.TrustOtherImages))
 	if err != nil {
 		return err
 	}
@@ -89,7 +95,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			return err
 		}
 		defer cache.Close()
-		images, err := cfg.ImageBuilder(builder, plugin.WithCache(cache), plugin.WithRootGrace(plugin.DefaultRootGrace))
+		images, err := cfg.ImageBuilder(builder, plugin.WithCache(cache), plugin.WithClaims(claims), plugin.WithRootGrace(plugin.DefaultRootGrace))
 		if err != nil {
 			return err
 		}

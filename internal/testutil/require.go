@@ -56,12 +56,16 @@ func TestPkgs() string { return filepath.Join(RepoRoot(), "testdata", "pkgs") }
 
 // NixOptions are the Nix settings tests use: no binary cache (there is no
 // network), no build users, no sandbox (the test package set copies host
-// programs) and aarch64-linux derivations built by the host's bash.
+// programs) and aarch64-linux derivations built by the host's bash. The
+// test set is on the Nix search path: package sets that tests write import
+// it, and evaluation (restrict-eval) reads only the package source and the
+// search path, as an operator's overlays would be allowed.
 func NixOptions() map[string]string {
 	return map[string]string{
 		"substituters":      "",
 		"build-users-group": "",
 		"sandbox":           "false",
 		"extra-platforms":   "aarch64-linux",
+		"extra-nix-path":    "nixery-test-pkgs=" + TestPkgs(),
 	}
 }

@@ -1,8 +1,13 @@
 package snapshot
 
 import (
+	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild/storepath"
 )
 
 // StorePathsLabel prefixes the layer annotations that list a layer's store
@@ -18,12 +23,6 @@ const maxLabelValue = 3900
 // StorePathAnnotations describes a layer's store paths as annotations.
 func StorePathAnnotations(paths []string) map[string]string {
 	return chunkLabels(StorePathsLabel, paths)
-}
-
-// StorePathsFromLabels reads what StorePathAnnotations wrote; nil if the
-// labels name no store paths.
-func StorePathsFromLabels(labels map[string]string) []string {
-	return unchunkLabels(StorePathsLabel, labels)
 }
 
 // chunkLabels spreads paths over prefix.0, prefix.1, ... within
@@ -71,7 +70,22 @@ func SymlinkAnnotations(packages []string) map[string]string {
 	return chunkLabels(SymlinksLabel, packages)
 }
 
-// SymlinksFromLabels reads what SymlinkAnnotations wrote.
-func SymlinksFromLabels(labels map[string]string) []string {
-	return unchunkLabels(SymlinksLabel, labels)
+// LayerContent reads what a layer's labels say it holds: store paths, or
+// (symlinks) the packages whose symlink forest it is; nil if they say
+// neither. Labels come from images, which anyone can write: every entry
+// must be a store path (storepath.Check), or the error names those that
+// are not.
+func LayerContent(labels map[string]string) (paths []string, symlinks bool, err error) {
+	paths = unchunkLabels(StorePathsLabel, labels)
+	forest := unchunkLabels(SymlinksLabel, labels)
+	switch {
+	case paths != nil && forest != nil:
+		return nil, false, fmt.Errorf("layer labels name both store paths and symlinks: %w", errdefs.ErrInvalidArgument)
+	case forest != nil:
+		paths, symlinks = forest, true
+	}
+	if err := storepath.CheckAll(paths); err != nil {
+		return nil, false, fmt.Errorf("layer labels: %w", err)
+	}
+	return paths, symlinks, nil
 }

@@ -5,6 +5,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/containerd/errdefs"
 )
 
 func TestStorePathAnnotations(t *testing.T) {
@@ -25,11 +27,44 @@ func TestStorePathAnnotations(t *testing.T) {
 		if n == 500 && len(labels) < 2 {
 			t.Errorf("500 paths in %d label(s)", len(labels))
 		}
-		if got := StorePathsFromLabels(labels); !slices.Equal(got, paths) {
-			t.Errorf("%d paths: round trip gave %d", n, len(got))
+		if got, symlinks, err := LayerContent(labels); err != nil || symlinks || !slices.Equal(got, paths) {
+			t.Errorf("%d paths: round trip gave %d, %v, %v", n, len(got), symlinks, err)
+		}
+		if got, symlinks, err := LayerContent(SymlinkAnnotations(paths)); err != nil || symlinks != (n > 0) || !slices.Equal(got, paths) {
+			t.Errorf("%d symlinks: round trip gave %d, %v, %v", n, len(got), symlinks, err)
 		}
 	}
-	if got := StorePathsFromLabels(map[string]string{"containerd.io/snapshot.ref": "x"}); got != nil {
-		t.Errorf("unrelated labels gave %v", got)
+	if got, _, err := LayerContent(map[string]string{"containerd.io/snapshot.ref": "x"}); got != nil || err != nil {
+		t.Errorf("unrelated labels gave %v, %v", got, err)
+	}
+}
+
+// hostileEntries are label entries an attacker's image might carry.
+var hostileEntries = []string{
+	"/etc/shadow",
+	"/nix/store/../../../etc",
+	htop + "/../../../../etc/shadow",
+	"--option plugin-files /proc/self/cwd/../tmp/x/evil.so",
+	"-/nix/store/4bjipwxsbcl40y4ch110jflfmzl2rvsr-x",
+	htop + "\n/etc/shadow",
+	htop + "\x00",
+}
+
+// Labels are written by whoever made the image: anything that is not a
+// store path is refused, naming it.
+func TestLayerContentHostile(t *testing.T) {
+	for _, bad := range hostileEntries {
+		for _, labels := range []map[string]string{
+			{StorePathsLabel + ".0": htop + " " + bad},
+			{SymlinksLabel + ".0": bad},
+		} {
+			if _, _, err := LayerContent(labels); !errdefs.IsInvalidArgument(err) {
+				t.Errorf("%q: %v", bad, err)
+			}
+		}
+	}
+	both := map[string]string{StorePathsLabel + ".0": htop, SymlinksLabel + ".0": htop}
+	if _, _, err := LayerContent(both); !errdefs.IsInvalidArgument(err) {
+		t.Errorf("store paths and symlinks: %v", err)
 	}
 }

@@ -7,12 +7,10 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -21,36 +19,57 @@ import (
 	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // DefaultGCRootsDir holds the Nix GC roots of store paths in snapshots.
 const DefaultGCRootsDir = "/nix/var/nix/gcroots/nixery-snapshotter"
 
-// Realiser makes missing store paths present (substitutes or rebuilds them).
-type Realiser interface {
-	Realise(ctx context.Context, paths []string) error
+// Store is what the snapshotter needs of Nix.
+type Store interface {
+	// Root makes paths valid in the Nix store (realising those that are
+	// not) and GC roots in dir, below Nix's gcroots directory, in a way
+	// that a collection already running respects.
+	Root(ctx context.Context, dir string, paths []string) error
 }
+
+// untrustedLayers counts layers that named store paths this node did not
+// make, unpacked from their blobs instead (a cost: the files are copied).
+var untrustedLayers = promauto.NewCounter(prometheus.CounterOpts{
+	Namespace: "nixery", Name: "snapshot_untrusted_layers_total",
+	Help: "Layers naming store paths that this node did not build, unpacked from their blobs instead of linked from the store.",
+})
 
 // Snapshotter is a snapshots.Snapshotter for Nix images.
 //
 // When containerd's unpacker prepares a layer (label
 // containerd.io/snapshot.ref names the snapshot it will become) whose labels
-// list store paths (StorePathsLabel), Prepare materialises those paths into
-// the new snapshot, commits it under the target and answers AlreadyExists:
-// the remote-snapshot protocol by which containerd then skips fetching and
-// applying the layer. Every other call is the overlay snapshotter's.
+// list store paths (StorePathsLabel) that this node's builds claimed
+// (Claims), Prepare materialises those paths into the new snapshot,
+// commits it under the target and answers AlreadyExists: the
+// remote-snapshot protocol by which containerd then skips fetching and
+// applying the layer. Labels are claims, not commands: entries that are
+// not store paths fail the layer, and store paths this node did not claim
+// are left to containerd to unpack from the layer's blob, as any image's.
+// Every other call is the overlay snapshotter's.
 type Snapshotter struct {
 	snapshots.Snapshotter
-	gcRoots  string
-	realiser Realiser
-	mat      *materializer
+	gcRoots     string
+	store       Store
+	claims      *Claims
+	trustOthers bool
+	mat         *materializer
 }
 
 type options struct {
-	gcRoots   string
-	realiser  Realiser
-	storeRoot string
+	gcRoots     string
+	store       Store
+	claims      *Claims
+	trustOthers bool
+	storeRoot   string
 }
 
 // Opt configures the Snapshotter.
@@ -60,8 +79,17 @@ type Opt func(*options)
 // must be below Nix's gcroots directory to count.
 func WithGCRootsDir(dir string) Opt { return func(o *options) { o.gcRoots = dir } }
 
-// WithRealiser realises store paths that are missing when a layer needs them.
-func WithRealiser(r Realiser) Opt { return func(o *options) { o.realiser = r } }
+// WithStore makes and roots store paths through s. Without one, no layer
+// is materialised: every layer is unpacked from its blob.
+func WithStore(s Store) Opt { return func(o *options) { o.store = s } }
+
+// WithClaims trusts the store-path layers of images this node built.
+func WithClaims(c *Claims) Opt { return func(o *options) { o.claims = c } }
+
+// WithTrustOtherImages materialises the store-path layers of images this
+// node did not build too (still only valid store paths of this store):
+// for nodes whose every image source is trusted.
+func WithTrustOtherImages(on bool) Opt { return func(o *options) { o.trustOthers = on } }
 
 // WithStoreRoot reads store paths below dir instead of / (tests).
 func WithStoreRoot(dir string) Opt { return func(o *options) { o.storeRoot = dir } }
@@ -82,7 +110,9 @@ func New(root string, opts ...Opt) (*Snapshotter, error) {
 	return &Snapshotter{
 		Snapshotter: ov,
 		gcRoots:     o.gcRoots,
-		realiser:    o.realiser,
+		store:       o.store,
+		claims:      o.claims,
+		trustOthers: o.trustOthers,
 		mat:         &materializer{root: o.storeRoot, parallel: 4},
 	}, nil
 }
@@ -96,15 +126,19 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		}
 	}
 	target := base.Labels[snapshots.LabelSnapshotRef]
-	paths := StorePathsFromLabels(base.Labels)
-	forest := SymlinksFromLabels(base.Labels)
-	if target == "" || (len(paths) == 0 && len(forest) == 0) {
+	paths, forest, err := LayerContent(base.Labels)
+	if err != nil {
+		return nil, fmt.Errorf("layer for %s refused: %w", target, err)
+	}
+	if target == "" || len(paths) == 0 {
 		return s.Snapshotter.Prepare(ctx, key, parent, opts...)
 	}
-	if len(forest) > 0 {
-		paths = forest
-	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("target", target))
+	if !s.trusted(base.Labels) {
+		untrustedLayers.Inc()
+		log.G(ctx).Warn("layer names store paths that this node did not build: unpacking it from its blob instead (build images here, or set [snapshotter] trust_other_images)")
+		return s.Snapshotter.Prepare(ctx, key, parent, opts...)
+	}
 
 	// Another namespace, or an earlier pull, may have made it already.
 	if name, err := s.committed(ctx, target, parent); err != nil {
@@ -112,15 +146,12 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	} else if name != "" {
 		return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
 	}
-	if err := s.ensurePresent(ctx, paths); err != nil {
-		return nil, err
-	}
 	mounts, err := s.Snapshotter.Prepare(ctx, key, parent, opts...)
 	if err != nil {
 		return nil, err
 	}
 	name := commitName(target, parent)
-	if err := s.fill(ctx, mounts, name, paths, len(forest) > 0); err != nil {
+	if err := s.fill(ctx, mounts, name, paths, forest); err != nil {
 		if rerr := s.Snapshotter.Remove(context.WithoutCancel(ctx), key); rerr != nil {
 			log.G(ctx).WithError(rerr).Warn("removing unfinished snapshot")
 		}
@@ -139,6 +170,11 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
 }
 
+// trusted reports whether a layer's store paths may be materialised.
+func (s *Snapshotter) trusted(labels map[string]string) bool {
+	return s.store != nil && (s.trustOthers || s.claims.Made(labels))
+}
+
 // fill roots and materialises paths into the active snapshot with mounts:
 // the store paths themselves, or when forest is set the symlink forest of
 // those packages, written by the same code as the tar layer.
@@ -147,10 +183,10 @@ func (s *Snapshotter) fill(ctx context.Context, mounts []mount.Mount, name strin
 	if err != nil {
 		return err
 	}
-	// Roots before reading: a concurrent `nix-store --gc` must not take a
-	// path out from under us.
-	if err := s.addRoots(name, paths); err != nil {
-		return err
+	// Valid and rooted before reading: a concurrent `nix-store --gc` must
+	// not take a path out from under us.
+	if err := s.store.Root(ctx, s.rootsDir(name), paths); err != nil {
+		return fmt.Errorf("store paths of the layer: %w", err)
 	}
 	if forest {
 		return s.writeForest(ctx, dir, paths)
@@ -209,27 +245,6 @@ func upperDir(mounts []mount.Mount) (string, error) {
 	return "", fmt.Errorf("no writable directory in mounts %+v: %w", mounts, errdefs.ErrInternal)
 }
 
-// ensurePresent realises store paths that are not in the store.
-func (s *Snapshotter) ensurePresent(ctx context.Context, paths []string) error {
-	var missing []string
-	for _, p := range paths {
-		if _, err := os.Lstat(filepath.Join(s.mat.root, p)); err != nil {
-			missing = append(missing, p)
-		}
-	}
-	if len(missing) == 0 {
-		return nil
-	}
-	if s.realiser == nil {
-		return fmt.Errorf("store paths missing on this node: %v: %w", missing, errdefs.ErrNotFound)
-	}
-	log.G(ctx).WithField("paths", missing).Info("realising missing store paths")
-	if err := s.realiser.Realise(ctx, missing); err != nil {
-		return fmt.Errorf("store paths missing on this node and not realisable: %v: %w", missing, err)
-	}
-	return nil
-}
-
 // Remove implements snapshots.Snapshotter; it also drops the snapshot's GC roots.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err := s.Snapshotter.Remove(ctx, key); err != nil {
@@ -249,21 +264,6 @@ func commitName(target, parent string) string {
 func (s *Snapshotter) rootsDir(name string) string {
 	sum := sha256.Sum256([]byte(name))
 	return filepath.Join(s.gcRoots, hex.EncodeToString(sum[:16]))
-}
-
-// addRoots makes every path a Nix GC root for as long as snapshot name exists.
-func (s *Snapshotter) addRoots(name string, paths []string) error {
-	dir := s.rootsDir(name)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("GC roots: %w", err)
-	}
-	for _, p := range slices.Compact(slices.Sorted(slices.Values(paths))) {
-		link := filepath.Join(dir, filepath.Base(p))
-		if err := os.Symlink(p, link); err != nil && !errors.Is(err, os.ErrExist) {
-			return fmt.Errorf("GC root for %s: %w", p, err)
-		}
-	}
-	return nil
 }
 
 func (s *Snapshotter) removeRoots(name string) {

@@ -2,6 +2,8 @@ package snapshot
 
 import (
 	"context"
+	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -54,29 +56,71 @@ func fakeStore(t *testing.T) string {
 	return root
 }
 
-type countingRealiser struct{ calls [][]string }
-
-func (r *countingRealiser) Realise(ctx context.Context, paths []string) error {
-	r.calls = append(r.calls, paths)
-	return errdefs.ErrUnavailable
+// fakeNix roots the paths of a fake store, as Nix would: present paths
+// are linked from dir, missing ones are an error naming them.
+type fakeNix struct {
+	root  string
+	calls [][]string
 }
 
-func TestPrepareMaterialises(t *testing.T) {
+func (f *fakeNix) Root(ctx context.Context, dir string, paths []string) error {
+	f.calls = append(f.calls, paths)
+	var missing []string
+	for _, p := range paths {
+		if _, err := os.Lstat(filepath.Join(f.root, p)); err != nil {
+			missing = append(missing, p)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("store paths not valid on this node: %v: %w", missing, errdefs.ErrNotFound)
+	}
+	os.MkdirAll(dir, 0o755)
+	for _, p := range paths {
+		os.Symlink(p, filepath.Join(dir, filepath.Base(p)))
+	}
+	return nil
+}
+
+// newTestSnapshotter is a snapshotter over a fake store whose claims
+// include labels.
+func newTestSnapshotter(t *testing.T, claimed ...map[string]string) (*Snapshotter, *fakeNix, string) {
+	t.Helper()
 	testutil.RequireRoot(t)
 	store := fakeStore(t)
 	root := t.TempDir()
-	gcroots := filepath.Join(root, "gcroots")
-	realiser := &countingRealiser{}
-	s, err := New(filepath.Join(root, "state"), WithStoreRoot(store), WithGCRootsDir(gcroots), WithRealiser(realiser))
+	claims, err := OpenClaims(filepath.Join(root, "claims"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	for _, l := range claimed {
+		if err := claims.Record(l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nix := &fakeNix{root: store}
+	s, err := New(filepath.Join(root, "state"), WithStoreRoot(store), WithGCRootsDir(filepath.Join(root, "gcroots")),
+		WithStore(nix), WithClaims(claims))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, nix, store
+}
+
+// layerLabels are a layer's labels as containerd's unpacker sends them.
+func unpackLabels(annotations map[string]string, chain string) map[string]string {
+	labels := maps.Clone(annotations)
+	labels[snapshots.LabelSnapshotRef] = chain
+	return labels
+}
+
+func TestPrepareMaterialises(t *testing.T) {
+	annotations := StorePathAnnotations([]string{glibc, htop})
+	s, nix, store := newTestSnapshotter(t, annotations)
 	ctx := context.Background()
 
-	labels := StorePathAnnotations([]string{glibc, htop})
-	labels[snapshots.LabelSnapshotRef] = "sha256:chain1"
-	_, err = s.Prepare(ctx, "extract-1", "", snapshots.WithLabels(labels))
+	labels := unpackLabels(annotations, "sha256:chain1")
+	_, err := s.Prepare(ctx, "extract-1", "", snapshots.WithLabels(labels))
 	if !errdefs.IsAlreadyExists(err) {
 		t.Fatalf("Prepare: %v, want AlreadyExists", err)
 	}
@@ -137,8 +181,8 @@ func TestPrepareMaterialises(t *testing.T) {
 	if _, err := s.Prepare(ctx, "extract-2", "", snapshots.WithLabels(labels)); !errdefs.IsAlreadyExists(err) {
 		t.Errorf("second Prepare: %v", err)
 	}
-	if len(realiser.calls) != 0 {
-		t.Errorf("realiser called for present paths: %v", realiser.calls)
+	if len(nix.calls) != 1 {
+		t.Errorf("Nix asked %d times for one layer: %v", len(nix.calls), nix.calls)
 	}
 
 	// Removing the snapshot drops its roots.
@@ -151,24 +195,12 @@ func TestPrepareMaterialises(t *testing.T) {
 }
 
 func TestPrepareMissingStorePath(t *testing.T) {
-	testutil.RequireRoot(t)
-	store := fakeStore(t)
-	root := t.TempDir()
-	realiser := &countingRealiser{}
-	s, err := New(filepath.Join(root, "state"), WithStoreRoot(store), WithGCRootsDir(filepath.Join(root, "gcroots")), WithRealiser(realiser))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
 	missing := "/nix/store/cccccccccccccccccccccccccccccccc-gone"
-	labels := StorePathAnnotations([]string{htop, missing})
-	labels[snapshots.LabelSnapshotRef] = "sha256:chain2"
-	_, err = s.Prepare(context.Background(), "extract", "", snapshots.WithLabels(labels))
-	if err == nil || errdefs.IsAlreadyExists(err) || !strings.Contains(err.Error(), missing) {
+	annotations := StorePathAnnotations([]string{htop, missing})
+	s, _, _ := newTestSnapshotter(t, annotations)
+	_, err := s.Prepare(context.Background(), "extract", "", snapshots.WithLabels(unpackLabels(annotations, "sha256:chain2")))
+	if !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), missing) {
 		t.Fatalf("Prepare with a missing path: %v", err)
-	}
-	if len(realiser.calls) != 1 || len(realiser.calls[0]) != 1 || realiser.calls[0][0] != missing {
-		t.Errorf("realiser calls %v", realiser.calls)
 	}
 	n := 0
 	s.Walk(context.Background(), func(context.Context, snapshots.Info) error { n++; return nil })
@@ -208,13 +240,19 @@ func TestPrepareAfterInterruptedPrepare(t *testing.T) {
 	testutil.RequireRoot(t)
 	store := fakeStore(t)
 	root := t.TempDir()
-	opts := []Opt{WithStoreRoot(store), WithGCRootsDir(filepath.Join(root, "gcroots"))}
+	annotations := StorePathAnnotations([]string{htop})
+	claims, err := OpenClaims(filepath.Join(root, "claims"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	claims.Record(annotations)
+	nix := &fakeNix{root: store}
+	opts := []Opt{WithStoreRoot(store), WithGCRootsDir(filepath.Join(root, "gcroots")), WithStore(nix), WithClaims(claims)}
 	s, err := New(filepath.Join(root, "state"), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	labels := StorePathAnnotations([]string{htop})
-	labels[snapshots.LabelSnapshotRef] = "sha256:chain3"
+	labels := unpackLabels(annotations, "sha256:chain3")
 	ctx := context.Background()
 	// What Prepare had done when it was killed: the active snapshot exists,
 	// half filled, and the roots are in place.
@@ -225,7 +263,7 @@ func TestPrepareAfterInterruptedPrepare(t *testing.T) {
 	dir, _ := upperDir(mounts)
 	os.MkdirAll(filepath.Join(dir, htop, "bin"), 0o755)
 	name := commitName("sha256:chain3", "")
-	if err := s.addRoots(name, []string{htop}); err != nil {
+	if err := nix.Root(ctx, s.rootsDir(name), []string{htop}); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
@@ -244,5 +282,95 @@ func TestPrepareAfterInterruptedPrepare(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(view[0].Source, htop, "share/doc/README")); err != nil {
 		t.Errorf("layer incomplete: %v", err)
+	}
+}
+
+// Labels are claims, not commands: a layer naming store paths this node
+// did not build is left to containerd to unpack from its blob (unless the
+// operator trusts other images), and labels that name anything but store
+// paths fail the layer, touching nothing.
+func TestPrepareUntrustedLabels(t *testing.T) {
+	s, nix, _ := newTestSnapshotter(t)
+	ctx := context.Background()
+
+	// Well-formed, but this node made no such layer.
+	labels := unpackLabels(StorePathAnnotations([]string{htop}), "sha256:foreign")
+	mounts, err := s.Prepare(ctx, "extract-foreign", "", snapshots.WithLabels(labels))
+	if err != nil {
+		t.Fatalf("Prepare of a foreign layer: %v", err)
+	}
+	if dir, _ := upperDir(mounts); dir == "" {
+		t.Fatalf("mounts %v", mounts)
+	} else if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("a foreign layer was materialised: %v", entries)
+	}
+	if len(nix.calls) != 0 {
+		t.Errorf("Nix asked about a foreign layer's paths: %v", nix.calls)
+	}
+	s.Remove(ctx, "extract-foreign")
+
+	outside := t.TempDir()
+	before, _ := os.ReadDir(outside)
+	for _, bad := range append([]string{"/nix/store/../../" + outside, htop + "/../../../../" + outside + "/x"}, hostileEntries...) {
+		for _, annotations := range []map[string]string{
+			{StorePathsLabel + ".0": htop + " " + bad},
+			{SymlinksLabel + ".0": bad},
+		} {
+			// Even claimed, and even if other images are trusted.
+			s.claims.Record(annotations)
+			for _, trust := range []bool{false, true} {
+				s.trustOthers = trust
+				_, err := s.Prepare(ctx, "extract-bad", "", snapshots.WithLabels(unpackLabels(annotations, "sha256:bad")))
+				if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "not Nix store paths") {
+					t.Errorf("%q: %v", bad, err)
+				}
+			}
+		}
+	}
+	s.trustOthers = false
+	if after, _ := os.ReadDir(outside); len(after) != len(before) {
+		t.Errorf("files appeared outside the snapshotter: %v", after)
+	}
+	if len(nix.calls) != 0 {
+		t.Errorf("Nix was given %v", nix.calls)
+	}
+	n := 0
+	s.Walk(ctx, func(context.Context, snapshots.Info) error { n++; return nil })
+	if n != 0 {
+		t.Errorf("%d snapshots left after refused layers", n)
+	}
+
+	// Trusted by the operator, a foreign layer is materialised.
+	s.trustOthers = true
+	if _, err := s.Prepare(ctx, "extract-trusted", "", snapshots.WithLabels(labels)); !errdefs.IsAlreadyExists(err) {
+		t.Errorf("Prepare of a trusted foreign layer: %v", err)
+	}
+}
+
+// A store path that is itself a symlink out of the store becomes that
+// symlink in the layer, resolved inside the container: the host file it
+// points at is neither linked nor read.
+func TestPrepareSymlinkOutOfStore(t *testing.T) {
+	link := "/nix/store/dddddddddddddddddddddddddddddddd-shadow"
+	annotations := StorePathAnnotations([]string{link})
+	s, nix, store := newTestSnapshotter(t, annotations)
+	if err := os.Symlink("/etc/shadow", filepath.Join(store, link)); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := s.Prepare(ctx, "extract", "", snapshots.WithLabels(unpackLabels(annotations, "sha256:link"))); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare: %v (Nix: %v)", err, nix.calls)
+	}
+	mounts, err := s.View(ctx, "view", commitName("sha256:link", ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Remove(ctx, "view")
+	fi, err := os.Lstat(filepath.Join(mounts[0].Source, link))
+	if err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Fatalf("%s in the layer: %v, %v", link, fi, err)
+	}
+	if target, _ := os.Readlink(filepath.Join(mounts[0].Source, link)); target != "/etc/shadow" {
+		t.Errorf("symlink reads %q", target)
 	}
 }

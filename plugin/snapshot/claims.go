@@ -1,0 +1,107 @@
+package snapshot
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+)
+
+// NixeryLabels prefixes every label by which a layer says what it is:
+// store paths, symlinks, which layer and its digest. containerd hands
+// annotations under containerd.io/snapshot/ to snapshotters as labels.
+const NixeryLabels = "containerd.io/snapshot/nixery."
+
+// Claims are the layer descriptions this node's builds made. Any image can
+// carry the labels of a layer that names store paths; only those this node
+// made itself (or, if the operator says so, any) are materialised from the
+// store. A layer an image copies from one of this node's gets exactly the
+// paths this node built for it, no other.
+//
+// A claim is a file named by the digest of the layer's nixery labels, in a
+// directory only root can write: no shared state but the file system, so
+// that the CLI and the daemon, running or not, agree. Manifests carry no
+// node secret, so the same store paths give the same image on every node.
+type Claims struct {
+	dir string
+}
+
+// OpenClaims opens (or makes) the claims directory dir. It must be root's
+// (or this user's) and writable by no one else.
+func OpenClaims(dir string) (*Claims, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("layer claims: %w", err)
+	}
+	for d := dir; ; d = filepath.Dir(d) {
+		fi, err := os.Stat(d)
+		if err != nil {
+			return nil, fmt.Errorf("layer claims: %w", err)
+		}
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		writable := fi.Mode().Perm()&0o022 != 0 && fi.Mode()&os.ModeSticky == 0
+		if ok && (int(st.Uid) != os.Geteuid() && st.Uid != 0 || writable) {
+			return nil, fmt.Errorf("layer claims: %s can be written by users other than root: make it root's, mode 0755 or stricter", d)
+		}
+		if d == filepath.Dir(d) || d == filepath.Dir(dir) {
+			break
+		}
+	}
+	return &Claims{dir: dir}, nil
+}
+
+// claimKey is the digest of the nixery labels in labels, or "" if there
+// are none.
+func claimKey(labels map[string]string) string {
+	h := sha256.New()
+	n := 0
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		if !strings.HasPrefix(k, NixeryLabels) {
+			continue
+		}
+		n++
+		for _, s := range []string{k, labels[k]} {
+			_ = binary.Write(h, binary.LittleEndian, uint64(len(s)))
+			h.Write([]byte(s))
+		}
+	}
+	if n == 0 {
+		return ""
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// Record remembers the nixery labels of a layer this node made.
+func (c *Claims) Record(labels map[string]string) error {
+	key := claimKey(labels)
+	if key == "" {
+		return nil
+	}
+	p := filepath.Join(c.dir, key[:2], key)
+	if _, err := os.Stat(p); err == nil {
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return fmt.Errorf("recording layer claim: %w", err)
+	}
+	f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("recording layer claim: %w", err)
+	}
+	return f.Close()
+}
+
+// Made reports whether this node made a layer with labels' nixery labels.
+func (c *Claims) Made(labels map[string]string) bool {
+	key := claimKey(labels)
+	if c == nil || key == "" {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(c.dir, key[:2], key))
+	return err == nil
+}
