@@ -14,8 +14,9 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
 
-// countingNix writes Nix commands that log each call to a file and run the
-// real ones; it returns their directory and the log.
+// countingNix writes Nix commands that log each call (name and arguments,
+// one line) to a file and run the real ones; it returns their directory
+// and the log.
 func countingNix(t testing.TB) (string, string) {
 	t.Helper()
 	bin := t.TempDir()
@@ -25,7 +26,7 @@ func countingNix(t testing.TB) (string, string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		script := fmt.Sprintf("#!/bin/sh\necho %s >> %s\nexec %s \"$@\"\n", name, calls, real)
+		script := fmt.Sprintf("#!/bin/sh\necho %s \"$*\" >> %s\nexec %s \"$@\"\n", name, calls, real)
 		if err := os.WriteFile(filepath.Join(bin, name), []byte(script), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -38,7 +39,13 @@ func countingNix(t testing.TB) (string, string) {
 // builds it).
 func evaluations(t testing.TB, calls string) int {
 	b, _ := os.ReadFile(calls)
-	return strings.Count(string(b), "nix-instantiate")
+	n := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "nix-instantiate ") {
+			n++
+		}
+	}
+	return n
 }
 
 // A pinned source's images are cached: a repeated pull starts no Nix, even

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
 
 // daemon is `nixery-snapshotter serve` run as a child process.
@@ -19,10 +21,15 @@ type daemon struct {
 	dir     string
 	address string
 	http    string // the distribution endpoint's host:port
+	socket  string // and its unix socket, the CLI's way in
 	metrics string // host:port of /metrics and /healthz
 	root    string
 	gcRoots string
 	nixBin  string // Nix commands the daemon runs, when not PATH's
+	// trustOthers is snapshotter.trust_other_images.
+	trustOthers bool
+	// tls, when set, makes the endpoint HTTPS with client certificates.
+	tls *testutil.TLSFiles
 	// earlyHeaders is the endpoint's registry.early_headers, when set.
 	earlyHeaders string
 	config       string
@@ -51,6 +58,7 @@ func newDaemon(t testing.TB) *daemon {
 		http:    freePort(t),
 		metrics: freePort(t),
 		address: filepath.Join(dir, "run", "nix.sock"),
+		socket:  filepath.Join(dir, "run", "registry.sock"),
 		root:    filepath.Join(dir, "root"),
 		gcRoots: gcRoots,
 	}
@@ -137,13 +145,18 @@ func freePort(t testing.TB) string {
 }
 
 // peakRSS is the largest resident set the daemon has had, in bytes.
-func (d *daemon) peakRSS() int64 {
+func (d *daemon) peakRSS() int64 { return d.status("VmHWM:") }
+
+// rss is the daemon's resident set now, in bytes.
+func (d *daemon) rss() int64 { return d.status("VmRSS:") }
+
+func (d *daemon) status(field string) int64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
 	if err != nil {
 		return 0
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+		if v, ok := strings.CutPrefix(line, field); ok {
 			kib, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
 			return kib << 10
 		}

@@ -1,9 +1,11 @@
 package integration
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -74,7 +76,8 @@ func TestFaultDaemonKilledMidStream(t *testing.T) {
 }
 
 // A content store that runs out of space: a clear error, nothing
-// registered, and a pull after space is freed succeeds.
+// registered, the space taken given back at once (a smaller pull fits in
+// the same disk), and a pull after space is added succeeds.
 func TestFaultNoSpace(t *testing.T) {
 	testutil.RequireNix(t)
 	ctd := testutil.StartContainerd(t, testutil.WithTmpfsRoot("48m"))
@@ -97,6 +100,16 @@ func TestFaultNoSpace(t *testing.T) {
 	}
 	if got := e.content(); len(got) != 0 {
 		t.Errorf("content after running out of space: %v", got)
+	}
+	// The space is free again: the partial snapshot went with the pull.
+	if used := diskBytes(filepath.Join(ctd.Dir, "root", "io.containerd.snapshotter.v1.overlayfs")); used > 1<<20 {
+		t.Errorf("%d KiB left in snapshots after the failed pull", used>>10)
+		out, _ := exec.Command("sh", "-c", "cd "+filepath.Join(ctd.Dir, "root", "io.containerd.snapshotter.v1.overlayfs")+" && find . -maxdepth 3 | head -30; du -sh *").CombinedOutput()
+		t.Logf("%s\n%s\nstderr:%s", out, ctd.Log(), stderr)
+	}
+	e.mustPull("--snapshotter", "overlayfs", "nix.local/htop")
+	if out := e.run("nix.local/htop", "htop", "--version"); !strings.Contains(out, "htop") {
+		t.Errorf("htop --version printed %q", out)
 	}
 	if err := syscall.Mount("tmpfs", filepath.Join(ctd.Dir, "root"), "tmpfs", syscall.MS_REMOUNT, "size=512m"); err != nil {
 		t.Fatal(err)
@@ -180,4 +193,61 @@ func nixOptionArgs() []string {
 		args = append(args, "--option", k, v)
 	}
 	return args
+}
+
+// A pull killed (SIGKILL) while it unpacks a layer leaves a lease, an
+// active snapshot and its per-process directories; the next pull, of
+// anything, deletes them all, and nothing stays mounted.
+func TestFaultPullKilledMidUnpack(t *testing.T) {
+	testutil.RequireNix(t)
+	e := &env{t: t, ctd: testutil.StartContainerd(t), pkgs: bigPackagesT(t, 256)}
+	e.writeConfig(e.pkgs)
+	e.mustNixBuild("big")
+	for _, snapshotter := range []string{"overlayfs", "native"} {
+		cmd := exec.Command(binary, "pull", "--config", e.config, "--snapshotter", snapshotter, "nix.local/big")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		pid := cmd.Process.Pid
+		deadline := time.Now().Add(60 * time.Second)
+		for !slices.ContainsFunc(e.activeSnapshots(snapshotter), func(k string) bool { return strings.Contains(k, "nixery-layer-") }) {
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				t.Fatalf("%s: no layer was being unpacked", snapshotter)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		cmd.Process.Kill()
+		cmd.Wait()
+		ls, _ := e.ctd.Client.LeasesService().List(e.ctx())
+		if len(ls) == 0 {
+			t.Fatalf("%s: the killed pull left no lease: the test saw nothing", snapshotter)
+		}
+
+		e.mustPull("--snapshotter", snapshotter, "nix.local/htop")
+		if ls, _ := e.ctd.Client.LeasesService().List(e.ctx()); len(ls) != 0 {
+			t.Errorf("%s: leases after the next pull: %v", snapshotter, ls)
+		}
+		if active := e.activeSnapshots(snapshotter); len(active) != 0 {
+			t.Errorf("%s: active snapshots after the next pull: %v", snapshotter, active)
+		}
+		mounts, _ := os.ReadFile("/proc/self/mountinfo")
+		for _, line := range strings.Split(string(mounts), "\n") {
+			if strings.Contains(line, "nixery-snapshotter-mounts") || strings.Contains(line, "containerd-mount") {
+				t.Errorf("%s: mounted after the next pull: %s", snapshotter, line)
+			}
+		}
+		for _, pattern := range []string{
+			filepath.Join(os.TempDir(), "nixery-snapshotter", fmt.Sprintf("%d-*", pid)),
+			filepath.Join(os.TempDir(), "nixery-snapshotter-mounts", fmt.Sprintf("%d-*", pid)),
+			fmt.Sprintf("/nix/var/nix/gcroots/nixery-builds/%d-*", pid),
+		} {
+			if left, _ := filepath.Glob(pattern); len(left) != 0 {
+				t.Errorf("%s: the killed pull's directories are left: %v", snapshotter, left)
+			}
+		}
+		if out := e.runOn(snapshotter, "nix.local/htop", "htop", "--version"); !strings.Contains(out, "htop") {
+			t.Errorf("%s: htop --version printed %q", snapshotter, out)
+		}
+	}
 }

@@ -146,9 +146,16 @@ func (e *env) writeConfig(pkgs string) {
 			e.root = e.t.TempDir()
 		}
 		cfg["snapshotter"] = map[string]any{"root": e.root}
+		// No daemon to build in (nor one of the host's).
+		cfg["registry"] = map[string]any{"socket": ""}
 	} else {
-		cfg["snapshotter"] = map[string]any{"address": d.address, "root": d.root, "gc_roots_dir": d.gcRoots}
-		cfg["registry"] = map[string]any{"address": d.http}
+		cfg["snapshotter"] = map[string]any{"address": d.address, "root": d.root, "gc_roots_dir": d.gcRoots, "trust_other_images": d.trustOthers}
+		cfg["registry"] = map[string]any{"address": d.http, "socket": d.socket}
+		if d.tls != nil {
+			cfg["registry"].(map[string]any)["tls_cert"] = d.tls.ServerCert
+			cfg["registry"].(map[string]any)["tls_key"] = d.tls.ServerKey
+			cfg["registry"].(map[string]any)["client_ca"] = d.tls.CA
+		}
 		cfg["metrics"] = map[string]any{"address": d.metrics}
 		if d.earlyHeaders != "" {
 			cfg["registry"].(map[string]any)["early_headers"] = d.earlyHeaders
@@ -157,6 +164,12 @@ func (e *env) writeConfig(pkgs string) {
 			cfg["nix"].(map[string]any)["bin_dir"] = d.nixBin
 		}
 	}
+	e.writeTOML(cfg)
+}
+
+// writeTOML writes cfg as the configuration.
+func (e *env) writeTOML(cfg map[string]any) {
+	e.t.Helper()
 	b, err := toml.Marshal(cfg)
 	if err != nil {
 		e.t.Fatal(err)
@@ -167,6 +180,35 @@ func (e *env) writeConfig(pkgs string) {
 	if err := os.WriteFile(e.config, b, 0o600); err != nil {
 		e.t.Fatal(err)
 	}
+}
+
+// readConfig reads the configuration back, to change it.
+func (e *env) readConfig() map[string]any {
+	e.t.Helper()
+	b, err := os.ReadFile(e.config)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	cfg := map[string]any{}
+	if err := toml.Unmarshal(b, &cfg); err != nil {
+		e.t.Fatal(err)
+	}
+	return cfg
+}
+
+// mustNixBuild builds attr of the env's package set and returns its
+// output path.
+func (e *env) mustNixBuild(attr string) string {
+	e.t.Helper()
+	pkgs := e.pkgs
+	if pkgs == "" {
+		pkgs = testutil.TestPkgs()
+	}
+	out, err := exec.Command("nix-build", append([]string{"--no-out-link", "-A", attr, pkgs}, nixOptionArgs()...)...).Output()
+	if err != nil {
+		e.t.Fatalf("nix-build -A %s: %v", attr, err)
+	}
+	return strings.TrimSpace(string(out))
 }
 
 // pull runs `nixery-snapshotter pull` and returns stdout, stderr and its error.
@@ -254,6 +296,22 @@ func (e *env) snapshots(snapshotter string) []string {
 		e.t.Fatal(err)
 	}
 	sort.Strings(out)
+	return out
+}
+
+// activeSnapshots lists the keys of snapshotter's active snapshots.
+func (e *env) activeSnapshots(snapshotter string) []string {
+	e.t.Helper()
+	var out []string
+	err := e.ctd.Client.SnapshotService(snapshotter).Walk(e.ctx(), func(_ context.Context, info snapshots.Info) error {
+		if info.Kind == snapshots.KindActive {
+			out = append(out, info.Name)
+		}
+		return nil
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
 	return out
 }
 

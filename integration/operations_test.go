@@ -141,6 +141,8 @@ func TestHostileRequests(t *testing.T) {
 		{"bad blob digest", get("/v2/htop/blobs/sha256:1234"), 400},
 		{"blob of unknown digest", get("/v2/htop/blobs/sha256:" + strings.Repeat("a", 64)), 404},
 		{"manifest by unknown digest", get("/v2/htop/manifests/sha256:" + strings.Repeat("a", 64)), 404},
+		{"tag that is not a served revision", get("/v2/htop/manifests/no-such-tag"), 404},
+		{"commit that is not a served revision", get("/v2/htop/manifests/0123456789abcdef0123456789abcdef01234567"), 404},
 		{"not the API", get("/etc/passwd"), 404},
 		{"huge header", "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + strings.Repeat("x", 200<<10) + "\r\n\r\n", 431},
 		{"huge body on PUT", "PUT /v2/htop/manifests/latest HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\nConnection: close\r\n\r\n" + strings.Repeat("x", 1<<16), 405},

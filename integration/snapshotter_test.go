@@ -90,8 +90,20 @@ func TestNixSnapshotterOrdinaryImage(t *testing.T) {
 // without store-path annotations.
 func ordinaryImage(t *testing.T) string {
 	t.Helper()
-	bash, err := exec.Command("nix-build", "--no-out-link", "--option", "substituters", "", "--option", "sandbox", "false",
-		"-A", "bashInteractive", testutil.TestPkgs()).Output()
+	return ociArchive(t, "example.org/ordinary:1", bashLayers(t))
+}
+
+// archiveLayer is a layer of an OCI archive and its manifest annotations.
+type archiveLayer struct {
+	data        []byte
+	annotations map[string]string
+}
+
+// bashLayers are the layers of an image that runs bash: its closure, and
+// its symlink forest.
+func bashLayers(t *testing.T) []archiveLayer {
+	t.Helper()
+	bash, err := exec.Command("nix-build", append([]string{"--no-out-link", "-A", "bashInteractive", testutil.TestPkgs()}, nixOptionArgs()...)...).Output()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,30 +120,43 @@ func ordinaryImage(t *testing.T) string {
 	if err := tarstream.WriteSymlinkForest(&forest, []string{bashPath}); err != nil {
 		t.Fatal(err)
 	}
+	return []archiveLayer{{data: layer.Bytes()}, {data: forest.Bytes()}}
+}
+
+// ociArchive writes an OCI archive of one image, named name, of layers.
+func ociArchive(t *testing.T, name string, layers []archiveLayer) string {
+	t.Helper()
 	blobs := map[digest.Digest][]byte{}
 	add := func(mediaType string, b []byte) ocispec.Descriptor {
 		d := digest.FromBytes(b)
 		blobs[d] = b
 		return ocispec.Descriptor{MediaType: mediaType, Digest: d, Size: int64(len(b))}
 	}
-	l1, l2 := add(ocispec.MediaTypeImageLayer, layer.Bytes()), add(ocispec.MediaTypeImageLayer, forest.Bytes())
+	var descs []ocispec.Descriptor
+	var diffIDs []digest.Digest
+	for _, l := range layers {
+		desc := add(ocispec.MediaTypeImageLayer, l.data)
+		desc.Annotations = l.annotations
+		descs = append(descs, desc)
+		diffIDs = append(diffIDs, desc.Digest)
+	}
 	cfg, _ := json.Marshal(ocispec.Image{
 		Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"},
 		Config:   ocispec.ImageConfig{Env: []string{"PATH=/bin"}},
-		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{l1.Digest, l2.Digest}},
+		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: diffIDs},
 	})
 	manifest, _ := json.Marshal(ocispec.Manifest{
 		Versioned: specs.Versioned{SchemaVersion: 2},
 		MediaType: ocispec.MediaTypeImageManifest,
 		Config:    add(ocispec.MediaTypeImageConfig, cfg),
-		Layers:    []ocispec.Descriptor{l1, l2},
+		Layers:    descs,
 	})
 	mdesc := add(ocispec.MediaTypeImageManifest, manifest)
-	mdesc.Annotations = map[string]string{ocispec.AnnotationRefName: "example.org/ordinary:1"}
+	mdesc.Annotations = map[string]string{ocispec.AnnotationRefName: name}
 	mdesc.Platform = &ocispec.Platform{OS: "linux", Architecture: "amd64"}
 	index, _ := json.Marshal(ocispec.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageIndex, Manifests: []ocispec.Descriptor{mdesc}})
 
-	path := filepath.Join(t.TempDir(), "ordinary.tar")
+	path := filepath.Join(t.TempDir(), "image.tar")
 	f, err := os.Create(path)
 	if err != nil {
 		t.Fatal(err)

@@ -149,6 +149,9 @@ func New(source Source, opts ...Opt) *Builder {
 // Source is the package source this Builder reads.
 func (b *Builder) Source() Source { return b.source }
 
+// Timeout bounds one Build.
+func (b *Builder) Timeout() time.Duration { return b.timeout }
+
 // CheckTag refuses a tag that is not one of the revisions served, as a
 // not-found error: before anything is fetched or evaluated.
 func (b *Builder) CheckTag(tag string) error { return b.revisions.check(tag) }

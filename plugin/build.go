@@ -79,16 +79,20 @@ func (l *Layer) identity() []byte {
 }
 
 // WriteTar writes the layer's tar.
-func (l *Layer) WriteTar(w io.Writer) error {
+func (l *Layer) WriteTar(w io.Writer) error { return l.WriteTarFrom(w, 0) }
+
+// WriteTarFrom writes the layer's tar from byte offset on, without reading
+// the files before it.
+func (l *Layer) WriteTarFrom(w io.Writer, offset int64) error {
 	if l.hold != nil {
 		if err := l.hold(); err != nil {
 			return err
 		}
 	}
 	if l.Symlinks {
-		return tarstream.WriteSymlinkForest(w, l.Paths)
+		return tarstream.WriteSymlinkForest(w, l.Paths, tarstream.Skip(offset))
 	}
-	return tarstream.WriteStorePaths(w, l.Paths)
+	return tarstream.WriteStorePaths(w, l.Paths, tarstream.Skip(offset))
 }
 
 // Describer gives a layer its descriptor (l.Desc, and l.Blob for layers

@@ -38,13 +38,27 @@ type MetricsConfig struct {
 
 // RegistryConfig is the `serve` daemon's distribution endpoint.
 type RegistryConfig struct {
-	// Address is the TCP address to listen on; loopback unless you mean
-	// it. Empty disables the endpoint.
+	// Address is the TCP address to listen on, for containerd: loopback,
+	// or any other with TLS and client certificates. Empty disables it.
 	Address string `toml:"address"`
+	// Socket is the same endpoint on a unix socket (0660, in a 0700
+	// directory): the CLI talks to the daemon only there, where no user
+	// but root can listen. Empty disables it (the CLI then builds alone).
+	Socket string `toml:"socket"`
+	// TLSCert and TLSKey make Address HTTPS; ClientCA makes clients
+	// present a certificate it signed (containerd: hosts.toml `client`).
+	TLSCert  string `toml:"tls_cert"`
+	TLSKey   string `toml:"tls_key"`
+	ClientCA string `toml:"client_ca"`
 	// EarlyHeaders is how long a manifest request waits for its build
 	// before it answers with headers only, and sends the manifest when it
 	// is built (containerd drops requests without headers after 30 s).
 	EarlyHeaders Duration `toml:"early_headers"`
+}
+
+// TLS is the endpoint's TLS configuration.
+func (c RegistryConfig) TLS() TLSFiles {
+	return TLSFiles{Cert: c.TLSCert, Key: c.TLSKey, ClientCA: c.ClientCA}
 }
 
 // SnapshotterConfig is the `serve` daemon's.
@@ -161,7 +175,7 @@ func DefaultConfig() Config {
 			Root:       "/var/lib/nixery-snapshotter",
 			GCRootsDir: snapshot.DefaultGCRootsDir,
 		},
-		Registry: RegistryConfig{Address: DefaultRegistryAddress, EarlyHeaders: Duration(DefaultEarlyHeaders)},
+		Registry: RegistryConfig{Address: DefaultRegistryAddress, Socket: DefaultRegistrySocket, EarlyHeaders: Duration(DefaultEarlyHeaders)},
 		Metrics:  MetricsConfig{Address: DefaultMetricsAddress},
 	}
 }

@@ -3,10 +3,13 @@ package plugin
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"time"
 
@@ -28,22 +31,37 @@ const (
 	layersParam = "nixery-layers"
 )
 
-// daemonClient builds images in a running daemon through its endpoint.
+// errUntrustedSocket says a socket someone other than root could have made.
+var errUntrustedSocket = errors.New("not the daemon's socket")
+
+// daemonClient builds images in a running daemon through its endpoint's
+// unix socket: root's, so that whatever answers is the daemon. (Any user
+// can listen on a TCP port while the daemon is down.)
 type daemonClient struct {
-	address string
-	http    *http.Client
+	socket string
+	http   *http.Client
 }
 
-func newDaemonClient(address string) *daemonClient {
+func newDaemonClient(socket string) *daemonClient {
+	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
+		if err := checkSocketOwner(socket); err != nil {
+			return nil, fmt.Errorf("%w: %s: %w", errUntrustedSocket, socket, err)
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", socket)
+	}
 	// No overall timeout: a build takes as long as Nix does, bounded by the
 	// daemon's own timeout and by the caller's context.
-	return &daemonClient{address: address, http: &http.Client{}}
+	return &daemonClient{socket: socket, http: &http.Client{Transport: &http.Transport{DialContext: dial}}}
 }
 
-func (d *daemonClient) url(path string) string { return "http://" + d.address + path }
+func (d *daemonClient) url(path string) string { return "http://nixery-daemon" + path }
 
 // serves reports whether the daemon runs and builds what b would.
 func (d *daemonClient) serves(ctx context.Context, b *Builder) bool {
+	if _, err := os.Stat(d.socket); err != nil {
+		return false
+	}
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, d.url("/v2/"), nil)
@@ -51,6 +69,10 @@ func (d *daemonClient) serves(ctx context.Context, b *Builder) bool {
 		return false
 	}
 	resp, err := d.http.Do(req)
+	if errors.Is(err, errUntrustedSocket) {
+		log.G(ctx).WithError(err).Warn("not building in the daemon: building here")
+		return false
+	}
 	if err != nil {
 		log.G(ctx).WithError(err).Debug("no daemon to build in")
 		return false
@@ -80,6 +102,18 @@ func (d *daemonClient) build(ctx context.Context, ref string, byReference bool) 
 	if err := json.Unmarshal(mBytes, &manifest); err != nil {
 		return nil, nil, fmt.Errorf("manifest of %s from the daemon: %w", img.Ref(), err)
 	}
+	var layers []*Layer
+	for i, desc := range manifest.Layers {
+		// Checked as any image's: they reach Nix and the file system.
+		paths, symlinks, err := snapshot.LayerContent(desc.Annotations)
+		if err == nil && len(paths) == 0 {
+			err = fmt.Errorf("names no store paths: %w", errdefs.ErrInvalidArgument)
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("layer %d of %s from the daemon: %w", i+1, img.Ref(), err)
+		}
+		layers = append(layers, &Layer{Desc: desc, Paths: paths, Symlinks: symlinks})
+	}
 	fetcher := daemonFetcher{d: d, name: name}
 	blobs := map[digest.Digest][]byte{digest.FromBytes(mBytes): mBytes}
 	// The config, and reference layers, are small: fetch them now.
@@ -95,18 +129,6 @@ func (d *daemonClient) build(ctx context.Context, ref string, byReference bool) 
 			return nil, nil, fmt.Errorf("blob %s of %s from the daemon does not match its digest: %w", desc.Digest, img.Ref(), errdefs.ErrDataLoss)
 		}
 		blobs[desc.Digest] = b
-	}
-	var layers []*Layer
-	for i, desc := range manifest.Layers {
-		// Checked as any image's: they reach Nix and the file system.
-		paths, symlinks, err := snapshot.LayerContent(desc.Annotations)
-		if err == nil && len(paths) == 0 {
-			err = fmt.Errorf("names no store paths: %w", errdefs.ErrInvalidArgument)
-		}
-		if err != nil {
-			return nil, nil, fmt.Errorf("layer %d of %s from the daemon: %w", i+1, img.Ref(), err)
-		}
-		layers = append(layers, &Layer{Desc: desc, Paths: paths, Symlinks: symlinks})
 	}
 	return &Image{
 		Image:    img,

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -77,5 +79,12 @@ func ServeMetrics(ctx context.Context, address string, healthy func() error) err
 		}
 		fmt.Fprintln(w, "ok")
 	})
-	return serveHTTP(ctx, "metrics and health", address, mux)
+	l, err := net.Listen("tcp", address)
+	if err != nil {
+		return fmt.Errorf("metrics and health: %w", err)
+	}
+	if !loopback(address) {
+		log.G(ctx).WithField("address", address).Warn("metrics and health are served beyond this host, without authentication")
+	}
+	return serveHTTP(ctx, "metrics and health", mux, l)
 }

@@ -45,10 +45,6 @@ var criLabels = map[string]string{
 // criVisibleTimeout bounds the wait for CRI to see a registered image.
 const criVisibleTimeout = 10 * time.Second
 
-// leaseExpiry bounds how long content of a provisioning that died halfway
-// stays in containerd before its garbage collector takes it.
-const leaseExpiry = 24 * time.Hour
-
 // Provisioner builds images and registers them in containerd.
 type Provisioner struct {
 	client      *containerd.Client
@@ -79,12 +75,12 @@ func WithNixSnapshotter(name string) ProvisionerOpt {
 // image can be exported or unpacked anywhere.
 func WithLayerBlobs(on bool) ProvisionerOpt { return func(p *Provisioner) { p.layerBlobs = on } }
 
-// WithDaemon builds in the `serve` daemon whose distribution endpoint is at
-// address (host:port), when it runs and serves the same package source.
-func WithDaemon(address string) ProvisionerOpt {
+// WithDaemon builds in the `serve` daemon whose endpoint's unix socket is
+// socket, when it runs and serves the same package source.
+func WithDaemon(socket string) ProvisionerOpt {
 	return func(p *Provisioner) {
-		if address != "" {
-			p.daemon = newDaemonClient(address)
+		if socket != "" {
+			p.daemon = newDaemonClient(socket)
 		}
 	}
 }
@@ -113,7 +109,7 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	}
 
 	ls := p.client.LeasesService()
-	lease, err := ls.Create(ctx, leases.WithRandomID(), leases.WithExpiration(leaseExpiry))
+	lease, err := createLease(ctx, p.client, p.builder.nix.Timeout()+leaseBackstop)
 	if err != nil {
 		return images.Image{}, fmt.Errorf("create lease: %w", err)
 	}
@@ -302,7 +298,7 @@ func (p *Provisioner) build(ctx context.Context, ref string, describe Describer)
 		return img, resolver.ProviderFetcher{Provider: p.client.ContentStore()}, err
 	}
 
-	p.builder.say("%s: building in the daemon at %s", ref, p.daemon.address)
+	p.builder.say("%s: building in the daemon at %s", ref, p.daemon.socket)
 	img, fetcher, err := p.fromDaemon(ctx, ref, describe)
 	if errors.Is(err, errPathsGone) {
 		// Store paths of an image the daemon had cached went since.

@@ -24,6 +24,9 @@ import (
 // DefaultRegistryAddress is where the distribution endpoint listens: loopback only.
 const DefaultRegistryAddress = "127.0.0.1:8484"
 
+// DefaultRegistrySocket is where the CLI finds the daemon.
+const DefaultRegistrySocket = "/run/nixery-snapshotter/registry.sock"
+
 // maxLogInError bounds the Nix log carried in a registry error message.
 const maxLogInError = 4096
 
@@ -47,11 +50,48 @@ type Registry struct {
 	blobs map[digest.Digest]servedBlob
 }
 
-// servedBlob is a blob the registry can serve: in memory, or a layer.
+// servedBlob is a blob the registry can serve: in memory, or a layer of
+// an image whose store paths hold keeps alive while it is read.
 type servedBlob struct {
 	mediaType string
 	data      []byte
 	layer     *Layer
+	hold      *imageHold
+}
+
+// imageHold keeps the store paths of an image from Nix's garbage collector
+// while any of its layers is read: one hold shared by all its readers,
+// however many (the build that described them may be long done).
+type imageHold struct {
+	nix   *nixbuild.Builder
+	paths []string
+
+	mu    sync.Mutex
+	users int
+	roots *nixbuild.Roots
+}
+
+func (h *imageHold) acquire(ctx context.Context) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.users == 0 {
+		roots, err := h.nix.Hold(ctx, h.paths)
+		if err != nil {
+			return err
+		}
+		h.roots = roots
+	}
+	h.users++
+	return nil
+}
+
+func (h *imageHold) release() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.users--; h.users == 0 {
+		h.roots.Release()
+		h.roots = nil
+	}
 }
 
 // RegistryOpt configures a Registry.
@@ -76,35 +116,37 @@ func NewRegistry(builder *Builder, opts ...RegistryOpt) *Registry {
 	return r
 }
 
-// ServeRegistry serves r on the TCP address until ctx ends.
-func ServeRegistry(ctx context.Context, r *Registry, address string) error {
-	return serveHTTP(ctx, "the distribution endpoint", address, r)
-}
-
-// serveHTTP serves h on the TCP address until ctx ends, then shuts down
-// gracefully. Requests carry ctx (and its logger).
-func serveHTTP(ctx context.Context, what, address string, h http.Handler) error {
-	l, err := net.Listen("tcp", address)
-	if err != nil {
-		return fmt.Errorf("%s: %w", what, err)
+// ServeRegistry serves r until ctx ends: on cfg's TCP address, for
+// containerd (loopback, or TLS with client certificates), and on its unix
+// socket, for this project's CLI (root's only: what answers there is the
+// daemon).
+func ServeRegistry(ctx context.Context, r *Registry, cfg RegistryConfig) error {
+	const what = "the distribution endpoint"
+	var listeners []net.Listener
+	closeAll := func() {
+		for _, l := range listeners {
+			l.Close()
+		}
 	}
-	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 10 * time.Second,
-		MaxHeaderBytes:    64 << 10,
-		BaseContext:       func(net.Listener) context.Context { return ctx },
+	if cfg.Address != "" {
+		l, err := listenTCP(what, cfg.Address, cfg.TLS())
+		if err != nil {
+			return err
+		}
+		listeners = append(listeners, l)
 	}
-	go func() {
-		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopGrace)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	}()
-	log.G(ctx).WithField("address", l.Addr().String()).Info("serving " + what)
-	if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("%s: %w", what, err)
+	if cfg.Socket != "" {
+		l, err := listenUnix(cfg.Socket)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		listeners = append(listeners, l)
 	}
-	return nil
+	if len(listeners) == 0 {
+		return nil
+	}
+	return serveHTTP(ctx, what, r, listeners...)
 }
 
 // ServeHTTP implements http.Handler.
@@ -246,9 +288,10 @@ func (r *Registry) remember(img *Image) {
 		}
 		r.blobs[d] = servedBlob{mediaType: mt, data: b}
 	}
+	hold := &imageHold{nix: r.builder.nix, paths: img.paths()}
 	for _, l := range img.Layers {
 		if l.Blob == nil {
-			r.blobs[l.Desc.Digest] = servedBlob{mediaType: l.Desc.MediaType, layer: l}
+			r.blobs[l.Desc.Digest] = servedBlob{mediaType: l.Desc.MediaType, layer: l, hold: hold}
 		}
 	}
 	r.mu.Unlock()
@@ -276,12 +319,13 @@ func (r *Registry) blob(w http.ResponseWriter, req *http.Request, ref string) {
 		writeBlob(w, req, "application/octet-stream", d, blob.data)
 		return
 	}
-	r.layer(w, req, d, blob.layer)
+	r.layer(w, req, d, blob)
 }
 
 // layer streams a tar layer, re-made from the store; a range is served by
-// skipping to it.
-func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Digest, l *Layer) {
+// skipping to it without reading the files before it.
+func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Digest, blob servedBlob) {
+	l := blob.layer
 	size := l.Desc.Size
 	start, end, partial, err := parseRange(req.Header.Get("Range"), size)
 	if err != nil {
@@ -289,14 +333,11 @@ func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Dige
 		writeError(w, http.StatusRequestedRangeNotSatisfiable, "UNSUPPORTED", err.Error())
 		return
 	}
-	// Kept from Nix's garbage collector while they are read: the build
-	// that described them may be long done.
-	held, err := r.builder.nix.Hold(req.Context(), l.Paths)
-	if err != nil {
+	if err := blob.hold.acquire(req.Context()); err != nil {
 		writeError(w, http.StatusNotFound, "BLOB_UNKNOWN", fmt.Sprintf("blob %s: %v: request its manifest again", d, err))
 		return
 	}
-	defer held.Release()
+	defer blob.hold.release()
 	h := w.Header()
 	h.Set("Content-Type", "application/octet-stream")
 	h.Set("Docker-Content-Digest", d.String())
@@ -312,13 +353,9 @@ func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Dige
 		return
 	}
 	pr, pw := io.Pipe()
-	go func() { pw.CloseWithError(l.WriteTar(pw)) }()
+	go func() { pw.CloseWithError(l.WriteTarFrom(pw, start)) }()
 	defer pr.Close()
-	if _, err := io.CopyN(io.Discard, pr, start); err != nil {
-		log.G(req.Context()).WithError(err).WithField("digest", d).Warn("streaming layer")
-		return
-	}
-	n, err := io.CopyN(w, pr, end-start)
+	n, err := io.CopyN(newStallWriter(w), pr, end-start)
 	bytesStreamed.Add(float64(n))
 	if err != nil {
 		log.G(req.Context()).WithError(err).WithField("digest", d).Warn("streaming layer")

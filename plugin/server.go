@@ -2,11 +2,7 @@ package plugin
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"net"
-	"os"
-	"path/filepath"
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
@@ -53,37 +49,4 @@ func ServeSnapshotter(ctx context.Context, sn snapshots.Snapshotter, address str
 		srv.Stop()
 	}
 	return nil
-}
-
-// listenUnix listens on a unix socket that only root and its group may
-// use: a directory it creates is 0700, the socket 0660. A stale socket from
-// a process that died is removed; a live one is an error.
-func listenUnix(address string) (net.Listener, error) {
-	dir := filepath.Dir(address)
-	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("socket directory: %w", err)
-		}
-	}
-	if fi, err := os.Lstat(address); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("%s exists and is not a socket", address)
-		}
-		if c, err := net.DialTimeout("unix", address, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("another process is serving on %s", address)
-		}
-		if err := os.Remove(address); err != nil {
-			return nil, fmt.Errorf("removing stale socket: %w", err)
-		}
-	}
-	l, err := net.Listen("unix", address)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", address, err)
-	}
-	if err := os.Chmod(address, 0o660); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("socket permissions: %w", err)
-	}
-	return l, nil
 }

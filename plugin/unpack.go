@@ -10,7 +10,6 @@ import (
 	"io/fs"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -239,6 +238,11 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 	committed := false
 	defer func() {
 		if !committed {
+			// Its files first: on a full disk containerd cannot even
+			// record the removal until they are gone.
+			if dir, _, _ := snapshot.Writable(mounts); dir != "" {
+				snapshot.EmptyDir(dir)
+			}
 			if err := sn.Remove(context.WithoutCancel(ctx), key); err != nil {
 				log.G(ctx).WithError(err).WithField("key", key).Warn("removing unfinished snapshot")
 			}
@@ -302,26 +306,29 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 }
 
 // applyTar unpacks a layer onto a snapshot's mounts as containerd's applier
-// does (which is not exported): an overlay's upper directory is written
-// directly, other mounts are mounted for the time it takes.
+// does (which is not exported): an overlay's upper directory, or the
+// directory of a writable bind mount, is written directly; other mounts
+// are mounted for the time it takes, where a process that dies leaves
+// them to be unmounted by the next (useTempMounts).
 func applyTar(ctx context.Context, mounts []mount.Mount, r io.Reader) error {
-	if len(mounts) == 1 && mounts[0].Type == "overlay" && !userns.RunningInUserNS() {
-		var upper string
-		var lowers []string
-		for _, o := range mounts[0].Options {
-			if dir, ok := strings.CutPrefix(o, "upperdir="); ok {
-				upper = dir
-			} else if dirs, ok := strings.CutPrefix(o, "lowerdir="); ok {
-				lowers = strings.Split(dirs, ":")
-			}
-		}
-		if upper != "" {
-			_, err := archive.Apply(ctx, upper, r, archive.WithConvertWhiteout(archive.OverlayConvertWhiteout), archive.WithParents(lowers))
-			return err
-		}
+	switch dir, lowers, overlay := snapshot.Writable(mounts); {
+	case dir != "" && !overlay:
+		_, err := archive.Apply(ctx, dir, r)
+		return err
+	case dir != "" && !userns.RunningInUserNS():
+		// Whiteouts become overlay's character devices, which a user
+		// namespace cannot make.
+		_, err := archive.Apply(ctx, dir, r, archive.WithConvertWhiteout(archive.OverlayConvertWhiteout), archive.WithParents(lowers))
+		return err
+	}
+	if err := useTempMounts(); err != nil {
+		return fmt.Errorf("directory for temporary mounts: %w", err)
 	}
 	return mount.WithTempMount(ctx, mounts, func(root string) error {
 		_, err := archive.Apply(ctx, root, r)
+		if err != nil {
+			snapshot.EmptyDir(root) // see unpack
+		}
 		return err
 	})
 }

@@ -83,7 +83,7 @@ func WriteSymlinkForest(w io.Writer, packages []string, opts ...Opt) error {
 		collapse(c, 1)
 	}
 
-	tw := newWriter(w)
+	tw := newWriter(w, o)
 	if err := emit(tw, root, ""); err != nil {
 		return err
 	}
@@ -99,6 +99,9 @@ func merge(n *node, dir, target string, top bool) error {
 	for _, e := range entries {
 		if top && skipped[e.Name()] {
 			continue
+		}
+		if err := Check(filepath.Join(dir, e.Name()), e.Type()); err != nil {
+			return err
 		}
 		c := n.child(e.Name())
 		switch {

@@ -21,21 +21,58 @@ import (
 	"github.com/containerd/errdefs"
 )
 
-// epoch is the modification time of every entry: Nix's own store mtime.
-var epoch = time.Unix(1, 0)
-
+// What a store file becomes in an image, whoever makes the layer: these
+// tars, or the nix snapshotter linking the store's own files (which Nix
+// keeps exactly so). One rule, so that an image is the same everywhere.
 const (
-	// storeMode and storeExecMode are the permissions Nix gives store files.
-	storeMode     = 0o444
-	storeExecMode = 0o555
-	storeDirMode  = 0o555
+	// FileMode and ExecMode are the permissions Nix gives store files;
+	// DirMode its directories'.
+	FileMode = 0o444
+	ExecMode = 0o555
+	DirMode  = 0o555
 	// parentDirMode is for directories that exist outside the store
 	// (/nix, /nix/store, /bin, ...).
 	parentDirMode = 0o755
 )
 
+// Epoch is the modification time of every entry: Nix's own store mtime.
+var Epoch = time.Unix(1, 0)
+
+// Mode is the permission of a store file, directory or symlink of mode m
+// in a layer.
+func Mode(m fs.FileMode) fs.FileMode {
+	switch {
+	case m.IsDir():
+		return DirMode
+	case m&fs.ModeSymlink != 0:
+		return 0o777
+	case m&0o111 != 0:
+		return ExecMode
+	}
+	return FileMode
+}
+
+// whiteoutPrefix marks OCI whiteouts: a layer entry so named deletes a
+// file of the layers below instead of being one.
+const whiteoutPrefix = ".wh."
+
+// Check refuses what a layer cannot hold as it is in the store: file
+// types other than directories, regular files and symlinks, and names
+// that layers reserve for whiteouts (.wh.*), which unpacking would turn
+// into deletions. file names the entry for the error.
+func Check(file string, m fs.FileMode) error {
+	if strings.HasPrefix(filepath.Base(file), whiteoutPrefix) {
+		return fmt.Errorf("%s: names starting with %q are whiteouts in image layers, so no image can hold this file: %w", file, whiteoutPrefix, errdefs.ErrInvalidArgument)
+	}
+	if !m.IsDir() && !m.IsRegular() && m&fs.ModeSymlink == 0 {
+		return fmt.Errorf("%s is a %s, which a Nix store path cannot hold: %w", file, m.Type(), errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
 type options struct {
 	root string
+	skip int64
 }
 
 // Opt adjusts how layers are read.
@@ -44,6 +81,11 @@ type Opt func(*options)
 // WithRoot reads store paths below dir instead of /, for stores that are
 // not mounted at their logical location (chroot stores, tests).
 func WithRoot(dir string) Opt { return func(o *options) { o.root = dir } }
+
+// Skip leaves out the first n bytes of the layer (a range request): files
+// whose content lies in them are not read. The layout is deterministic,
+// so what follows is exactly the rest of the whole layer.
+func Skip(n int64) Opt { return func(o *options) { o.skip = n } }
 
 func newOptions(opts []Opt) options {
 	o := options{root: "/"}
@@ -58,15 +100,51 @@ func (o options) onDisk(p string) string { return filepath.Join(o.root, p) }
 // writer emits normalised entries and the parent directories they need.
 type writer struct {
 	tw      *tar.Writer
+	out     *skipWriter
 	created map[string]bool
 }
 
-func newWriter(w io.Writer) *writer {
-	return &writer{tw: tar.NewWriter(w), created: map[string]bool{}}
+func newWriter(w io.Writer, o options) *writer {
+	out := &skipWriter{w: w, skip: o.skip}
+	return &writer{tw: tar.NewWriter(out), out: out, created: map[string]bool{}}
+}
+
+// skipWriter drops the first skip bytes written to it.
+type skipWriter struct {
+	w    io.Writer
+	skip int64
+}
+
+func (s *skipWriter) Write(p []byte) (int, error) {
+	if s.skip >= int64(len(p)) {
+		s.skip -= int64(len(p))
+		return len(p), nil
+	}
+	n, err := s.w.Write(p[s.skip:])
+	n += int(s.skip)
+	s.skip = 0
+	return n, err
+}
+
+// openFile opens store files (a test watches it).
+var openFile = os.Open
+
+// zeros stand in for file content that a skipWriter drops anyway.
+var zeros = make([]byte, 256<<10)
+
+func writeZeros(w io.Writer, n int64) error {
+	for n > 0 {
+		k := min(n, int64(len(zeros)))
+		if _, err := w.Write(zeros[:k]); err != nil {
+			return err
+		}
+		n -= k
+	}
+	return nil
 }
 
 func (w *writer) header(typ byte, name string, mode int64) *tar.Header {
-	return &tar.Header{Typeflag: typ, Name: name, Mode: mode, ModTime: epoch}
+	return &tar.Header{Typeflag: typ, Name: name, Mode: mode, ModTime: Epoch}
 }
 
 // parents writes directory entries for the parents of name that are not
@@ -106,17 +184,31 @@ func (w *writer) file(name string, mode int64, src string, size int64) error {
 	if err := w.parents(name); err != nil {
 		return err
 	}
-	f, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
 	h := w.header(tar.TypeReg, name, mode)
 	h.Size = size
 	if err := w.tw.WriteHeader(h); err != nil {
 		return err
 	}
+	// What a range leaves out is not read: zeros in its place are dropped.
+	skipped := min(w.out.skip, size)
+	if skipped == size {
+		return writeZeros(w.tw, size)
+	}
+	f, err := openFile(src)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if skipped > 0 {
+		if _, err := f.Seek(skipped, io.SeekStart); err != nil {
+			return err
+		}
+		if err := writeZeros(w.tw, skipped); err != nil {
+			return err
+		}
+	}
 	n, err := io.Copy(w.tw, f)
+	n += skipped
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", src, err)
 	}
@@ -140,7 +232,7 @@ func entryName(p string) string { return strings.TrimPrefix(path.Clean(p), "/") 
 // machine to machine, and the layer must not.
 func WriteStorePaths(w io.Writer, paths []string, opts ...Opt) error {
 	o := newOptions(opts)
-	tw := newWriter(w)
+	tw := newWriter(w, o)
 	for _, p := range paths {
 		if !path.IsAbs(p) || path.Clean(p) != p {
 			return fmt.Errorf("store path %q is not a clean absolute path: %w", p, errdefs.ErrInvalidArgument)
@@ -168,23 +260,21 @@ func writeTree(tw *writer, src, name string) error {
 		if err != nil {
 			return err
 		}
-		switch mode := info.Mode(); {
+		mode := info.Mode()
+		if err := Check(file, mode); err != nil {
+			return err
+		}
+		switch {
 		case mode.IsDir():
-			return tw.dir(entry, storeDirMode)
+			return tw.dir(entry, int64(Mode(mode)))
 		case mode&fs.ModeSymlink != 0:
 			target, err := os.Readlink(file)
 			if err != nil {
 				return err
 			}
 			return tw.symlink(entry, target)
-		case mode.IsRegular():
-			perm := int64(storeMode)
-			if mode&0o111 != 0 {
-				perm = storeExecMode
-			}
-			return tw.file(entry, perm, file, info.Size())
 		default:
-			return fmt.Errorf("%s is a %s, which a Nix store path cannot hold: %w", file, mode.Type(), errdefs.ErrInvalidArgument)
+			return tw.file(entry, int64(Mode(mode)), file, info.Size())
 		}
 	})
 }

@@ -92,7 +92,7 @@ func readTar(t *testing.T, b []byte) ([]string, map[string]entry) {
 		if h.Uid != 0 || h.Gid != 0 || h.Uname != "" || h.Gname != "" {
 			t.Errorf("%s: owner %d:%d %q:%q", h.Name, h.Uid, h.Gid, h.Uname, h.Gname)
 		}
-		if !h.ModTime.Equal(epoch) || !h.AccessTime.IsZero() || !h.ChangeTime.IsZero() {
+		if !h.ModTime.Equal(Epoch) || !h.AccessTime.IsZero() || !h.ChangeTime.IsZero() {
 			t.Errorf("%s: times %v %v %v", h.Name, h.ModTime, h.AccessTime, h.ChangeTime)
 		}
 		if _, dup := entries[h.Name]; dup {
@@ -191,6 +191,70 @@ func TestWriteStorePathsRejects(t *testing.T) {
 		if err == nil || !tc.want(err) {
 			t.Errorf("%s: %v", tc.path, err)
 		}
+	}
+}
+
+// Store files named like whiteouts cannot be in any layer: refused, named,
+// on the tar path and in the symlink forest alike.
+func TestWhiteoutNames(t *testing.T) {
+	root := t.TempDir()
+	makeStore(t, root, 0o644, time.Now())
+	wh := filepath.Join(root, core, "share", ".wh.secret")
+	if err := os.WriteFile(wh, nil, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	err := WriteStorePaths(io.Discard, []string{core}, WithRoot(root))
+	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), ".wh.secret") || !strings.Contains(err.Error(), "whiteout") {
+		t.Errorf("store path with a .wh. file: %v", err)
+	}
+	if err := WriteSymlinkForest(io.Discard, []string{core}, WithRoot(root)); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), ".wh.secret") {
+		t.Errorf("forest of a package with a .wh. file: %v", err)
+	}
+	if err := Check("/nix/store/x/.wh..wh..opq", 0); err == nil {
+		t.Error("opaque whiteout name accepted")
+	}
+	if err := Check("/nix/store/x/a.wh.b", 0); err != nil {
+		t.Errorf("a name with .wh. inside: %v", err)
+	}
+}
+
+// A range of a layer is exactly that part of the whole layer, and the
+// files before it are not read.
+func TestSkip(t *testing.T) {
+	root := t.TempDir()
+	makeStore(t, root, 0o644, time.Now())
+	big := filepath.Join(root, htop, "share", "big")
+	data := make([]byte, 3<<20)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	if err := os.WriteFile(big, data, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	full := storeLayer(t, root, glibc, htop)
+	for _, off := range []int64{0, 1, 511, 512, 513, 1500, int64(len(full)) / 2, int64(len(full)) - 1025, int64(len(full)) - 1, int64(len(full))} {
+		var b bytes.Buffer
+		if err := WriteStorePaths(&b, []string{glibc, htop}, WithRoot(root), Skip(off)); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(b.Bytes(), full[off:]) {
+			t.Errorf("skip %d: %d bytes, not the layer's last %d", off, b.Len(), int64(len(full))-off)
+		}
+	}
+	// Past the big file, it is not opened at all.
+	var opened []string
+	openFile = func(name string) (*os.File, error) {
+		opened = append(opened, name)
+		return os.Open(name)
+	}
+	defer func() { openFile = os.Open }()
+	var b bytes.Buffer
+	err := WriteStorePaths(&b, []string{glibc, htop}, WithRoot(root), Skip(int64(len(full))-1024))
+	if err != nil || !bytes.Equal(b.Bytes(), full[len(full)-1024:]) {
+		t.Errorf("skipping to the end: %v (%d bytes)", err, b.Len())
+	}
+	if len(opened) != 0 {
+		t.Errorf("files opened for a range after them: %v", opened)
 	}
 }
 

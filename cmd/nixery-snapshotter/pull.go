@@ -84,7 +84,7 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		plugin.WithSnapshotter(cfg.Containerd.Snapshotter),
 		plugin.WithNixSnapshotter(cfg.Containerd.NixSnapshotter),
 		plugin.WithLayerBlobs(cfg.Image.WithLayers),
-		plugin.WithDaemon(cfg.Registry.Address))
+		plugin.WithDaemon(cfg.Registry.Socket))
 	img, err := p.Provision(ctx, positional[0])
 	if err != nil {
 		return err

@@ -89,7 +89,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			})
 		})
 	}
-	if cfg.Registry.Address != "" {
+	if cfg.Registry.Address != "" || cfg.Registry.Socket != "" {
 		cache, err := plugin.OpenCache(cfg.CacheDir(), 5*time.Second)
 		if err != nil {
 			return err
@@ -100,7 +100,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			return err
 		}
 		registry := plugin.NewRegistry(images, plugin.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders)))
-		g.Go(func() error { return plugin.ServeRegistry(ctx, registry, cfg.Registry.Address) })
+		g.Go(func() error { return plugin.ServeRegistry(ctx, registry, cfg.Registry) })
 	}
 	return g.Wait()
 }

@@ -11,14 +11,12 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"time"
 
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
-)
 
-// storeEpoch is the mtime Nix gives store files, which tar layers carry too.
-var storeEpoch = time.Unix(1, 0)
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
+)
 
 // materializer writes store paths into a layer directory without copying
 // file data: files are hard links to the store's own inodes, which Nix keeps
@@ -90,6 +88,11 @@ func (m *materializer) tree(src, dst string) error {
 			return err
 		}
 		target := filepath.Join(dst, rel)
+		// The tar layers' rule, so that the image is the same on every
+		// snapshotter.
+		if err := tarstream.Check(path, d.Type()); err != nil {
+			return err
+		}
 		switch typ := d.Type(); {
 		case typ.IsDir():
 			dirs = append(dirs, target)
@@ -103,10 +106,8 @@ func (m *materializer) tree(src, dst string) error {
 				return err
 			}
 			return os.Lchown(target, 0, 0)
-		case typ.IsRegular():
-			return m.file(path, target)
 		default:
-			return fmt.Errorf("%s is a %s, which a Nix store path cannot hold", path, typ)
+			return m.file(path, target)
 		}
 	})
 	if err != nil {
@@ -115,10 +116,10 @@ func (m *materializer) tree(src, dst string) error {
 	// Directories last, deepest first: read-only and with the store's
 	// mtime, as the tar layer would make them.
 	for i := len(dirs) - 1; i >= 0; i-- {
-		if err := os.Chmod(dirs[i], 0o555); err != nil {
+		if err := os.Chmod(dirs[i], tarstream.DirMode); err != nil {
 			return err
 		}
-		if err := os.Chtimes(dirs[i], storeEpoch, storeEpoch); err != nil {
+		if err := os.Chtimes(dirs[i], tarstream.Epoch, tarstream.Epoch); err != nil {
 			return err
 		}
 	}
@@ -161,10 +162,7 @@ func copyFile(src, dst string) error {
 	if err != nil {
 		return err
 	}
-	mode := os.FileMode(0o444)
-	if info.Mode()&0o111 != 0 {
-		mode = 0o555
-	}
+	mode := tarstream.Mode(info.Mode())
 	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
 	if err != nil {
 		return err
@@ -181,5 +179,5 @@ func copyFile(src, dst string) error {
 	if err := os.Chmod(dst, mode); err != nil {
 		return err
 	}
-	return os.Chtimes(dst, storeEpoch, storeEpoch)
+	return os.Chtimes(dst, tarstream.Epoch, tarstream.Epoch)
 }

@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -152,6 +153,9 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	}
 	name := commitName(target, parent)
 	if err := s.fill(ctx, mounts, name, paths, forest); err != nil {
+		if dir, _, _ := Writable(mounts); dir != "" {
+			EmptyDir(dir)
+		}
 		if rerr := s.Snapshotter.Remove(context.WithoutCancel(ctx), key); rerr != nil {
 			log.G(ctx).WithError(rerr).Warn("removing unfinished snapshot")
 		}
@@ -225,24 +229,49 @@ func (s *Snapshotter) committed(ctx context.Context, target, parent string) (str
 	return found, err
 }
 
-// upperDir is the directory that holds an active overlay snapshot's own
-// changes: the source of its bind mount when it has no parent, its overlay
-// upperdir otherwise.
+// upperDir is the directory that holds an active snapshot's own changes.
 func upperDir(mounts []mount.Mount) (string, error) {
-	if len(mounts) == 1 {
-		m := mounts[0]
-		switch m.Type {
-		case "bind":
-			return m.Source, nil
-		case "overlay":
-			for _, o := range m.Options {
-				if dir, ok := strings.CutPrefix(o, "upperdir="); ok {
-					return dir, nil
-				}
-			}
-		}
+	if dir, _, _ := Writable(mounts); dir != "" {
+		return dir, nil
 	}
 	return "", fmt.Errorf("no writable directory in mounts %+v: %w", mounts, errdefs.ErrInternal)
+}
+
+// EmptyDir removes what dir holds, keeping dir: the files of a snapshot
+// that failed, before it is removed. On a full disk the snapshotter cannot
+// even record the removal until they are gone.
+func EmptyDir(dir string) {
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		_ = os.RemoveAll(filepath.Join(dir, e.Name()))
+	}
+}
+
+// Writable is the directory that holds the own changes of an active
+// snapshot with mounts, where they are one writable bind mount (its
+// source) or one overlay (its upperdir, with lowers beneath, and overlay
+// set); "" for any other mounts, which must be mounted to be written.
+func Writable(mounts []mount.Mount) (dir string, lowers []string, overlay bool) {
+	if len(mounts) != 1 {
+		return "", nil, false
+	}
+	m := mounts[0]
+	switch m.Type {
+	case "bind":
+		if !slices.Contains(m.Options, "ro") {
+			return m.Source, nil, false
+		}
+	case "overlay":
+		for _, o := range m.Options {
+			if d, ok := strings.CutPrefix(o, "upperdir="); ok {
+				dir = d
+			} else if l, ok := strings.CutPrefix(o, "lowerdir="); ok {
+				lowers = strings.Split(l, ":")
+			}
+		}
+		return dir, lowers, dir != ""
+	}
+	return "", nil, false
 }
 
 // Remove implements snapshots.Snapshotter; it also drops the snapshot's GC roots.

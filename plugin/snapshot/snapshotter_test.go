@@ -374,3 +374,17 @@ func TestPrepareSymlinkOutOfStore(t *testing.T) {
 		t.Errorf("symlink reads %q", target)
 	}
 }
+
+// A store file named like a whiteout is refused here as on the tar path:
+// the same image on every snapshotter, or none.
+func TestPrepareWhiteoutName(t *testing.T) {
+	annotations := StorePathAnnotations([]string{htop})
+	s, _, store := newTestSnapshotter(t, annotations)
+	if err := os.WriteFile(filepath.Join(store, htop, "share", ".wh.README"), nil, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	_, err := s.Prepare(context.Background(), "extract", "", snapshots.WithLabels(unpackLabels(annotations, "sha256:wh")))
+	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), ".wh.README") {
+		t.Errorf("Prepare of a layer with a .wh. file: %v", err)
+	}
+}

@@ -1,0 +1,119 @@
+package plugin
+
+import (
+	"context"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/procdir"
+)
+
+// ownerLabel names, on a lease, the process that works under it (a
+// procdir lock file): a lease whose process is gone is deleted by the next
+// pull, with what only it held (content, snapshots being unpacked).
+// containerd cannot extend a lease, so its expiry is only a backstop, for
+// a node where no pull ever runs again.
+const ownerLabel = "nixery-snapshotter/owner"
+
+// leaseBackstop is how much longer than the Nix timeout a lease lives.
+const leaseBackstop = time.Hour
+
+// owner is this process's procdir, which its leases and temporary mounts
+// name.
+func owner() (*procdir.Dir, error) {
+	return procdir.Open(filepath.Join(os.TempDir(), "nixery-snapshotter"), nil)
+}
+
+// createLease makes the lease of one provisioning, owned by this process,
+// after deleting those of processes that died.
+func createLease(ctx context.Context, client *containerd.Client, expiry time.Duration) (leases.Lease, error) {
+	own, err := owner()
+	if err != nil {
+		return leases.Lease{}, err
+	}
+	sweepLeases(ctx, client)
+	return client.LeasesService().Create(ctx, leases.WithRandomID(), leases.WithExpiration(expiry),
+		leases.WithLabel(ownerLabel, own.Owner()))
+}
+
+// sweepLeases deletes, in every namespace, the leases of this project's
+// processes that are gone, and with them (synchronously: a disk it filled
+// is free again) whatever only they held.
+func sweepLeases(ctx context.Context, client *containerd.Client) {
+	nss, err := client.NamespaceService().List(ctx)
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("listing namespaces to sweep leases")
+		return
+	}
+	for _, ns := range nss {
+		nctx := namespaces.WithNamespace(ctx, ns)
+		ls, err := client.LeasesService().List(nctx, fmt.Sprintf("labels.%q", ownerLabel))
+		if err != nil {
+			continue
+		}
+		for _, l := range ls {
+			if procdir.Alive(l.Labels[ownerLabel]) {
+				continue
+			}
+			log.G(ctx).WithFields(log.Fields{"lease": l.ID, "namespace": ns}).Info("deleting the lease of a pull that did not finish")
+			if err := client.LeasesService().Delete(nctx, l, leases.SynchronousDelete); err != nil {
+				log.G(ctx).WithError(err).Warn("deleting a stale lease")
+			}
+		}
+	}
+}
+
+// useTempMounts makes containerd's temporary mounts (unpacking into
+// snapshotters that are not plain directories) in this process's own
+// directory, and unmounts those that processes which died left behind.
+var useTempMounts = sync.OnceValue(func() error {
+	dir, err := procdir.Open(filepath.Join(os.TempDir(), "nixery-snapshotter-mounts"), unmountBelow)
+	if err != nil {
+		return err
+	}
+	return mount.SetTempMountLocation(dir.Path())
+})
+
+// unmountBelow unmounts everything mounted below dir, deepest first, then
+// removes the empty directories: never a file system that is still
+// mounted.
+func unmountBelow(dir string) error {
+	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	if err != nil {
+		return err
+	}
+	slices.SortFunc(mounts, func(a, b *mountinfo.Info) int { return len(b.Mountpoint) - len(a.Mountpoint) })
+	for _, m := range mounts {
+		if err := unix.Unmount(m.Mountpoint, unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("unmounting %s: %w", m.Mountpoint, err)
+		}
+	}
+	var dirs []string
+	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, p)
+		} else if err == nil {
+			_ = os.Remove(p) // the lock file
+		}
+		return nil
+	})
+	slices.SortFunc(dirs, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
+	for _, d := range dirs {
+		_ = os.Remove(d)
+	}
+	return nil
+}
