@@ -264,17 +264,18 @@ func (l *connLimits) track(c net.Conn, state http.ConnState) {
 }
 
 // stallWriter sets a write deadline before each write: a client that stops
-// reading is cut off after writeStall, however large what it asked for.
+// reading is cut off after stall, however large what it asked for.
 type stallWriter struct {
 	http.ResponseWriter
-	rc *http.ResponseController
+	rc    *http.ResponseController
+	stall time.Duration
 }
 
-func newStallWriter(w http.ResponseWriter) *stallWriter {
-	return &stallWriter{ResponseWriter: w, rc: http.NewResponseController(w)}
+func newStallWriter(w http.ResponseWriter, stall time.Duration) *stallWriter {
+	return &stallWriter{ResponseWriter: w, rc: http.NewResponseController(w), stall: stall}
 }
 
 func (w *stallWriter) Write(b []byte) (int, error) {
-	_ = w.rc.SetWriteDeadline(time.Now().Add(writeStall))
+	_ = w.rc.SetWriteDeadline(time.Now().Add(w.stall))
 	return w.ResponseWriter.Write(b)
 }

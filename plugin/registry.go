@@ -355,7 +355,7 @@ func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Dige
 	pr, pw := io.Pipe()
 	go func() { pw.CloseWithError(l.WriteTarFrom(pw, start)) }()
 	defer pr.Close()
-	n, err := io.CopyN(newStallWriter(w), pr, end-start)
+	n, err := io.CopyN(newStallWriter(w, writeStall), pr, end-start)
 	bytesStreamed.Add(float64(n))
 	if err != nil {
 		log.G(req.Context()).WithError(err).WithField("digest", d).Warn("streaming layer")
