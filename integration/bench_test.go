@@ -187,7 +187,11 @@ func (e *env) removeImages(tb testing.TB, ref string) {
 // Each figure is the CLI's wall time, process start included.
 func BenchmarkWarmProvision(b *testing.B) {
 	mib := benchMiB(b)
-	e := newNixEnv(b, withPkgs(bigPackages(b, mib)), func(e *env) { e.extraNix = map[string]any{"pinned": true} })
+	// A second tag names the same package set, so that the overlayfs image
+	// is one of its own.
+	e := newNixEnv(b, withPkgs(bigPackages(b, mib)), func(e *env) {
+		e.extraNix = map[string]any{"pinned": true, "revisions": []string{"latest", "overlay"}}
+	})
 	const ref = "nix.local/shell/big"
 	e.mustPull("--snapshotter", "nix", ref)
 	e.mustPull("--snapshotter", "overlayfs", ref+":overlay")

@@ -357,15 +357,12 @@ func (b *Builder) bin(name string) string {
 	return name
 }
 
-// tmpDir holds this project's temporary files, one directory per process
-// (procdir): those of processes killed are removed by the next.
-func tmpDir() string { return filepath.Join(os.TempDir(), "nixery-snapshotter") }
-
 // expression writes prepare.nix to a private temporary file once per Builder.
 func (b *Builder) expression() (string, error) {
 	b.writeOnce.Do(func() {
 		b.writeError = func() error {
-			own, err := procdir.Open(tmpDir(), nil)
+			// Removed by the next process if this one is killed.
+			own, err := procdir.Temp()
 			if err != nil {
 				return err
 			}

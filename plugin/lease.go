@@ -32,20 +32,20 @@ const ownerLabel = "nixery-snapshotter/owner"
 // leaseBackstop is how much longer than the Nix timeout a lease lives.
 const leaseBackstop = time.Hour
 
-// owner is this process's procdir, which its leases and temporary mounts
-// name.
-func owner() (*procdir.Dir, error) {
-	return procdir.Open(filepath.Join(os.TempDir(), "nixery-snapshotter"), nil)
-}
+// tempMountsDir holds the temporary mount points of this project's
+// processes, one directory each (procdir).
+var tempMountsDir = filepath.Join(os.TempDir(), "nixery-snapshotter-mounts")
 
 // createLease makes the lease of one provisioning, owned by this process,
-// after deleting those of processes that died.
+// after cleaning up after processes that died: their leases (with what
+// only they held) and their temporary mounts.
 func createLease(ctx context.Context, client *containerd.Client, expiry time.Duration) (leases.Lease, error) {
-	own, err := owner()
+	own, err := procdir.Temp()
 	if err != nil {
 		return leases.Lease{}, err
 	}
 	sweepLeases(ctx, client)
+	procdir.Sweep(tempMountsDir, unmountBelow)
 	return client.LeasesService().Create(ctx, leases.WithRandomID(), leases.WithExpiration(expiry),
 		leases.WithLabel(ownerLabel, own.Owner()))
 }
@@ -81,7 +81,7 @@ func sweepLeases(ctx context.Context, client *containerd.Client) {
 // snapshotters that are not plain directories) in this process's own
 // directory, and unmounts those that processes which died left behind.
 var useTempMounts = sync.OnceValue(func() error {
-	dir, err := procdir.Open(filepath.Join(os.TempDir(), "nixery-snapshotter-mounts"), unmountBelow)
+	dir, err := procdir.Open(tempMountsDir, unmountBelow)
 	if err != nil {
 		return err
 	}

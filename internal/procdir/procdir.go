@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -53,6 +54,13 @@ var (
 	mu   sync.Mutex
 	dirs = map[string]*opened{}
 )
+
+// Temp is this process's directory for temporary files, which also tells
+// whether it lives (its Owner) to what it leaves elsewhere: containerd
+// leases.
+func Temp() (*Dir, error) {
+	return Open(filepath.Join(os.TempDir(), "nixery-snapshotter"), nil)
+}
 
 // Cleanup removes what a process that is gone left in its directory; the
 // default removes it all. It must not cross mount points.
@@ -120,10 +128,21 @@ func Sweep(parent string, cleanup Cleanup) {
 		return
 	}
 	for _, e := range entries {
-		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
+		if !e.IsDir() {
 			continue
 		}
 		dir := filepath.Join(parent, e.Name())
+		if strings.HasPrefix(e.Name(), staging) {
+			// Made by a process that died before it took the lock (a live
+			// one takes it in microseconds).
+			if info, err := e.Info(); err == nil && time.Since(info.ModTime()) > time.Minute {
+				_ = cleanup(dir)
+			}
+			continue
+		}
+		if strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
 		lock, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR, 0)
 		if err != nil {
 			continue // not one of ours, or half made: leave it
