@@ -233,13 +233,13 @@ func TestFaultPullKilledMidUnpack(t *testing.T) {
 		}
 		mounts, _ := os.ReadFile("/proc/self/mountinfo")
 		for _, line := range strings.Split(string(mounts), "\n") {
-			if strings.Contains(line, "nixery-snapshotter-mounts") || strings.Contains(line, "containerd-mount") {
+			if strings.Contains(line, filepath.Join(e.root, "work")) || strings.Contains(line, "containerd-mount") {
 				t.Errorf("%s: mounted after the next pull: %s", snapshotter, line)
 			}
 		}
 		for _, pattern := range []string{
-			filepath.Join(os.TempDir(), "nixery-snapshotter", fmt.Sprintf("%d-*", pid)),
-			filepath.Join(os.TempDir(), "nixery-snapshotter-mounts", fmt.Sprintf("%d-*", pid)),
+			filepath.Join(e.root, "work", fmt.Sprintf("%d-*", pid)),
+			filepath.Join(e.root, "work", "mounts", fmt.Sprintf("%d-*", pid)),
 			fmt.Sprintf("/nix/var/nix/gcroots/nixery-builds/%d-*", pid),
 		} {
 			if left, _ := filepath.Glob(pattern); len(left) != 0 {

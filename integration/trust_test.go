@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -108,6 +109,29 @@ func TestHostileImageLabels(t *testing.T) {
 	}
 	if n := e.metric(t, "nixery_snapshot_untrusted_layers_total"); n < 1 {
 		t.Errorf("untrusted layers counted: %v", n)
+	}
+
+	// The labels of a layer this node built, copied exactly into another
+	// image (to commit those store paths as a layer of another chain):
+	// the blob, still.
+	e.mustPull("--snapshotter", "nix", "nix.local/htop")
+	m, _ := e.manifest(t, "nix.local/htop:latest")
+	var copied map[string]string
+	for _, l := range m.Layers {
+		if slices.Contains(storePaths(l.Annotations), htop) {
+			copied = l.Annotations
+		}
+	}
+	if copied == nil {
+		t.Fatalf("no layer of nix.local/htop holds %s", htop)
+	}
+	archive = ociArchive(t, "example.org/copied:1", append(base, markerLayer(t, copied)))
+	if out, err := e.importImage(archive); err != nil {
+		t.Fatalf("importing an image with copied labels: %v\n%s", err, out)
+	}
+	got = e.runOn("nix", "example.org/copied:1", "bash", "-c", "read -r m < /marker; echo $m; test -e "+htop+" && echo linked || echo not linked")
+	if got != "blob\nnot linked\n" {
+		t.Errorf("copied labels: the container sees %q", got)
 	}
 }
 

@@ -84,6 +84,7 @@ type Builder struct {
 	binDir    string
 	logLines  int
 	progress  func(line string)
+	workDir   string
 	// procs bounds the Nix processes started to realise paths for holds,
 	// however many readers ask at once.
 	procs chan struct{}
@@ -128,6 +129,12 @@ func WithRevisions(patterns []string) Opt {
 		}
 	}
 }
+
+// WithWorkDir keeps the Builder's files (prepare.nix) in this process's
+// directory below dir (procdir; root's alone), which the next process
+// removes if this one is killed. Without it, in a private temporary
+// directory.
+func WithWorkDir(dir string) Opt { return func(b *Builder) { b.workDir = dir } }
 
 // maxHoldProcs bounds the Nix processes realising paths for holds.
 const maxHoldProcs = 4
@@ -215,7 +222,8 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		return nil, err
 	}
 	log.G(ctx).WithFields(log.Fields{"packages": req.Packages, "system": req.System, "source": b.source.String()}).Info("evaluating packages")
-	out, err := b.run(ctx, "evaluate", "nix-instantiate", append([]string{"--eval", "--strict", "--json", "-A", "result"}, eval...)...)
+	env := b.evalEnv(req.Tag)
+	out, err := b.runEnv(ctx, env, "evaluate", "nix-instantiate", append([]string{"--eval", "--strict", "--json", "-A", "result"}, eval...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -254,7 +262,7 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		return nil, err
 	}
 	if !rooted {
-		if err := b.realisePackages(ctx, res.roots.dir, eval, outs); err != nil {
+		if err := b.realisePackages(ctx, res.roots.dir, env, eval, outs); err != nil {
 			return nil, err
 		}
 	}
@@ -289,10 +297,10 @@ func (b *Builder) rootIfValid(ctx context.Context, dir string, outs []string) (b
 
 // realisePackages builds (or substitutes) the requested packages with
 // nix-build, which roots them in dir itself.
-func (b *Builder) realisePackages(ctx context.Context, dir string, eval, outs []string) error {
+func (b *Builder) realisePackages(ctx context.Context, dir string, env, eval, outs []string) error {
 	log.G(ctx).WithField("packages", len(outs)).Info("realising packages")
 	build := append([]string{"--out-link", filepath.Join(dir, "out"), "-A", "derivations"}, eval...)
-	built, err := b.run(ctx, "build", "nix-build", build...)
+	built, err := b.runEnv(ctx, env, "build", "nix-build", build...)
 	if err != nil {
 		var be *BuildError
 		if !errors.As(err, &be) || !strings.Contains(be.Log, killedBySignal9) || ctx.Err() != nil {
@@ -303,7 +311,7 @@ func (b *Builder) realisePackages(ctx context.Context, dir string, eval, outs []
 		// group once its log pipe closes, which can race the builder's
 		// own exit. Once more; a real kill fails again and is reported.
 		log.G(ctx).WithError(err).Warn("builder killed by signal 9, retrying once")
-		if built, err = b.run(ctx, "build", "nix-build", build...); err != nil {
+		if built, err = b.runEnv(ctx, env, "build", "nix-build", build...); err != nil {
 			return err
 		}
 	}
@@ -340,6 +348,16 @@ func (b *Builder) evalArgs(expr, tag string, args ...string) ([]string, error) {
 	return b.args(append(append(restrict, expr), args...)...), nil
 }
 
+// evalEnv is the environment of a command that evaluates: this process's,
+// with no Nix search path but the entry a `<name>` source needs.
+func (b *Builder) evalEnv(tag string) []string {
+	env := slices.DeleteFunc(os.Environ(), func(e string) bool { return strings.HasPrefix(e, "NIX_PATH=") })
+	if p := b.source.searchPath(tag, os.Getenv("NIX_PATH")); p != "" {
+		env = append(env, "NIX_PATH="+p)
+	}
+	return env
+}
+
 // args puts the configured Nix settings before args; later settings (the
 // restrictions of evalArgs) override them.
 func (b *Builder) args(args ...string) []string {
@@ -361,12 +379,15 @@ func (b *Builder) bin(name string) string {
 func (b *Builder) expression() (string, error) {
 	b.writeOnce.Do(func() {
 		b.writeError = func() error {
-			// Removed by the next process if this one is killed.
-			own, err := procdir.Temp()
-			if err != nil {
-				return err
+			parent := ""
+			if b.workDir != "" {
+				own, err := procdir.Open(b.workDir, nil)
+				if err != nil {
+					return err
+				}
+				parent = own.Path()
 			}
-			dir, err := os.MkdirTemp(own.Path(), "prepare-")
+			dir, err := os.MkdirTemp(parent, "nixery-prepare-")
 			if err != nil {
 				return err
 			}

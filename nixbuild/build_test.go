@@ -50,6 +50,18 @@ func TestSourceArgument(t *testing.T) {
 	}
 }
 
+func TestSearchPath(t *testing.T) {
+	inherited := "nixpkgs=https://example.org/nixpkgs.tar.gz:nixos-config=/etc/nixos/configuration.nix:/root/channels:other=/x"
+	if got := ChannelSource("<nixpkgs>").searchPath("latest", inherited); got != "nixpkgs=https://example.org/nixpkgs.tar.gz" {
+		t.Errorf("<nixpkgs>: %q", got)
+	}
+	for _, src := range []Source{{"path", "/pkgs"}, GitSource("/srv/pkgs"), ChannelSource("nixos-24.05")} {
+		if got := src.searchPath("latest", inherited); got != "" {
+			t.Errorf("%v: %q", src, got)
+		}
+	}
+}
+
 func TestParsePathInfo(t *testing.T) {
 	want := []StorePath{
 		{Path: "/nix/store/a-glibc", NarSize: 10, References: []string{"/nix/store/a-glibc"}},
@@ -421,6 +433,18 @@ func TestBuildRestrictedEvaluation(t *testing.T) {
 	if !errors.As(err, &be) || be.Stage != "evaluate" || !strings.Contains(err.Error(), "forbidden in restricted mode") {
 		t.Errorf("reading /etc/shadow: %v", err)
 	}
+
+	// Nor through the search path this process inherited (NixOS puts
+	// nixos-config=/etc/nixos/configuration.nix there).
+	t.Setenv("NIX_PATH", "hostsecret=/etc/passwd")
+	dir = writePkgs(t, `leak = derivation {
+    name = "leak"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin";
+    args = [ "-c" ("echo " + builtins.readFile <hostsecret> + " > $out") ];
+  };`)
+	_, err = newTestBuilder(t, dir).Build(context.Background(), Request{Packages: []string{"leak"}, System: "x86_64-linux"})
+	if !errors.As(err, &be) || be.Stage != "evaluate" || !strings.Contains(err.Error(), "hostsecret") {
+		t.Errorf("reading <hostsecret>: %v", err)
+	}
 }
 
 // Tags are revisions only where the operator says so; anything else is
@@ -496,6 +520,40 @@ func TestHold(t *testing.T) {
 	for _, bad := range []string{"--option", "/etc/shadow", "/nix/store/../../etc/shadow", out + "/../../../etc", out + "\n/etc/shadow"} {
 		if _, err := none.Hold(context.Background(), []string{out, bad}); !errdefs.IsInvalidArgument(err) {
 			t.Errorf("holding %q: %v", bad, err)
+		}
+	}
+}
+
+// Callers that give up do not break the holds of the others: one Nix
+// serve process is shared, and a caller that leaves does not end it.
+func TestHoldCancelledCallers(t *testing.T) {
+	b := newTestBuilder(t, testutil.TestPkgs())
+	res, err := b.Build(context.Background(), Request{Packages: []string{"htop"}, System: "x86_64-linux"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Release()
+	paths := []string{res.Packages[0].Out}
+	errs := make(chan error, 40)
+	for i := range 40 {
+		go func() {
+			ctx := context.Background()
+			if i%2 == 1 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, time.Duration(i)*100*time.Microsecond)
+				defer cancel()
+			}
+			roots, err := b.Hold(ctx, paths)
+			if i%2 == 1 {
+				err = nil // may or may not have made it
+			}
+			roots.Release()
+			errs <- err
+		}()
+	}
+	for range 40 {
+		if err := <-errs; err != nil {
+			t.Errorf("a caller that did not give up: %v", err)
 		}
 	}
 }

@@ -25,7 +25,14 @@ const killGrace = 5 * time.Second
 // whole process group: Nix interrupts its builders on SIGTERM, and SIGKILL
 // follows if it does not exit in time.
 func (b *Builder) run(ctx context.Context, stage, name string, args ...string) ([]byte, error) {
+	return b.runEnv(ctx, nil, stage, name, args...)
+}
+
+// runEnv is run with env as the command's environment (nil: this
+// process's).
+func (b *Builder) runEnv(ctx context.Context, env []string, stage, name string, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, b.bin(name), args...)
+	cmd.Env = env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	exited := make(chan struct{})
 	var cancelled atomic.Bool

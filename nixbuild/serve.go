@@ -37,6 +37,10 @@ const (
 // by then.
 const serveIdle = 5 * time.Second
 
+// serveTimeout bounds one request to the serve process (and its start): a
+// process that answers nothing for this long is stuck, and is ended.
+const serveTimeout = time.Minute
+
 // storeConn is one `nix-store --serve --write` process. Asked which paths
 // are valid "with lock", it first makes them temporary GC roots of its own
 // (registered with a collection already running, through Nix's GC socket):
@@ -47,6 +51,7 @@ type storeConn struct {
 	w      *bufio.Writer
 	r      *bufio.Reader
 	exited chan struct{}
+	turn   chan struct{} // one request at a time
 }
 
 func (b *Builder) startServe(ctx context.Context) (*storeConn, error) {
@@ -68,7 +73,8 @@ func (b *Builder) startServe(ctx context.Context) (*storeConn, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start nix-store --serve: %w", err)
 	}
-	c := &storeConn{cmd: cmd, stdin: stdin, w: bufio.NewWriter(stdin), r: bufio.NewReader(stdout), exited: make(chan struct{})}
+	c := &storeConn{cmd: cmd, stdin: stdin, w: bufio.NewWriter(stdin), r: bufio.NewReader(stdout),
+		exited: make(chan struct{}), turn: make(chan struct{}, 1)}
 	logger := log.G(ctx).WithField("nix", "nix-store --serve")
 	go func() {
 		scanner := bufio.NewScanner(stderr)
@@ -79,12 +85,46 @@ func (b *Builder) startServe(ctx context.Context) (*storeConn, error) {
 		_ = cmd.Wait()
 		close(c.exited)
 	}()
-	if err := c.handshake(); err != nil {
-		c.close()
+	if err := c.do(ctx, c.handshake); err != nil {
+		c.kill()
 		return nil, fmt.Errorf("nix-store --serve: %w", err)
 	}
 	return c, nil
 }
+
+// do runs one request on the connection once it is this caller's turn. A
+// caller that gives up (ctx) before its turn leaves the connection as it
+// was; one that gives up during its request leaves the request to finish
+// without it. A request that is not answered within serveTimeout ends the
+// process, which is stuck.
+func (c *storeConn) do(ctx context.Context, request func() error) error {
+	select {
+	case c.turn <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c.exited:
+		return errServeExited
+	}
+	done := make(chan error, 1)
+	go func() {
+		defer func() { <-c.turn }()
+		done <- request()
+	}()
+	timer := time.NewTimer(serveTimeout)
+	defer timer.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-timer.C:
+		c.kill()
+		return fmt.Errorf("no answer for %s", serveTimeout)
+	}
+}
+
+// errServeExited says the serve process is gone.
+var errServeExited = errors.New("nix-store --serve exited")
 
 func (c *storeConn) handshake() error {
 	c.writeInt(serveMagic1)
@@ -110,10 +150,10 @@ func (c *storeConn) handshake() error {
 }
 
 // validPaths answers which of paths are valid, each made a temporary root
-// first.
-func (c *storeConn) validPaths(paths []string) ([]string, error) {
+// first if lock is set.
+func (c *storeConn) validPaths(paths []string, lock bool) ([]string, error) {
 	c.writeInt(cmdQueryValidPaths)
-	c.writeInt(1) // lock: temporary roots
+	c.writeInt(map[bool]uint64{false: 0, true: 1}[lock])
 	c.writeInt(0) // substitute: no
 	c.writeInt(uint64(len(paths)))
 	for _, p := range paths {
@@ -193,9 +233,23 @@ func (c *storeConn) close() {
 	select {
 	case <-c.exited:
 	case <-time.After(killGrace):
-		_ = syscall.Kill(-c.cmd.Process.Pid, syscall.SIGKILL)
-		<-c.exited
+		c.kill()
 	}
+}
+
+// kill ends the process at once.
+func (c *storeConn) kill() {
+	_ = syscall.Kill(-c.cmd.Process.Pid, syscall.SIGKILL)
+	<-c.exited
+}
+
+// held reports whether the process still serves: if so, the temporary
+// roots it made before are still in place.
+func (c *storeConn) held() bool {
+	return c.do(context.Background(), func() error {
+		_, err := c.validPaths(nil, false)
+		return err
+	}) == nil
 }
 
 // store shares one storeConn between the holds of a Builder: started when
@@ -206,7 +260,6 @@ type store struct {
 	conn  *storeConn
 	users int
 	idle  *time.Timer
-	call  sync.Mutex // one request at a time on the connection
 }
 
 // tempRoots makes paths temporary roots and returns those that are valid.
@@ -223,35 +276,23 @@ func (s *store) tempRoots(ctx context.Context, paths []string) (valid []string, 
 			return nil, nil, nil, err
 		}
 		release := sync.OnceFunc(func() { s.release() })
-		type answer struct {
-			valid []string
-			err   error
-		}
-		done := make(chan answer, 1)
-		go func() {
-			s.call.Lock()
-			defer s.call.Unlock()
-			v, err := conn.validPaths(paths)
-			done <- answer{v, err}
-		}()
-		var a answer
-		select {
-		case a = <-done:
-		case <-ctx.Done():
-			// Mid-message: the connection cannot be used again.
-			s.discard(conn)
+		err = conn.do(ctx, func() (err error) {
+			valid, err = conn.validPaths(paths, true)
+			return err
+		})
+		switch {
+		case err == nil:
+			return valid, conn.held, release, nil
+		case ctx.Err() != nil:
 			release()
 			return nil, nil, nil, ctx.Err()
 		}
-		if a.err == nil {
-			return a.valid, conn.alive, release, nil
-		}
 		s.discard(conn)
 		release()
-		if attempt > 0 || ctx.Err() != nil {
-			return nil, nil, nil, &BuildError{Stage: "hold", Err: fmt.Errorf("nix-store --serve: %w", a.err)}
+		if attempt > 0 {
+			return nil, nil, nil, &BuildError{Stage: "hold", Err: fmt.Errorf("nix-store --serve: %w", err)}
 		}
-		log.G(ctx).WithError(a.err).Warn("nix-store --serve failed: starting it again")
+		log.G(ctx).WithError(err).Warn("nix-store --serve failed: starting it again")
 	}
 }
 

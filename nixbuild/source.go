@@ -133,6 +133,39 @@ func (s Source) access(tag string) (paths, uris []string, err error) {
 	return paths, uris, nil
 }
 
+// searchPath is the Nix search path evaluation may see, from the
+// inherited one (NIX_PATH): only the entry a `<name>` source looks up. An
+// entry such as NixOS's nixos-config=/etc/nixos/configuration.nix would
+// otherwise be readable by the package set, restricted or not.
+func (s Source) searchPath(tag, inherited string) string {
+	arg, err := s.locate(tag)
+	if err != nil || arg["lookup"] == "" {
+		return ""
+	}
+	var keep []string
+	for _, e := range splitNixPath(inherited) {
+		if strings.HasPrefix(e, arg["lookup"]+"=") {
+			keep = append(keep, e)
+		}
+	}
+	return strings.Join(keep, ":")
+}
+
+// splitNixPath splits NIX_PATH at its colons, but not at those of URLs.
+func splitNixPath(p string) []string {
+	var out []string
+	for _, part := range strings.Split(p, ":") {
+		if n := len(out); n > 0 && strings.HasPrefix(part, "//") {
+			out[n-1] += ":" + part
+			continue
+		}
+		if part != "" {
+			out = append(out, part)
+		}
+	}
+	return out
+}
+
 // Revisions are the tags a Builder serves, as path.Match patterns.
 type Revisions []string
 

@@ -348,13 +348,16 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 	return &built, nil
 }
 
-// claim records the layers of img as made by this node.
+// claim records the layers of img as made by this node, each as the layer
+// of its chain.
 func (b *Builder) claim(img *Image) error {
 	if b.claims == nil {
 		return nil
 	}
+	var chain digest.Digest
 	for _, l := range img.Layers {
-		if err := b.claims.Record(l.Desc.Annotations); err != nil {
+		chain = chainID(chain, l.Desc.Digest)
+		if err := b.claims.Record(l.Desc.Annotations, chain.String()); err != nil {
 			return err
 		}
 	}

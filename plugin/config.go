@@ -274,5 +274,10 @@ func (c Config) Claims() (*snapshot.Claims, error) {
 	return snapshot.OpenClaims(filepath.Join(c.Snapshotter.Root, "claims"))
 }
 
+// WorkDir holds the directories of this project's processes (their files,
+// the owners of their leases, their temporary mounts), each removed by the
+// next process once its own is gone.
+func (c Config) WorkDir() string { return filepath.Join(c.Snapshotter.Root, "work") }
+
 // CacheDir is where the layer and image cache lives.
 func (c Config) CacheDir() string { return filepath.Join(c.Snapshotter.Root, "cache") }

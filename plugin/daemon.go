@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/core/remotes"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/privdir"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/opencontainers/go-digest"
@@ -44,7 +45,7 @@ type daemonClient struct {
 
 func newDaemonClient(socket string) *daemonClient {
 	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
-		if err := checkSocketOwner(socket); err != nil {
+		if err := privdir.Check(socket); err != nil {
 			return nil, fmt.Errorf("%w: %s: %w", errUntrustedSocket, socket, err)
 		}
 		var d net.Dialer

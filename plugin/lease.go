@@ -32,22 +32,27 @@ const ownerLabel = "nixery-snapshotter/owner"
 // leaseBackstop is how much longer than the Nix timeout a lease lives.
 const leaseBackstop = time.Hour
 
-// tempMountsDir holds the temporary mount points of this project's
-// processes, one directory each (procdir).
-var tempMountsDir = filepath.Join(os.TempDir(), "nixery-snapshotter-mounts")
+// mountsDir holds, below a work directory, the temporary mount points of
+// this project's processes, one directory each (procdir).
+func mountsDir(workDir string) string { return filepath.Join(workDir, "mounts") }
 
-// createLease makes the lease of one provisioning, owned by this process,
-// after cleaning up after processes that died: their leases (with what
-// only they held) and their temporary mounts.
-func createLease(ctx context.Context, client *containerd.Client, expiry time.Duration) (leases.Lease, error) {
-	own, err := procdir.Temp()
-	if err != nil {
-		return leases.Lease{}, err
+// createLease makes the lease of one provisioning, owned by this process
+// (its directory below workDir), after cleaning up after processes that
+// died: their leases (with what only they held) and their temporary
+// mounts. Without a work directory the lease has no owner: only its
+// expiry ends it.
+func createLease(ctx context.Context, client *containerd.Client, workDir string, expiry time.Duration) (leases.Lease, error) {
+	opts := []leases.Opt{leases.WithRandomID(), leases.WithExpiration(expiry)}
+	if workDir != "" {
+		own, err := procdir.Open(workDir, nil)
+		if err != nil {
+			return leases.Lease{}, err
+		}
+		sweepLeases(ctx, client)
+		procdir.Sweep(mountsDir(workDir), unmountBelow)
+		opts = append(opts, leases.WithLabel(ownerLabel, own.Owner()))
 	}
-	sweepLeases(ctx, client)
-	procdir.Sweep(tempMountsDir, unmountBelow)
-	return client.LeasesService().Create(ctx, leases.WithRandomID(), leases.WithExpiration(expiry),
-		leases.WithLabel(ownerLabel, own.Owner()))
+	return client.LeasesService().Create(ctx, opts...)
 }
 
 // sweepLeases deletes, in every namespace, the leases of this project's
@@ -77,16 +82,30 @@ func sweepLeases(ctx context.Context, client *containerd.Client) {
 	}
 }
 
+// tempMounts is where containerd's temporary mounts go (a setting of the
+// whole process).
+var tempMounts struct {
+	once sync.Once
+	err  error
+}
+
 // useTempMounts makes containerd's temporary mounts (unpacking into
 // snapshotters that are not plain directories) in this process's own
-// directory, and unmounts those that processes which died left behind.
-var useTempMounts = sync.OnceValue(func() error {
-	dir, err := procdir.Open(tempMountsDir, unmountBelow)
-	if err != nil {
-		return err
+// directory below workDir, where the next process unmounts them if this
+// one dies; without a work directory, containerd's default place.
+func useTempMounts(workDir string) error {
+	if workDir == "" {
+		return nil
 	}
-	return mount.SetTempMountLocation(dir.Path())
-})
+	tempMounts.once.Do(func() {
+		dir, err := procdir.Open(mountsDir(workDir), unmountBelow)
+		if err == nil {
+			err = mount.SetTempMountLocation(dir.Path())
+		}
+		tempMounts.err = err
+	})
+	return tempMounts.err
+}
 
 // unmountBelow unmounts everything mounted below dir, deepest first, then
 // removes the empty directories: never a file system that is still

@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -135,31 +134,6 @@ func listenUnix(address string) (net.Listener, error) {
 	return l, nil
 }
 
-// checkSocketOwner refuses a unix socket that someone other than root (or
-// this user) could have made: its owner, or a directory on its way anyone
-// else can write.
-func checkSocketOwner(address string) error {
-	for p := address; ; p = filepath.Dir(p) {
-		fi, err := os.Lstat(p)
-		if err != nil {
-			return err
-		}
-		st, ok := fi.Sys().(*syscall.Stat_t)
-		if !ok {
-			return fmt.Errorf("%s: no owner", p)
-		}
-		if st.Uid != 0 && int(st.Uid) != os.Geteuid() {
-			return fmt.Errorf("%s belongs to uid %d, not root", p, st.Uid)
-		}
-		if p != address && fi.Mode().Perm()&0o022 != 0 && fi.Mode()&os.ModeSticky == 0 {
-			return fmt.Errorf("%s can be written by others", p)
-		}
-		if p == filepath.Dir(p) {
-			return nil
-		}
-	}
-}
-
 // serveHTTP serves h on every listener until ctx ends, then shuts down
 // gracefully. Requests carry ctx (and its logger). Connections of one
 // client are bounded on TCP listeners (limits).
@@ -198,10 +172,13 @@ func serveHTTP(ctx context.Context, what string, h http.Handler, listeners ...ne
 	return nil
 }
 
-// connLimits bounds the open connections of each client address. When a
-// client reaches the bound, its idle connections are closed (kept-alive
-// connections are cheap to reopen); if none is idle, the new connection
-// is closed at once. Unix-socket clients (root) are not bounded.
+// connLimits bounds the open connections of each client address (all of
+// loopback counting as one). When a client reaches the bound, its idle
+// connections are closed (kept-alive connections are cheap to reopen); if
+// none is idle, the new connection is closed at once. This bounds what the
+// daemon holds, not who gets in: on loopback a local user who keeps the
+// bound busy delays other local clients. Unix-socket clients (root) are
+// not bounded.
 type connLimits struct {
 	max   int
 	mu    sync.Mutex
@@ -212,10 +189,15 @@ func newConnLimits(max int) *connLimits {
 	return &connLimits{max: max, conns: map[string]map[net.Conn]http.ConnState{}}
 }
 
+// clientOf is the bucket of a connection: its address, or "loopback" for
+// all of 127.0.0.0/8 and ::1, which any local user can pick from.
 func clientOf(c net.Conn) (string, bool) {
 	addr, ok := c.RemoteAddr().(*net.TCPAddr)
 	if !ok {
 		return "", false
+	}
+	if addr.IP.IsLoopback() {
+		return "loopback", true
 	}
 	return addr.IP.String(), true
 }

@@ -84,11 +84,17 @@ func TestConnLimits(t *testing.T) {
 	if !refused.closed {
 		t.Error("a connection beyond the bound, none idle, was kept")
 	}
-	// Another client has its own bound.
-	other := &fakeConn{port: 12, ip: "127.0.0.2"}
+	// Any loopback address is the same client; another host has its own
+	// bound.
+	spoofed := &fakeConn{port: 12, ip: "127.3.4.5"}
+	l.track(spoofed, http.StateNew)
+	if !spoofed.closed {
+		t.Error("another loopback address escaped the bound")
+	}
+	other := &fakeConn{port: 13, ip: "192.0.2.1"}
 	l.track(other, http.StateNew)
 	if other.closed {
-		t.Error("another client's connection was refused")
+		t.Error("another host's connection was refused")
 	}
 }
 

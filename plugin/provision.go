@@ -53,6 +53,7 @@ type Provisioner struct {
 	nixSnapshot string
 	layerBlobs  bool
 	daemon      *daemonClient
+	workDir     string
 }
 
 // ProvisionerOpt configures a Provisioner.
@@ -74,6 +75,11 @@ func WithNixSnapshotter(name string) ProvisionerOpt {
 // WithLayerBlobs writes full tar layers whatever the snapshotter, so the
 // image can be exported or unpacked anywhere.
 func WithLayerBlobs(on bool) ProvisionerOpt { return func(p *Provisioner) { p.layerBlobs = on } }
+
+// WithWorkDir keeps this process's working state (the owner of its
+// leases, its temporary mounts) below dir, root's alone, where the next
+// process cleans up after it if it dies.
+func WithWorkDir(dir string) ProvisionerOpt { return func(p *Provisioner) { p.workDir = dir } }
 
 // WithDaemon builds in the `serve` daemon whose endpoint's unix socket is
 // socket, when it runs and serves the same package source.
@@ -109,7 +115,7 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	}
 
 	ls := p.client.LeasesService()
-	lease, err := createLease(ctx, p.client, p.builder.nix.Timeout()+leaseBackstop)
+	lease, err := createLease(ctx, p.client, p.workDir, p.builder.nix.Timeout()+leaseBackstop)
 	if err != nil {
 		return images.Image{}, fmt.Errorf("create lease: %w", err)
 	}
@@ -279,7 +285,7 @@ func (p *Provisioner) describer(ctx context.Context, snapshotter string) Describ
 	case snapshotter == p.nixSnapshot:
 		return nil
 	default:
-		return newSnapshotDescriber(ctx, p.client.SnapshotService(snapshotter), p.builder.claims)
+		return newSnapshotDescriber(ctx, p.client.SnapshotService(snapshotter), p.builder.claims, p.workDir)
 	}
 }
 

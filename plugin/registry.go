@@ -61,28 +61,53 @@ type servedBlob struct {
 
 // imageHold keeps the store paths of an image from Nix's garbage collector
 // while any of its layers is read: one hold shared by all its readers,
-// however many (the build that described them may be long done).
+// however many (the build that described them may be long done). The hold
+// is taken for the first reader without its deadline, so that a reader
+// who leaves does not fail the others; each reader waits with its own.
 type imageHold struct {
 	nix   *nixbuild.Builder
 	paths []string
 
 	mu    sync.Mutex
 	users int
+	taken chan struct{} // closed when the current hold is taken or failed
 	roots *nixbuild.Roots
+	err   error
 }
 
 func (h *imageHold) acquire(ctx context.Context) error {
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.users == 0 {
-		roots, err := h.nix.Hold(ctx, h.paths)
-		if err != nil {
-			return err
-		}
-		h.roots = roots
+	if h.users++; h.users == 1 {
+		taken := make(chan struct{})
+		h.taken, h.roots, h.err = taken, nil, nil
+		go func() {
+			roots, err := h.nix.Hold(context.WithoutCancel(ctx), h.paths)
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			if h.taken != taken || h.users == 0 {
+				// Everyone left meanwhile.
+				roots.Release()
+				return
+			}
+			h.roots, h.err = roots, err
+			close(taken)
+		}()
 	}
-	h.users++
-	return nil
+	taken := h.taken
+	h.mu.Unlock()
+	select {
+	case <-taken:
+	case <-ctx.Done():
+		h.release()
+		return ctx.Err()
+	}
+	h.mu.Lock()
+	err := h.err
+	h.mu.Unlock()
+	if err != nil {
+		h.release()
+	}
+	return err
 }
 
 func (h *imageHold) release() {
@@ -90,7 +115,7 @@ func (h *imageHold) release() {
 	defer h.mu.Unlock()
 	if h.users--; h.users == 0 {
 		h.roots.Release()
-		h.roots = nil
+		h.roots, h.taken = nil, nil
 	}
 }
 

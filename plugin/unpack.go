@@ -38,6 +38,8 @@ type snapshotDescriber struct {
 	// claims are the layers this node made: a snapshot's labels are
 	// believed only if they are one of them, since any image can carry them.
 	claims *snapshot.Claims
+	// workDir holds the temporary mounts of this process (useTempMounts).
+	workDir string
 	// labelled lists the snapshots that name their layer, by layer: read
 	// once for all the layers of an image.
 	labelled func() (map[string][]snapshots.Info, error)
@@ -51,8 +53,8 @@ type foundSnapshot struct {
 	l             *Layer
 }
 
-func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, claims *snapshot.Claims) *snapshotDescriber {
-	return &snapshotDescriber{sn: sn, claims: claims, labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
+func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, claims *snapshot.Claims, workDir string) *snapshotDescriber {
+	return &snapshotDescriber{sn: sn, claims: claims, workDir: workDir, labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
 		byLayer := map[string][]snapshots.Info{}
 		err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
 			if info.Kind == snapshots.KindCommitted {
@@ -151,7 +153,7 @@ func (s *snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *L
 		return ocispec.Descriptor{}, false, nil
 	}
 	found := labelled[l.Key()][i]
-	if !s.claims.Made(found.Labels) {
+	if !s.claims.Made(found.Labels, found.Name) {
 		// Labelled by an image this node did not make.
 		log.G(ctx).WithField("snapshot", found.Name).Warn("snapshot claims to hold a layer of this node's, but this node never made it: unpacking the layer again")
 		return ocispec.Descriptor{}, false, nil
@@ -264,7 +266,7 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 		pw.CloseWithError(err)
 		written <- err
 	}()
-	err = applyTar(ctx, mounts, pr)
+	err = applyTar(ctx, mounts, pr, s.workDir)
 	if err == nil {
 		// Whatever the tar reader left (its end blocks).
 		_, err = io.Copy(io.Discard, pr)
@@ -283,7 +285,7 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
 	chain := chainID(parent, desc.Digest)
 	labels := layerAnnotations(l, desc)
-	if err := s.claims.Record(labels); err != nil {
+	if err := s.claims.Record(labels, chain.String()); err != nil {
 		return ocispec.Descriptor{}, err
 	}
 	labels[snapshots.LabelSnapshotDiffID] = desc.Digest.String()
@@ -310,7 +312,7 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 // directory of a writable bind mount, is written directly; other mounts
 // are mounted for the time it takes, where a process that dies leaves
 // them to be unmounted by the next (useTempMounts).
-func applyTar(ctx context.Context, mounts []mount.Mount, r io.Reader) error {
+func applyTar(ctx context.Context, mounts []mount.Mount, r io.Reader, workDir string) error {
 	switch dir, lowers, overlay := snapshot.Writable(mounts); {
 	case dir != "" && !overlay:
 		_, err := archive.Apply(ctx, dir, r)
@@ -321,7 +323,7 @@ func applyTar(ctx context.Context, mounts []mount.Mount, r io.Reader) error {
 		_, err := archive.Apply(ctx, dir, r, archive.WithConvertWhiteout(archive.OverlayConvertWhiteout), archive.WithParents(lowers))
 		return err
 	}
-	if err := useTempMounts(); err != nil {
+	if err := useTempMounts(workDir); err != nil {
 		return fmt.Errorf("directory for temporary mounts: %w", err)
 	}
 	return mount.WithTempMount(ctx, mounts, func(root string) error {

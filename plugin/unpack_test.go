@@ -62,7 +62,7 @@ func TestSnapshotDescriber(t *testing.T) {
 		return leases.WithLease(ctx, lease.ID), lease
 	}
 	claims := testClaims(t)
-	d := newSnapshotDescriber(ctx, sn, claims)
+	d := newSnapshotDescriber(ctx, sn, claims, "")
 	base, top := testLayer(t), testLayer(t)
 
 	// Unpacked: described as the tar it is, committed under its chain.
@@ -112,7 +112,7 @@ func TestSnapshotDescriber(t *testing.T) {
 	}
 	lctx, lease := withLease()
 	again := &Layer{Paths: top.Paths, Hashes: top.Hashes}
-	pull := newSnapshotDescriber(lctx, sn, claims)
+	pull := newSnapshotDescriber(lctx, sn, claims, "")
 	if err := pull.Describe(lctx, base.Desc.Digest, again); err != nil {
 		t.Fatalf("snapshot not found: %v", err)
 	}
@@ -132,7 +132,7 @@ func TestSnapshotDescriber(t *testing.T) {
 
 	// A snapshot found and then built on is held before it is built on.
 	lctx, lease = withLease()
-	pull = newSnapshotDescriber(lctx, sn, claims)
+	pull = newSnapshotDescriber(lctx, sn, claims, "")
 	if err := pull.Describe(lctx, "", &Layer{Paths: base.Paths, Hashes: base.Hashes}); err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +178,7 @@ func TestSnapshotDescriberForgedLabels(t *testing.T) {
 	if err := sn.Commit(ctx, forged.Digest.String(), "forging", snapshots.WithLabels(layerAnnotations(l, forged))); err != nil {
 		t.Fatal(err)
 	}
-	if err := newSnapshotDescriber(ctx, sn, testClaims(t)).Describe(ctx, "", l); err != nil {
+	if err := newSnapshotDescriber(ctx, sn, testClaims(t), "").Describe(ctx, "", l); err != nil {
 		t.Fatal(err)
 	}
 	if l.Desc.Digest == forged.Digest {
@@ -207,13 +207,13 @@ func TestSnapshotDescriberErrors(t *testing.T) {
 	testutil.RequireRoot(t)
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	sn, _ := testSnapshotter(t)
-	err := newSnapshotDescriber(ctx, brokenMounts{sn}, testClaims(t)).Describe(ctx, "", testLayer(t))
+	err := newSnapshotDescriber(ctx, brokenMounts{sn}, testClaims(t), "").Describe(ctx, "", testLayer(t))
 	if err == nil || !strings.Contains(err.Error(), "/nonexistent/snapshot") || !strings.Contains(err.Error(), "--with-layers") || strings.Contains(err.Error(), errUnpackStopped.Error()) {
 		t.Errorf("unwritable snapshot: %v", err)
 	}
 	gone := testLayer(t)
 	os.RemoveAll(gone.Paths[0])
-	err = newSnapshotDescriber(ctx, sn, testClaims(t)).Describe(ctx, "", gone)
+	err = newSnapshotDescriber(ctx, sn, testClaims(t), "").Describe(ctx, "", gone)
 	if err == nil || !strings.Contains(err.Error(), gone.Paths[0]) || strings.Contains(err.Error(), "--with-layers") {
 		t.Errorf("store path gone: %v", err)
 	}

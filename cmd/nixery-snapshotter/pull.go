@@ -52,7 +52,7 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 
 	progress := newDisplay(stderr)
 	defer progress.done()
-	builder, err := cfg.Nix.Builder(nixbuild.WithProgress(progress.nix))
+	builder, err := cfg.Nix.Builder(nixbuild.WithProgress(progress.nix), nixbuild.WithWorkDir(cfg.WorkDir()))
 	if err != nil {
 		return err
 	}
@@ -84,7 +84,8 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		plugin.WithSnapshotter(cfg.Containerd.Snapshotter),
 		plugin.WithNixSnapshotter(cfg.Containerd.NixSnapshotter),
 		plugin.WithLayerBlobs(cfg.Image.WithLayers),
-		plugin.WithDaemon(cfg.Registry.Socket))
+		plugin.WithDaemon(cfg.Registry.Socket),
+		plugin.WithWorkDir(cfg.WorkDir()))
 	img, err := p.Provision(ctx, positional[0])
 	if err != nil {
 		return err

@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/log"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 )
@@ -55,7 +56,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 
 	// Serving needs neither Nix nor containerd to be up, since the daemon
 	// starts before both: Nix runs for requests only.
-	builder, err := cfg.Nix.Builder()
+	builder, err := cfg.Nix.Builder(nixbuild.WithWorkDir(cfg.WorkDir()))
 	if err != nil {
 		return err
 	}

@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/privdir"
 )
 
 const (
@@ -55,13 +57,6 @@ var (
 	dirs = map[string]*opened{}
 )
 
-// Temp is this process's directory for temporary files, which also tells
-// whether it lives (its Owner) to what it leaves elsewhere: containerd
-// leases.
-func Temp() (*Dir, error) {
-	return Open(filepath.Join(os.TempDir(), "nixery-snapshotter"), nil)
-}
-
 // Cleanup removes what a process that is gone left in its directory; the
 // default removes it all. It must not cross mount points.
 type Cleanup func(dir string) error
@@ -69,7 +64,9 @@ type Cleanup func(dir string) error
 // Open returns this process's directory in parent (made 0700 with its
 // parents), the same for every call with that parent. The first call
 // sweeps the directories of processes that are gone, with cleanup (nil
-// means os.RemoveAll).
+// means os.RemoveAll). parent must be root's alone (privdir): another
+// user who could rename what it holds could make root write, remove or
+// trust what they choose.
 func Open(parent string, cleanup Cleanup) (*Dir, error) {
 	mu.Lock()
 	o, ok := dirs[parent]
@@ -88,7 +85,7 @@ func Open(parent string, cleanup Cleanup) (*Dir, error) {
 }
 
 func open(parent string, cleanup Cleanup) (*Dir, error) {
-	if err := os.MkdirAll(parent, 0o700); err != nil {
+	if err := privdir.Make(parent); err != nil {
 		return nil, fmt.Errorf("directory for this process in %s: %w", parent, err)
 	}
 	Sweep(parent, cleanup)

@@ -10,7 +10,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/privdir"
 )
 
 // NixeryLabels prefixes every label by which a layer says what it is:
@@ -24,8 +25,9 @@ const NixeryLabels = "containerd.io/snapshot/nixery."
 // store. A layer an image copies from one of this node's gets exactly the
 // paths this node built for it, no other.
 //
-// A claim is a file named by the digest of the layer's nixery labels, in a
-// directory only root can write: no shared state but the file system, so
+// A claim is a file named by the digest of the layer's nixery labels and
+// the chain ID it is a layer of (so that another image cannot commit it
+// as the layer of some other chain), in a directory only root can write: no shared state but the file system, so
 // that the CLI and the daemon, running or not, agree. Manifests carry no
 // node secret, so the same store paths give the same image on every node.
 type Claims struct {
@@ -33,32 +35,19 @@ type Claims struct {
 }
 
 // OpenClaims opens (or makes) the claims directory dir. It must be root's
-// (or this user's) and writable by no one else.
+// (or this user's) and writable by no one else, nor any directory above it.
 func OpenClaims(dir string) (*Claims, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := privdir.Make(dir); err != nil {
 		return nil, fmt.Errorf("layer claims: %w", err)
-	}
-	for d := dir; ; d = filepath.Dir(d) {
-		fi, err := os.Stat(d)
-		if err != nil {
-			return nil, fmt.Errorf("layer claims: %w", err)
-		}
-		st, ok := fi.Sys().(*syscall.Stat_t)
-		writable := fi.Mode().Perm()&0o022 != 0 && fi.Mode()&os.ModeSticky == 0
-		if ok && (int(st.Uid) != os.Geteuid() && st.Uid != 0 || writable) {
-			return nil, fmt.Errorf("layer claims: %s can be written by users other than root: make it root's, mode 0755 or stricter", d)
-		}
-		if d == filepath.Dir(d) || d == filepath.Dir(dir) {
-			break
-		}
 	}
 	return &Claims{dir: dir}, nil
 }
 
-// claimKey is the digest of the nixery labels in labels, or "" if there
-// are none.
-func claimKey(labels map[string]string) string {
+// claimKey is the digest of the nixery labels in labels and of chain, or
+// "" if there are no such labels.
+func claimKey(labels map[string]string, chain string) string {
 	h := sha256.New()
+	h.Write([]byte(chain))
 	n := 0
 	for _, k := range slices.Sorted(maps.Keys(labels)) {
 		if !strings.HasPrefix(k, NixeryLabels) {
@@ -76,9 +65,10 @@ func claimKey(labels map[string]string) string {
 	return hex.EncodeToString(h.Sum(nil))
 }
 
-// Record remembers the nixery labels of a layer this node made.
-func (c *Claims) Record(labels map[string]string) error {
-	key := claimKey(labels)
+// Record remembers the nixery labels of a layer this node made, as the
+// layer whose snapshot is chain.
+func (c *Claims) Record(labels map[string]string, chain string) error {
+	key := claimKey(labels, chain)
 	if key == "" {
 		return nil
 	}
@@ -96,9 +86,10 @@ func (c *Claims) Record(labels map[string]string) error {
 	return f.Close()
 }
 
-// Made reports whether this node made a layer with labels' nixery labels.
-func (c *Claims) Made(labels map[string]string) bool {
-	key := claimKey(labels)
+// Made reports whether this node made a layer with labels' nixery labels
+// as the layer whose snapshot is chain.
+func (c *Claims) Made(labels map[string]string, chain string) bool {
+	key := claimKey(labels, chain)
 	if c == nil || key == "" {
 		return false
 	}

@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -135,7 +136,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		return s.Snapshotter.Prepare(ctx, key, parent, opts...)
 	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("target", target))
-	if !s.trusted(base.Labels) {
+	if !s.trusted(base.Labels, target) {
 		untrustedLayers.Inc()
 		log.G(ctx).Warn("layer names store paths that this node did not build: unpacking it from its blob instead (build images here, or set [snapshotter] trust_other_images)")
 		return s.Snapshotter.Prepare(ctx, key, parent, opts...)
@@ -151,21 +152,23 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	if err != nil {
 		return nil, err
 	}
-	name := commitName(target, parent)
-	if err := s.fill(ctx, mounts, name, paths, forest); err != nil {
+	// The roots are this Prepare's own (another may prepare the same
+	// target at once); the committed snapshot names them.
+	name, roots := commitName(target, parent), s.rootsDir(key)
+	if err := s.fill(ctx, mounts, roots, paths, forest); err != nil {
 		if dir, _, _ := Writable(mounts); dir != "" {
 			EmptyDir(dir)
 		}
-		if rerr := s.Snapshotter.Remove(context.WithoutCancel(ctx), key); rerr != nil {
+		if rerr := s.Remove(context.WithoutCancel(ctx), key); rerr != nil {
 			log.G(ctx).WithError(rerr).Warn("removing unfinished snapshot")
 		}
-		s.removeRoots(name)
 		return nil, err
 	}
-	if err := s.Snapshotter.Commit(ctx, name, key, snapshots.WithLabels(base.Labels)); err != nil {
-		_ = s.Snapshotter.Remove(context.WithoutCancel(ctx), key)
+	labels := maps.Clone(base.Labels)
+	labels[rootsLabel] = roots
+	if err := s.Snapshotter.Commit(ctx, name, key, snapshots.WithLabels(labels)); err != nil {
+		_ = s.Remove(context.WithoutCancel(ctx), key)
 		if !errdefs.IsAlreadyExists(err) {
-			s.removeRoots(name)
 			return nil, fmt.Errorf("commit %s: %w", name, err)
 		}
 		// Made concurrently by another Prepare: as good as ours.
@@ -174,22 +177,23 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
 }
 
-// trusted reports whether a layer's store paths may be materialised.
-func (s *Snapshotter) trusted(labels map[string]string) bool {
-	return s.store != nil && (s.trustOthers || s.claims.Made(labels))
+// trusted reports whether a layer's store paths may be materialised as the
+// snapshot target.
+func (s *Snapshotter) trusted(labels map[string]string, target string) bool {
+	return s.store != nil && (s.trustOthers || s.claims.Made(labels, target))
 }
 
 // fill roots and materialises paths into the active snapshot with mounts:
 // the store paths themselves, or when forest is set the symlink forest of
 // those packages, written by the same code as the tar layer.
-func (s *Snapshotter) fill(ctx context.Context, mounts []mount.Mount, name string, paths []string, forest bool) error {
+func (s *Snapshotter) fill(ctx context.Context, mounts []mount.Mount, roots string, paths []string, forest bool) error {
 	dir, err := upperDir(mounts)
 	if err != nil {
 		return err
 	}
 	// Valid and rooted before reading: a concurrent `nix-store --gc` must
 	// not take a path out from under us.
-	if err := s.store.Root(ctx, s.rootsDir(name), paths); err != nil {
+	if err := s.store.Root(ctx, roots, paths); err != nil {
 		return fmt.Errorf("store paths of the layer: %w", err)
 	}
 	if forest {
@@ -274,14 +278,25 @@ func Writable(mounts []mount.Mount) (dir string, lowers []string, overlay bool) 
 	return "", nil, false
 }
 
-// Remove implements snapshots.Snapshotter; it also drops the snapshot's GC roots.
+// Remove implements snapshots.Snapshotter; it also drops the snapshot's GC
+// roots: those its Prepare made (named by a label once committed).
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	roots := s.rootsDir(key)
+	if info, err := s.Snapshotter.Stat(ctx, key); err == nil {
+		if dir := info.Labels[rootsLabel]; filepath.Dir(dir) == s.gcRoots {
+			roots = dir
+		}
+	}
 	if err := s.Snapshotter.Remove(ctx, key); err != nil {
 		return err
 	}
-	s.removeRoots(key)
+	_ = os.RemoveAll(roots)
 	return nil
 }
+
+// rootsLabel names, on a committed snapshot, the directory of its GC roots.
+// (Not under containerd.io/snapshot/: no image can set it.)
+const rootsLabel = "nixery-snapshotter/gc-roots"
 
 // commitName is the backend name of a materialised layer: unique per
 // target and parent, stable across restarts.
@@ -290,11 +305,8 @@ func commitName(target, parent string) string {
 	return "nixery/" + hex.EncodeToString(sum[:8]) + "/" + target
 }
 
-func (s *Snapshotter) rootsDir(name string) string {
-	sum := sha256.Sum256([]byte(name))
+// rootsDir is where the Prepare of active snapshot key keeps its roots.
+func (s *Snapshotter) rootsDir(key string) string {
+	sum := sha256.Sum256([]byte(key))
 	return filepath.Join(s.gcRoots, hex.EncodeToString(sum[:16]))
-}
-
-func (s *Snapshotter) removeRoots(name string) {
-	_ = os.RemoveAll(s.rootsDir(name))
 }

@@ -81,9 +81,14 @@ func (f *fakeNix) Root(ctx context.Context, dir string, paths []string) error {
 	return nil
 }
 
-// newTestSnapshotter is a snapshotter over a fake store whose claims
-// include labels.
-func newTestSnapshotter(t *testing.T, claimed ...map[string]string) (*Snapshotter, *fakeNix, string) {
+// claim is a layer this node made: its labels, as the layer of chain.
+type claim struct {
+	labels map[string]string
+	chain  string
+}
+
+// newTestSnapshotter is a snapshotter over a fake store with claims.
+func newTestSnapshotter(t *testing.T, claimed ...claim) (*Snapshotter, *fakeNix, string) {
 	t.Helper()
 	testutil.RequireRoot(t)
 	store := fakeStore(t)
@@ -92,8 +97,8 @@ func newTestSnapshotter(t *testing.T, claimed ...map[string]string) (*Snapshotte
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, l := range claimed {
-		if err := claims.Record(l); err != nil {
+	for _, c := range claimed {
+		if err := claims.Record(c.labels, c.chain); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -116,7 +121,7 @@ func unpackLabels(annotations map[string]string, chain string) map[string]string
 
 func TestPrepareMaterialises(t *testing.T) {
 	annotations := StorePathAnnotations([]string{glibc, htop})
-	s, nix, store := newTestSnapshotter(t, annotations)
+	s, nix, store := newTestSnapshotter(t, claim{annotations, "sha256:chain1"})
 	ctx := context.Background()
 
 	labels := unpackLabels(annotations, "sha256:chain1")
@@ -156,7 +161,11 @@ func TestPrepareMaterialises(t *testing.T) {
 	if fi, _ := os.Stat(filepath.Join(dir, htop, "share")); fi.Mode().Perm() != 0o555 {
 		t.Errorf("directory mode %v", fi.Mode())
 	}
-	roots, _ := os.ReadDir(s.rootsDir(name))
+	rootsDir := info.Labels[rootsLabel]
+	if rootsDir != s.rootsDir("extract-1") {
+		t.Errorf("the snapshot names roots %q, its Prepare made %q", rootsDir, s.rootsDir("extract-1"))
+	}
+	roots, _ := os.ReadDir(rootsDir)
 	if len(roots) != 2 {
 		t.Errorf("%d GC roots, want 2", len(roots))
 	}
@@ -189,7 +198,7 @@ func TestPrepareMaterialises(t *testing.T) {
 	if err := s.Remove(ctx, name); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(s.rootsDir(name)); !os.IsNotExist(err) {
+	if _, err := os.Stat(rootsDir); !os.IsNotExist(err) {
 		t.Errorf("GC roots outlive the snapshot: %v", err)
 	}
 }
@@ -197,7 +206,7 @@ func TestPrepareMaterialises(t *testing.T) {
 func TestPrepareMissingStorePath(t *testing.T) {
 	missing := "/nix/store/cccccccccccccccccccccccccccccccc-gone"
 	annotations := StorePathAnnotations([]string{htop, missing})
-	s, _, _ := newTestSnapshotter(t, annotations)
+	s, _, _ := newTestSnapshotter(t, claim{annotations, "sha256:chain2"})
 	_, err := s.Prepare(context.Background(), "extract", "", snapshots.WithLabels(unpackLabels(annotations, "sha256:chain2")))
 	if !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), missing) {
 		t.Fatalf("Prepare with a missing path: %v", err)
@@ -245,7 +254,7 @@ func TestPrepareAfterInterruptedPrepare(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	claims.Record(annotations)
+	claims.Record(annotations, "sha256:chain3")
 	nix := &fakeNix{root: store}
 	opts := []Opt{WithStoreRoot(store), WithGCRootsDir(filepath.Join(root, "gcroots")), WithStore(nix), WithClaims(claims)}
 	s, err := New(filepath.Join(root, "state"), opts...)
@@ -263,7 +272,7 @@ func TestPrepareAfterInterruptedPrepare(t *testing.T) {
 	dir, _ := upperDir(mounts)
 	os.MkdirAll(filepath.Join(dir, htop, "bin"), 0o755)
 	name := commitName("sha256:chain3", "")
-	if err := nix.Root(ctx, s.rootsDir(name), []string{htop}); err != nil {
+	if err := nix.Root(ctx, s.rootsDir("extract-killed"), []string{htop}); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
@@ -293,7 +302,10 @@ func TestPrepareUntrustedLabels(t *testing.T) {
 	s, nix, _ := newTestSnapshotter(t)
 	ctx := context.Background()
 
-	// Well-formed, but this node made no such layer.
+	// Well-formed, but this node made no such layer; or made it as the
+	// layer of another chain (an image copying its labels to commit
+	// them as a layer of some other image).
+	s.claims.Record(StorePathAnnotations([]string{htop}), "sha256:ours")
 	labels := unpackLabels(StorePathAnnotations([]string{htop}), "sha256:foreign")
 	mounts, err := s.Prepare(ctx, "extract-foreign", "", snapshots.WithLabels(labels))
 	if err != nil {
@@ -317,7 +329,7 @@ func TestPrepareUntrustedLabels(t *testing.T) {
 			{SymlinksLabel + ".0": bad},
 		} {
 			// Even claimed, and even if other images are trusted.
-			s.claims.Record(annotations)
+			s.claims.Record(annotations, "sha256:bad")
 			for _, trust := range []bool{false, true} {
 				s.trustOthers = trust
 				_, err := s.Prepare(ctx, "extract-bad", "", snapshots.WithLabels(unpackLabels(annotations, "sha256:bad")))
@@ -353,7 +365,7 @@ func TestPrepareUntrustedLabels(t *testing.T) {
 func TestPrepareSymlinkOutOfStore(t *testing.T) {
 	link := "/nix/store/dddddddddddddddddddddddddddddddd-shadow"
 	annotations := StorePathAnnotations([]string{link})
-	s, nix, store := newTestSnapshotter(t, annotations)
+	s, nix, store := newTestSnapshotter(t, claim{annotations, "sha256:link"})
 	if err := os.Symlink("/etc/shadow", filepath.Join(store, link)); err != nil {
 		t.Fatal(err)
 	}
@@ -379,7 +391,7 @@ func TestPrepareSymlinkOutOfStore(t *testing.T) {
 // the same image on every snapshotter, or none.
 func TestPrepareWhiteoutName(t *testing.T) {
 	annotations := StorePathAnnotations([]string{htop})
-	s, _, store := newTestSnapshotter(t, annotations)
+	s, _, store := newTestSnapshotter(t, claim{annotations, "sha256:wh"})
 	if err := os.WriteFile(filepath.Join(store, htop, "share", ".wh.README"), nil, 0o444); err != nil {
 		t.Fatal(err)
 	}
