@@ -7,7 +7,7 @@
 set -euo pipefail
 
 containerd_version=v2.4.2
-debs=(nix-bin runc patchelf htop nano moreutils git jq ca-certificates netbase)
+debs=(nix-bin runc patchelf skopeo htop nano moreutils git jq ca-certificates netbase)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup: run as root (it installs Debian packages and /usr/local/bin/containerd)" >&2

@@ -6,11 +6,15 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
@@ -284,4 +288,68 @@ let base = import ` + testutil.TestPkgs() + ` { inherit system; }; in base // {
 	if !strings.Contains(e.daemon.log(), "image build failed after the response had begun") {
 		t.Errorf("the early-headers path did not run:\n%s", e.daemon.log())
 	}
+}
+
+// A client this project did not write, which lists tags before anything:
+// skopeo inspects and copies images from the endpoint; tags/list names the
+// revisions served, and a tag that is not one is unknown.
+func TestRegistrySkopeo(t *testing.T) {
+	testutil.RequireCommands(t, "skopeo")
+	e := newNixEnv(t)
+	image := "docker://" + e.daemon.http + "/shell/htop"
+	out, err := exec.Command("skopeo", "inspect", "--tls-verify=false", image).CombinedOutput()
+	if err != nil {
+		t.Fatalf("skopeo inspect: %v\n%s\ndaemon log:\n%s", err, out, e.daemon.log())
+	}
+	var inspected struct {
+		Digest   string
+		RepoTags []string
+		Layers   []string
+	}
+	if err := json.Unmarshal(out, &inspected); err != nil {
+		t.Fatalf("skopeo inspect printed %s: %v", out, err)
+	}
+	m, _ := e.fetchManifest(t, "shell/htop", "latest")
+	if inspected.Digest != m.String() || len(inspected.Layers) < 2 || !slices.Equal(inspected.RepoTags, []string{"latest"}) {
+		t.Errorf("skopeo inspect: %+v, manifest %s", inspected, m)
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("skopeo", "copy", "--insecure-policy", "--src-tls-verify=false", image, "oci:"+dir+":htop").CombinedOutput(); err != nil {
+		t.Fatalf("skopeo copy: %v\n%s", err, out)
+	}
+	// (skopeo compresses the layers it writes: their digests change.)
+	out, err = exec.Command("skopeo", "inspect", "oci:"+dir+":htop").CombinedOutput()
+	var copied struct{ Layers, Env []string }
+	if err != nil || json.Unmarshal(out, &copied) != nil || len(copied.Layers) != len(inspected.Layers) || !slices.ContainsFunc(copied.Env, func(e string) bool { return strings.HasPrefix(e, "PATH=") }) {
+		t.Errorf("the copy: %v\n%s", err, out)
+	}
+	for query, want := range map[string]string{"": `{"name":"shell/htop","tags":["latest"]}`, "?n=0": `{"name":"shell/htop","tags":[]}`, "?last=latest": `{"name":"shell/htop","tags":[]}`} {
+		resp, err := http.Get("http://" + e.daemon.http + "/v2/shell/htop/tags/list" + query)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if strings.TrimSpace(string(b)) != want {
+			t.Errorf("tags/list%s: %s, want %s", query, b, want)
+		}
+	}
+	if out, err := exec.Command("skopeo", "inspect", "--tls-verify=false", image+":no-such-tag").CombinedOutput(); err == nil || !strings.Contains(string(out), "manifest unknown") {
+		t.Errorf("an unknown tag: %v\n%s", err, out)
+	}
+}
+
+// fetchManifest GETs a manifest from the endpoint and returns its digest.
+func (e *env) fetchManifest(t *testing.T, name, tag string) (digest.Digest, []byte) {
+	t.Helper()
+	resp, err := http.Get("http://" + e.daemon.http + "/v2/" + name + "/manifests/" + tag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("manifest %s:%s: %s %s", name, tag, resp.Status, b)
+	}
+	return digest.FromBytes(b), b
 }

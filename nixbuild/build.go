@@ -163,6 +163,9 @@ func (b *Builder) Timeout() time.Duration { return b.timeout }
 // not-found error: before anything is fetched or evaluated.
 func (b *Builder) CheckTag(tag string) error { return b.revisions.check(tag) }
 
+// Tags lists the tags served that can be listed (not patterns), sorted.
+func (b *Builder) Tags() []string { return b.revisions.tags() }
+
 // Build realises the requested packages and returns their closure. Missing
 // attributes are reported all at once as a *NotFoundError; failures of Nix
 // as a *BuildError carrying the end of Nix's log. The caller must Release

@@ -169,6 +169,18 @@ func splitNixPath(p string) []string {
 // Revisions are the tags a Builder serves, as path.Match patterns.
 type Revisions []string
 
+// tags lists the tags served that are not patterns, sorted.
+func (r Revisions) tags() []string {
+	var out []string
+	for _, t := range r {
+		if !strings.ContainsAny(t, `*?[\`) {
+			out = append(out, t)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
 // check refuses a tag the operator did not allow, before anything is
 // fetched: a not-found error, as for a tag a registry does not have.
 func (r Revisions) check(tag string) error {

@@ -249,15 +249,18 @@ func (b *Builder) say(format string, args ...any) {
 // Parse reads a reference as this Builder does, allow-list and served
 // revisions included.
 func (b *Builder) Parse(ref string) (resolver.Image, error) {
-	img, err := resolver.Parse(ref, resolver.WithHost(b.host))
+	img, err := b.parseName(ref)
 	if err != nil {
 		return img, err
 	}
-	if err := b.nix.CheckTag(img.Tag); err != nil {
+	return img, b.nix.CheckTag(img.Tag)
+}
+
+// parseName reads a reference, allow-list included, whatever its tag.
+func (b *Builder) parseName(ref string) (resolver.Image, error) {
+	img, err := resolver.Parse(ref, resolver.WithHost(b.host))
+	if err != nil || b.allow == nil {
 		return img, err
-	}
-	if b.allow == nil {
-		return img, nil
 	}
 	var denied []string
 	for _, p := range img.Requested {

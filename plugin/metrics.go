@@ -44,6 +44,10 @@ var (
 		Namespace: "nixery", Name: "inflight_requests",
 		Help: "Distribution endpoint requests being answered.",
 	})
+	buildInfo = promauto.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "nixery", Name: "build_info",
+		Help: "1, labelled with this daemon's version.",
+	}, []string{"version"})
 	requestsTotal = promauto.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "nixery", Name: "requests_total",
 		Help: "Distribution endpoint requests by route and status code.",
@@ -70,6 +74,7 @@ func buildResult(err error) string {
 // ServeMetrics serves /metrics (Prometheus) and /healthz on address until
 // ctx ends. healthy reports whether the daemon can serve.
 func ServeMetrics(ctx context.Context, address string, healthy func() error) error {
+	buildInfo.WithLabelValues(Version()).Set(1)
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.Handler())
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {

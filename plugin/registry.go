@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -189,6 +190,7 @@ func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 		}).Debug("registry request")
 	}()
 	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	w.Header().Set("Nixery-Version", Version())
 	if req.Method != http.MethodGet && req.Method != http.MethodHead {
 		writeError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "this registry is read-only: "+req.Method+" is not supported")
 		return
@@ -223,7 +225,41 @@ func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 		r.blob(w, req, dgst)
 		return
 	}
+	if name, ok := strings.CutSuffix(rest, "/tags/list"); ok {
+		route = "tags"
+		r.tags(w, req, name)
+		return
+	}
 	writeError(w, http.StatusNotFound, "NAME_UNKNOWN", "not a registry API path: "+path)
+}
+
+// tags lists the tags of an image: the revisions served that can be
+// listed (skopeo and crane ask before anything else). Nothing is built.
+func (r *Registry) tags(w http.ResponseWriter, req *http.Request, name string) {
+	if _, err := r.builder.parseName(r.builder.host + "/" + name); err != nil {
+		writeBuildError(req.Context(), w, err)
+		return
+	}
+	tags := r.builder.nix.Tags()
+	q := req.URL.Query()
+	if last := q.Get("last"); last != "" {
+		i, _ := slices.BinarySearch(tags, last)
+		for i < len(tags) && tags[i] <= last {
+			i++
+		}
+		tags = tags[i:]
+	}
+	if n, err := strconv.Atoi(q.Get("n")); err == nil && n >= 0 && n < len(tags) {
+		tags = tags[:n]
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if req.Method == http.MethodHead {
+		return
+	}
+	_ = json.NewEncoder(w).Encode(struct {
+		Name string   `json:"name"`
+		Tags []string `json:"tags"`
+	}{name, append([]string{}, tags...)})
 }
 
 func cutLast(s, sep string) (string, string, bool) {

@@ -24,6 +24,7 @@ const usage = `usage: nixery-snapshotter COMMAND [FLAGS] [ARGS]
 Commands:
   pull REF    build the image for REF from Nix packages and register it in containerd
   serve       serve the nix snapshotter to containerd
+  version     print the version (also --version)
 
 Run 'nixery-snapshotter COMMAND -h' for a command's flags.
 `
@@ -50,6 +51,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return pull(ctx, args[1:], stdout, stderr)
 	case "serve":
 		return serve(ctx, args[1:], stderr)
+	case "--version", "-version", "version":
+		fmt.Fprintln(stdout, "nixery-snapshotter", plugin.Version())
+		return nil
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return nil

@@ -43,6 +43,16 @@ func TestRunUsage(t *testing.T) {
 	}
 }
 
+func TestVersion(t *testing.T) {
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"--version"}, &out, &out); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(out.String(), "nixery-snapshotter ") || len(strings.TrimSpace(out.String())) <= len("nixery-snapshotter ") {
+		t.Errorf("--version printed %q", out.String())
+	}
+}
+
 func TestDisplay(t *testing.T) {
 	var plain bytes.Buffer
 	d := newDisplay(&plain)
