@@ -227,6 +227,10 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	log.G(ctx).WithFields(log.Fields{"packages": req.Packages, "system": req.System, "source": b.source.String()}).Info("evaluating packages")
 	env := b.evalEnv(req.Tag)
 	out, err := b.runEnv(ctx, env, "evaluate", "nix-instantiate", append([]string{"--eval", "--strict", "--json", "-A", "result"}, eval...)...)
+	var be *BuildError
+	if lookup := b.source.lookup(); errors.As(err, &be) && lookup != "" && strings.Contains(be.Log, "'"+lookup+"' was not found in the Nix search path") {
+		return nil, &NoSourceError{Lookup: lookup}
+	}
 	if err != nil {
 		return nil, err
 	}

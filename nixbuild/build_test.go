@@ -360,6 +360,35 @@ func TestBuildGitSource(t *testing.T) {
 	}
 }
 
+// Without a package source and without <nixpkgs> on the search path, the
+// error says what to set, not Nix's trace.
+func TestBuildNoSource(t *testing.T) {
+	testutil.RequireNix(t)
+	b := New(ChannelSource("<nixpkgs>"), WithOptions(testutil.NixOptions()), WithOptions(map[string]string{"nix-path": ""}))
+	defer b.Close()
+	t.Setenv("NIX_PATH", "")
+	_, err := b.Build(context.Background(), Request{Packages: []string{"htop"}, System: "x86_64-linux"})
+	var ns *NoSourceError
+	if !errors.As(err, &ns) || !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "--pkgs-path") || strings.Contains(err.Error(), "--- end of nix log") {
+		t.Errorf("no source: %v", err)
+	}
+}
+
+// With a person watching Nix's log (WithProgress), the error does not
+// print its end again.
+func TestBuildErrorShownLog(t *testing.T) {
+	dir := writePkgs(t, `bad = throw "this package was removed";`)
+	var lines []string
+	b := newTestBuilder(t, dir, WithProgress(func(l string) { lines = append(lines, l) }))
+	_, err := b.Build(context.Background(), Request{Packages: []string{"bad"}, System: "x86_64-linux"})
+	if err == nil || strings.Contains(err.Error(), "this package was removed") || !strings.Contains(err.Error(), "log is above") {
+		t.Errorf("error: %v", err)
+	}
+	if !slices.ContainsFunc(lines, func(l string) bool { return strings.Contains(l, "this package was removed") }) {
+		t.Errorf("the log shown lacks the message: %q", lines)
+	}
+}
+
 func TestBuildChannelSearchPath(t *testing.T) {
 	testutil.RequireNix(t)
 	b := New(ChannelSource("<nixpkgs>"), WithOptions(testutil.NixOptions()))

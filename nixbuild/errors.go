@@ -36,15 +36,32 @@ func (e *NotPackageError) Is(target error) bool { return target == errdefs.ErrIn
 type BuildError struct {
 	Stage string // "evaluate", "build" or "query"
 	Log   string // the last lines Nix wrote to stderr
+	// Shown says every line of the log went to a person already (the
+	// Builder's progress): the message does not repeat them.
+	Shown bool
 	Err   error
 }
 
 func (e *BuildError) Error() string {
 	msg := fmt.Sprintf("nix %s failed: %v", e.Stage, e.Err)
-	if e.Log != "" {
+	switch {
+	case e.Log != "" && e.Shown:
+		msg += " (Nix's log is above)"
+	case e.Log != "":
 		msg += "\n--- end of nix log ---\n" + e.Log
 	}
 	return msg
 }
+
+// NoSourceError says no package source is configured and the Nix search
+// path has none either.
+type NoSourceError struct{ Lookup string }
+
+func (e *NoSourceError) Error() string {
+	return fmt.Sprintf("no package source: <%s> is not on the Nix search path; set --pkgs-path, --pkgs-git or --pkgs-channel, [nix] pkgs_path, pkgs_git or pkgs_channel, or NIX_PATH=%s=...", e.Lookup, e.Lookup)
+}
+
+// Is makes errdefs.IsFailedPrecondition true for it.
+func (e *NoSourceError) Is(target error) bool { return target == errdefs.ErrFailedPrecondition }
 
 func (e *BuildError) Unwrap() error { return e.Err }

@@ -92,7 +92,7 @@ func (b *Builder) runEnv(ctx context.Context, env []string, stage, name string, 
 		if ctxErr := ctx.Err(); ctxErr != nil {
 			err = ctxErr
 		}
-		return nil, &BuildError{Stage: stage, Log: tail.String(), Err: fmt.Errorf("%s: %w", name, err)}
+		return nil, &BuildError{Stage: stage, Log: tail.String(), Shown: b.progress != nil, Err: fmt.Errorf("%s: %w", name, err)}
 	}
 	return stdout.Bytes(), nil
 }

@@ -106,6 +106,15 @@ func (s Source) locate(tag string) (map[string]string, error) {
 	return arg, nil
 }
 
+// lookup is the search path entry a `<name>` source looks up, or "".
+func (s Source) lookup() string {
+	arg, err := s.locate(LatestTag)
+	if err != nil {
+		return ""
+	}
+	return arg["lookup"]
+}
+
 // argument is the JSON that prepare.nix reads as its `source` argument.
 func (s Source) argument(tag string) (string, error) {
 	arg, err := s.locate(tag)

@@ -8,11 +8,14 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 
 	"github.com/containerd/log"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"golang.org/x/sys/unix"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
@@ -28,9 +31,16 @@ import (
 type materializer struct {
 	root     string // where store paths are read, "/" but in tests
 	parallel int
-	copyOnly atomic.Bool // set once links proved impossible
-	copied   atomic.Int64
+	copyOnly atomic.Bool  // set once links proved impossible
+	copied   atomic.Int64 // files copied, ever
 }
+
+// filesCopied counts store files copied into layers because they could
+// not be linked: bytes written (and disk taken) that links would not cost.
+var filesCopied = promauto.NewCounter(prometheus.CounterOpts{
+	Namespace: "nixery", Name: "snapshot_files_copied_total",
+	Help: "Store files copied (or cloned) into nix snapshots because they could not be hard-linked.",
+})
 
 // materialize writes paths (absolute store paths) below dir.
 func (m *materializer) materialize(ctx context.Context, dir string, paths []string) error {
@@ -39,6 +49,7 @@ func (m *materializer) materialize(ctx context.Context, dir string, paths []stri
 			return err
 		}
 	}
+	before := m.copied.Load()
 	work := make(chan string)
 	errs := make(chan error, len(paths))
 	var wg sync.WaitGroup
@@ -70,8 +81,9 @@ func (m *materializer) materialize(ctx context.Context, dir string, paths []stri
 	if err := ctx.Err(); err != nil {
 		all = append(all, err)
 	}
-	if n := m.copied.Load(); n > 0 {
-		log.G(ctx).WithField("files", n).Debug("copied store files that could not be linked")
+	if n := m.copied.Load() - before; n > 0 {
+		// A cost the user pays without asking: say so each time.
+		log.G(ctx).WithField("files", n).Warn("copied store files into the layer instead of linking them: keep the snapshotter root on the store's filesystem and mount")
 	}
 	return errors.Join(all...)
 }
@@ -147,6 +159,7 @@ func (m *materializer) file(src, dst string) error {
 		}
 	}
 	m.copied.Add(1)
+	filesCopied.Inc()
 	return copyFile(src, dst)
 }
 
@@ -180,4 +193,51 @@ func copyFile(src, dst string) error {
 		return err
 	}
 	return os.Chtimes(dst, tarstream.Epoch, tarstream.Epoch)
+}
+
+// storeLinkable says whether store files can be linked into the snapshots
+// (1) or must be copied (0), as found when the snapshotter started.
+var storeLinkable = promauto.NewGauge(prometheus.GaugeOpts{
+	Namespace: "nixery", Name: "snapshot_store_linkable",
+	Help: "1 if store files can be hard-linked into nix snapshots, 0 if they are copied (another filesystem or mount).",
+})
+
+// probeLinks tries to link a file of the store (below storeRoot) into dir,
+// to tell at start whether layers will be linked or copied. It reports
+// false with the reason, or true; with no store file to try, true.
+func probeLinks(storeRoot, dir string) (bool, error) {
+	file, ok := someStoreFile(filepath.Join(storeRoot, "nix", "store"), 3)
+	if !ok {
+		return true, nil
+	}
+	probe := filepath.Join(dir, fmt.Sprintf(".link-probe-%d", os.Getpid()))
+	_ = os.Remove(probe)
+	err := os.Link(file, probe)
+	_ = os.Remove(probe)
+	return err == nil, err
+}
+
+// someStoreFile finds a regular file at most depth directories below dir.
+func someStoreFile(dir string, depth int) (string, bool) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return "", false
+	}
+	entries, _ := f.ReadDir(64)
+	f.Close()
+	for _, e := range entries {
+		if e.Type().IsRegular() && !strings.HasPrefix(e.Name(), ".") {
+			return filepath.Join(dir, e.Name()), true
+		}
+	}
+	if depth > 0 {
+		for _, e := range entries {
+			if e.IsDir() && !strings.HasPrefix(e.Name(), ".") {
+				if p, ok := someStoreFile(filepath.Join(dir, e.Name()), depth-1); ok {
+					return p, true
+				}
+			}
+		}
+	}
+	return "", false
 }

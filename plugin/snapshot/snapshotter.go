@@ -109,6 +109,12 @@ func New(root string, opts ...Opt) (*Snapshotter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("overlay snapshotter in %s: %w", root, err)
 	}
+	if ok, err := probeLinks(o.storeRoot, root); ok {
+		storeLinkable.Set(1)
+	} else {
+		storeLinkable.Set(0)
+		log.L.WithError(err).WithField("root", root).Warn("store files cannot be hard-linked into this snapshotter root (another filesystem, or another mount of it): layers will be copied; put the root on the store's filesystem and mount (README, Install on a node)")
+	}
 	return &Snapshotter{
 		Snapshotter: ov,
 		gcRoots:     o.gcRoots,

@@ -227,6 +227,13 @@ func TestMaterialiseAcrossFilesystems(t *testing.T) {
 		testutil.Skip(t, "cannot mount tmpfs: "+err.Error())
 	}
 	defer syscall.Unmount(dir, syscall.MNT_DETACH)
+	// Said at start: links cannot be made there, but can beside the store.
+	if ok, err := probeLinks(store, dir); ok || err == nil {
+		t.Errorf("probe across filesystems: %v, %v", ok, err)
+	}
+	if ok, err := probeLinks(store, filepath.Dir(store)); !ok {
+		t.Errorf("probe on the store's filesystem: %v", err)
+	}
 	m := &materializer{root: store, parallel: 2}
 	if err := m.materialize(context.Background(), dir, []string{htop, glibc}); err != nil {
 		t.Fatal(err)
