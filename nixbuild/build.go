@@ -95,6 +95,9 @@ type Builder struct {
 
 	store store
 
+	nixVersionOnce sync.Once
+	nixVersion     [2]int // major, minor; zero if unknown
+
 	mu    sync.Mutex
 	roots map[string]struct{} // GC root directories not released
 }
@@ -274,8 +277,8 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		}
 	}
 
-	info, err := b.run(ctx, "query", "nix", b.args(append([]string{
-		"--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive", "--"}, outs...)...)...)
+	query := append([]string{"--extra-experimental-features", "nix-command", "path-info", "--json"}, b.pathInfoFormat(ctx)...)
+	info, err := b.run(ctx, "query", "nix", b.args(append(append(query, "--recursive", "--"), outs...)...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -426,29 +429,96 @@ func (b *Builder) Close() error {
 	return errors.Join(errs...)
 }
 
-// parsePathInfo reads `nix path-info --json`: a list of objects with a
-// "path" field up to Nix 2.18, an object keyed by path since 2.19.
+// parsePathInfo reads `nix path-info --json` in each of its shapes: a list
+// of objects with a "path" field (Nix up to 2.18); an object keyed by
+// store path (2.19 on, and --json-format 1); and, from --json-format 2
+// on, {"version": N, "storeDir": DIR, "info": {...}} keyed by path name
+// without the store directory, references too.
 func parsePathInfo(data []byte) ([]StorePath, error) {
 	var list []StorePath
-	if err := json.Unmarshal(data, &list); err != nil {
-		var byPath map[string]*StorePath
-		if err2 := json.Unmarshal(data, &byPath); err2 != nil {
-			return nil, fmt.Errorf("reading nix path-info output: %w", err)
+	if err := json.Unmarshal(data, &list); err == nil {
+		return checkPathInfo(list)
+	}
+	var versioned struct {
+		Version  int                   `json:"version"`
+		StoreDir string                `json:"storeDir"`
+		Info     map[string]*StorePath `json:"info"`
+	}
+	if err := json.Unmarshal(data, &versioned); err == nil && versioned.Version >= 2 && versioned.Info != nil {
+		dir := versioned.StoreDir
+		if dir == "" {
+			dir = storepath.DefaultDir
 		}
-		for path, sp := range byPath {
+		for name, sp := range versioned.Info {
 			if sp == nil {
-				return nil, fmt.Errorf("nix path-info: %s is not valid", path)
+				return nil, fmt.Errorf("nix path-info: %s is not valid", name)
 			}
-			sp.Path = path
+			sp.Path = dir + "/" + name
+			for i, r := range sp.References {
+				sp.References[i] = dir + "/" + r
+			}
 			list = append(list, *sp)
 		}
+		return checkPathInfo(list)
 	}
+	var byPath map[string]*StorePath
+	if err := json.Unmarshal(data, &byPath); err != nil {
+		return nil, fmt.Errorf("reading nix path-info output: %w", err)
+	}
+	for path, sp := range byPath {
+		if sp == nil {
+			return nil, fmt.Errorf("nix path-info: %s is not valid", path)
+		}
+		sp.Path = path
+		list = append(list, *sp)
+	}
+	return checkPathInfo(list)
+}
+
+// checkPathInfo checks the paths of a closure (they name what layers
+// hold) and sorts it.
+func checkPathInfo(list []StorePath) ([]StorePath, error) {
 	for i := range list {
 		if list[i].Path == "" {
 			return nil, fmt.Errorf("nix path-info: entry %d has no path", i)
+		}
+		if err := storepath.CheckAll(append([]string{list[i].Path}, list[i].References...)); err != nil {
+			return nil, fmt.Errorf("nix path-info: %w", err)
 		}
 		list[i].References = slices.Sorted(slices.Values(list[i].References))
 	}
 	slices.SortFunc(list, func(a, b StorePath) int { return cmp.Compare(a.Path, b.Path) })
 	return list, nil
+}
+
+// jsonFormatSince is the first Nix whose path-info takes --json-format
+// (and warns without it); earlier ones refuse it.
+var jsonFormatSince = [2]int{2, 33}
+
+// pathInfoFormat is what to add to `nix path-info --json` for this
+// Builder's Nix: --json-format 2 where Nix knows it.
+func (b *Builder) pathInfoFormat(ctx context.Context) []string {
+	b.nixVersionOnce.Do(func() {
+		out, err := b.run(ctx, "query", "nix", "--version")
+		if err == nil {
+			b.nixVersion, _ = parseNixVersion(string(out))
+		}
+	})
+	if v := b.nixVersion; v[0] > jsonFormatSince[0] || v[0] == jsonFormatSince[0] && v[1] >= jsonFormatSince[1] {
+		return []string{"--json-format", "2"}
+	}
+	return nil
+}
+
+// parseNixVersion reads `nix --version` ("nix (Nix) 2.26.3").
+func parseNixVersion(s string) ([2]int, bool) {
+	fields := strings.Fields(s)
+	if len(fields) == 0 {
+		return [2]int{}, false
+	}
+	var v [2]int
+	if _, err := fmt.Sscanf(fields[len(fields)-1], "%d.%d", &v[0], &v[1]); err != nil {
+		return [2]int{}, false
+	}
+	return v, true
 }

@@ -63,15 +63,24 @@ func TestSearchPath(t *testing.T) {
 }
 
 func TestParsePathInfo(t *testing.T) {
+	const (
+		glibc = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-glibc"
+		htop  = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-htop"
+	)
 	want := []StorePath{
-		{Path: "/nix/store/a-glibc", NarSize: 10, References: []string{"/nix/store/a-glibc"}},
-		{Path: "/nix/store/b-htop", NarSize: 20, References: []string{"/nix/store/a-glibc", "/nix/store/b-htop"}},
+		{Path: glibc, NarSize: 10, References: []string{glibc}},
+		{Path: htop, NarSize: 20, References: []string{glibc, htop}},
 	}
+	// The shapes each Nix prints (abridged: fields this project does not
+	// read left out, narHash as each prints it).
 	for name, in := range map[string]string{
-		"nix-2.8": `[{"path":"/nix/store/b-htop","narSize":20,"references":["/nix/store/b-htop","/nix/store/a-glibc"]},
-		             {"path":"/nix/store/a-glibc","narSize":10,"references":["/nix/store/a-glibc"]}]`,
-		"nix-2.19": `{"/nix/store/b-htop":{"narSize":20,"references":["/nix/store/b-htop","/nix/store/a-glibc"]},
-		              "/nix/store/a-glibc":{"narSize":10,"references":["/nix/store/a-glibc"]}}`,
+		"nix-2.8 (a list)": `[{"path":"` + htop + `","narHash":"sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s","narSize":20,"references":["` + htop + `","` + glibc + `"],"valid":true},
+		             {"path":"` + glibc + `","narSize":10,"references":["` + glibc + `"],"valid":true}]`,
+		"nix-2.19 to 2.32, --json-format 1 (keyed by path)": `{"` + htop + `":{"narHash":"sha256-FePFYIlMuycIXPZbWi7LGEiMmZSX9FMbaQenWBzm1Sc=","narSize":20,"references":["` + htop + `","` + glibc + `"]},
+		              "` + glibc + `":{"narSize":10,"references":["` + glibc + `"]}}`,
+		"--json-format 2 (versioned, names)": `{"version":2,"storeDir":"/nix/store","info":{
+		              "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-htop":{"narHash":"sha256-FePFYIlMuycIXPZbWi7LGEiMmZSX9FMbaQenWBzm1Sc=","narSize":20,"references":["bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-htop","aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-glibc"],"storeDir":"/nix/store","version":2},
+		              "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-glibc":{"narSize":10,"references":["aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-glibc"],"storeDir":"/nix/store","version":2}}}`,
 	} {
 		got, err := parsePathInfo([]byte(in))
 		if err != nil {
@@ -83,10 +92,24 @@ func TestParsePathInfo(t *testing.T) {
 			t.Errorf("%s: got %+v", name, got)
 		}
 	}
-	for _, bad := range []string{`nope`, `{"/nix/store/x":null}`, `[{"narSize":1}]`} {
+	for _, bad := range []string{`nope`, `{"/nix/store/x":null}`, `[{"narSize":1}]`,
+		`{"version":2,"storeDir":"/nix/store","info":{"x":null}}`,
+		`[{"path":"/etc/shadow","narSize":1}]`,
+		`{"version":2,"storeDir":"/nix/store","info":{"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x":{"references":["../../etc"]}}}`} {
 		if _, err := parsePathInfo([]byte(bad)); err == nil {
 			t.Errorf("%s parsed", bad)
 		}
+	}
+}
+
+func TestParseNixVersion(t *testing.T) {
+	for in, want := range map[string][2]int{"nix (Nix) 2.8.0\n": {2, 8}, "nix (Nix) 2.26.3": {2, 26}, "nix (Nix) 2.34.8pre": {2, 34}} {
+		if got, ok := parseNixVersion(in); !ok || got != want {
+			t.Errorf("%q: %v %v", in, got, ok)
+		}
+	}
+	if _, ok := parseNixVersion("garbage"); ok {
+		t.Error("garbage parsed")
 	}
 }
 
