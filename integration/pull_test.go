@@ -190,6 +190,19 @@ func TestPullMissingPackages(t *testing.T) {
 				t.Errorf("the daemon evaluated %d times for missing packages", n)
 			}
 		}
+
+		// Refused by the package set (nixpkgs-shaped: unfree, broken, a
+		// removed alias): each named, with its reason, at once.
+		_, stderr, err = e.pull("nix.local/htop/unfreetool/brokentool/oldtool")
+		if err == nil {
+			t.Fatal("pull of refused packages succeeded")
+		}
+		for _, want := range []string{"the package set refuses: [brokentool oldtool unfreetool]", "unfree license", "marked as broken", "renamed to/replaced by"} {
+			if !strings.Contains(stderr, want) {
+				t.Errorf("stderr lacks %q:\n%s", want, stderr)
+			}
+		}
+		e.unchanged(images, blobs)
 	}
 }
 

@@ -85,6 +85,8 @@ type Builder struct {
 	logLines  int
 	progress  func(line string)
 	workDir   string
+	settings  string   // prepare.nix's settings: nixpkgs config and overlays, JSON
+	overlays  []string // which evaluation may read
 	// procs bounds the Nix processes started to realise paths for holds,
 	// however many readers ask at once.
 	procs chan struct{}
@@ -139,12 +141,31 @@ func WithRevisions(patterns []string) Opt {
 // directory.
 func WithWorkDir(dir string) Opt { return func(b *Builder) { b.workDir = dir } }
 
+// WithNixpkgsConfig passes config (nixpkgs' config attribute set, e.g.
+// {"allowUnfree": true}) and overlays (paths of Nix files) to the package
+// set, as data: JSON and paths, never spliced into Nix code. Evaluation
+// may read the overlays.
+func WithNixpkgsConfig(config map[string]any, overlays []string) Opt {
+	return func(b *Builder) {
+		settings := map[string]any{}
+		if len(config) > 0 {
+			settings["config"] = config
+		}
+		if len(overlays) > 0 {
+			settings["overlays"] = overlays
+		}
+		s, _ := json.Marshal(settings)
+		b.settings = string(s)
+		b.overlays = overlays
+	}
+}
+
 // maxHoldProcs bounds the Nix processes realising paths for holds.
 const maxHoldProcs = 4
 
 // New returns a Builder for source.
 func New(source Source, opts ...Opt) *Builder {
-	b := &Builder{source: source, revisions: DefaultRevisions, options: map[string]string{}, logLines: 30,
+	b := &Builder{source: source, revisions: DefaultRevisions, options: map[string]string{}, logLines: 30, settings: "{}",
 		roots: map[string]struct{}{}, procs: make(chan struct{}, maxHoldProcs)}
 	b.store.b = b
 	for _, opt := range opts {
@@ -195,6 +216,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
 type evaluation struct {
 	Missing     []string `json:"missing"`
 	NotPackages []string `json:"notPackages"`
+	Refused     []string `json:"refused"`
 	Packages    []struct {
 		Name        string `json:"name"`
 		Out         string `json:"out"`
@@ -223,7 +245,8 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	eval, err := b.evalArgs(expr, req.Tag,
 		"--argstr", "source", source,
 		"--argstr", "packages", string(pkgJSON),
-		"--argstr", "system", req.System)
+		"--argstr", "system", req.System,
+		"--argstr", "settings", b.settings)
 	if err != nil {
 		return nil, err
 	}
@@ -246,6 +269,9 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	}
 	if len(found.NotPackages) > 0 {
 		return nil, &NotPackageError{Attributes: found.NotPackages}
+	}
+	if len(found.Refused) > 0 {
+		return nil, b.refusal(ctx, env, eval, found.Refused)
 	}
 
 	res := &Result{}
@@ -287,6 +313,48 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		return nil, &BuildError{Stage: "query", Err: err}
 	}
 	return res, nil
+}
+
+// refusal asks the package set why it refuses each of packages (one
+// evaluation each: Nix's message is only in its log).
+func (b *Builder) refusal(ctx context.Context, env, eval []string, packages []string) error {
+	refused := &RefusedError{Packages: packages, Reasons: map[string]string{}}
+	for _, p := range packages {
+		_, err := b.runEnv(ctx, env, "evaluate", "nix-instantiate", append(append([]string{"--eval", "-A", "explanation"}, eval...), "--argstr", "explain", p)...)
+		var be *BuildError
+		switch {
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case errors.As(err, &be):
+			refused.Reasons[p] = nixMessage(be.Log)
+		default:
+			refused.Reasons[p] = "refused (no reason given)"
+		}
+	}
+	return refused
+}
+
+// nixMessage is the message of the last error in a Nix log, without the
+// trace that leads to it and Nix's hint about --show-trace.
+func nixMessage(log string) string {
+	lines := strings.Split(log, "\n")
+	start := -1
+	for i, l := range lines {
+		if strings.HasPrefix(l, "error:") {
+			start = i
+		}
+	}
+	if start < 0 {
+		return strings.TrimSpace(log)
+	}
+	var msg []string
+	for _, l := range lines[start:] {
+		if strings.HasPrefix(l, "(use '--show-trace'") {
+			break
+		}
+		msg = append(msg, l)
+	}
+	return strings.TrimSpace(strings.TrimPrefix(strings.Join(msg, "\n"), "error:"))
 }
 
 // rootIfValid makes outs GC roots in dir if every one is valid already.
@@ -354,6 +422,9 @@ func (b *Builder) evalArgs(expr, tag string, args ...string) ([]string, error) {
 	restrict = append(restrict, "-I", "nixery-prepare="+filepath.Dir(expr))
 	for _, p := range paths {
 		restrict = append(restrict, "-I", "nixery-source="+p)
+	}
+	for i, p := range b.overlays {
+		restrict = append(restrict, "-I", fmt.Sprintf("nixery-overlay-%d=%s", i, p))
 	}
 	return b.args(append(append(restrict, expr), args...)...), nil
 }

@@ -275,11 +275,11 @@ func TestBuildFailure(t *testing.T) {
 }
 
 func TestBuildEvalError(t *testing.T) {
-	dir := writePkgs(t, `bad = throw "this package was removed";`)
+	dir := writePkgs(t, `bad = abort "this package set is broken";`)
 	b := newTestBuilder(t, dir)
 	_, err := b.Build(context.Background(), Request{Packages: []string{"bad"}, System: "x86_64-linux"})
 	var be *BuildError
-	if !errors.As(err, &be) || be.Stage != "evaluate" || !strings.Contains(err.Error(), "this package was removed") {
+	if !errors.As(err, &be) || be.Stage != "evaluate" || !strings.Contains(err.Error(), "this package set is broken") {
 		t.Errorf("got %v", err)
 	}
 }
@@ -400,7 +400,7 @@ func TestBuildNoSource(t *testing.T) {
 // With a person watching Nix's log (WithProgress), the error does not
 // print its end again.
 func TestBuildErrorShownLog(t *testing.T) {
-	dir := writePkgs(t, `bad = throw "this package was removed";`)
+	dir := writePkgs(t, `bad = abort "this package was removed";`)
 	var lines []string
 	b := newTestBuilder(t, dir, WithProgress(func(l string) { lines = append(lines, l) }))
 	_, err := b.Build(context.Background(), Request{Packages: []string{"bad"}, System: "x86_64-linux"})
@@ -494,7 +494,7 @@ func TestBuildRestrictedEvaluation(t *testing.T) {
     args = [ "-c" ("echo " + builtins.readFile <hostsecret> + " > $out") ];
   };`)
 	_, err = newTestBuilder(t, dir).Build(context.Background(), Request{Packages: []string{"leak"}, System: "x86_64-linux"})
-	if !errors.As(err, &be) || be.Stage != "evaluate" || !strings.Contains(err.Error(), "hostsecret") {
+	if err == nil || !strings.Contains(err.Error(), "'hostsecret' was not found") {
 		t.Errorf("reading <hostsecret>: %v", err)
 	}
 }
@@ -608,4 +608,63 @@ func TestHoldCancelledCallers(t *testing.T) {
 			t.Errorf("a caller that did not give up: %v", err)
 		}
 	}
+}
+
+// Packages the package set refuses (unfree, broken, a removed alias) are
+// named all at once, each with the package set's reason; nixpkgs' config,
+// passed as data, lets the unfree one through.
+func TestBuildRefused(t *testing.T) {
+	b := newTestBuilder(t, testutil.TestPkgs())
+	_, err := b.Build(context.Background(), Request{Packages: []string{"brokentool", "htop", "oldtool", "unfreetool"}, System: "x86_64-linux"})
+	var refused *RefusedError
+	if !errors.As(err, &refused) || !errdefs.IsPermissionDenied(err) {
+		t.Fatalf("got %v, want a RefusedError", err)
+	}
+	if want := []string{"brokentool", "oldtool", "unfreetool"}; !slices.Equal(refused.Packages, want) {
+		t.Errorf("refused %v, want %v", refused.Packages, want)
+	}
+	for p, reason := range map[string]string{
+		"unfreetool": "has an unfree license (‘unfree’), refusing to evaluate",
+		"brokentool": "is marked as broken, refusing to evaluate",
+		"oldtool":    "'oldtool' has been renamed to/replaced by 'htop'",
+	} {
+		if got := refused.Reasons[p]; !strings.Contains(got, reason) || strings.Contains(got, "show-trace") {
+			t.Errorf("%s: reason %q", p, got)
+		}
+		if !strings.Contains(err.Error(), reason) {
+			t.Errorf("the message lacks %s's reason: %v", p, err)
+		}
+	}
+
+	allowed := newTestBuilder(t, testutil.TestPkgs(), WithNixpkgsConfig(map[string]any{"allowUnfree": true}, nil))
+	res, err := allowed.Build(context.Background(), Request{Packages: []string{"unfreetool"}, System: "x86_64-linux"})
+	if err != nil {
+		t.Fatalf("unfree with allowUnfree: %v", err)
+	}
+	res.Release()
+	if _, err := allowed.Build(context.Background(), Request{Packages: []string{"brokentool"}, System: "x86_64-linux"}); !errdefs.IsPermissionDenied(err) {
+		t.Errorf("broken with only allowUnfree: %v", err)
+	}
+}
+
+// Overlays are paths the operator names; evaluation may read them.
+func TestBuildOverlay(t *testing.T) {
+	overlay := filepath.Join(t.TempDir(), "overlay.nix")
+	if err := os.WriteFile(overlay, []byte(`self: super: { fromoverlay = super.htop; }`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	// A package set that applies overlays, as nixpkgs does.
+	src := `{ system ? builtins.currentSystem, overlays ? [ ], ... }:
+let base = import ` + testutil.TestPkgs() + ` { inherit system; };
+in builtins.foldl' (acc: o: acc // o acc base) base overlays`
+	if err := os.WriteFile(filepath.Join(dir, "default.nix"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b := newTestBuilder(t, dir, WithNixpkgsConfig(nil, []string{overlay}))
+	res, err := b.Build(context.Background(), Request{Packages: []string{"fromoverlay"}, System: "x86_64-linux"})
+	if err != nil {
+		t.Fatalf("a package from an overlay: %v", err)
+	}
+	res.Release()
 }

@@ -19,6 +19,26 @@ func (e *NotFoundError) Error() string {
 // Is makes errdefs.IsNotFound true for it.
 func (e *NotFoundError) Is(target error) bool { return target == errdefs.ErrNotFound }
 
+// RefusedError names every requested package that the package set refuses
+// (nixpkgs: unfree, broken, insecure, a removed alias), each with the
+// package set's reason.
+type RefusedError struct {
+	Packages []string
+	Reasons  map[string]string
+}
+
+func (e *RefusedError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "the package set refuses: [%s]", strings.Join(e.Packages, " "))
+	for _, p := range e.Packages {
+		fmt.Fprintf(&b, "\n%s: %s", p, e.Reasons[p])
+	}
+	return b.String()
+}
+
+// Is makes errdefs.IsPermissionDenied true for it.
+func (e *RefusedError) Is(target error) bool { return target == errdefs.ErrPermissionDenied }
+
 // NotPackageError names requested attributes that exist but are not
 // derivations (a nested package set, a function).
 type NotPackageError struct {

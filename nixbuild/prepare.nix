@@ -5,7 +5,7 @@
 #
 # It asks nothing of the package set but that it is an attribute set of
 # derivations (or a function returning one): no lib, no runCommand.
-{ source, packages, system }:
+{ source, packages, system, settings ? "{}", explain ? "" }:
 let
   inherit (builtins)
     attrNames filter foldl' fromJSON getAttr hasAttr isAttrs isFunction
@@ -25,7 +25,13 @@ let
     else throw "unknown package source type ${src.type}";
 
   imported = import tree;
-  pkgs = if isFunction imported then imported { inherit system; } else imported;
+  # nixpkgs' config and overlays, as the operator set them: data (JSON and
+  # paths), passed only when set, so that any package set works without.
+  given = fromJSON settings;
+  args = { inherit system; }
+    // (if given ? config then { inherit (given) config; } else { })
+    // (if given ? overlays then { overlays = map (p: import (/. + p)) given.overlays; } else { });
+  pkgs = if isFunction imported then imported args else imported;
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
@@ -63,15 +69,30 @@ let
 
   requested = fromJSON packages;
   fetched = map (name: { inherit name; value = fetch name; }) requested;
-  missing = map (r: r.name) (filter (r: r.value == null) fetched);
-  notPackages = map (r: r.name) (filter (r: r.value != null && !(isDerivation r.value)) fetched);
-  ok = missing == [ ] && notPackages == [ ];
+  # What each request is. A package the package set refuses (nixpkgs:
+  # unfree, broken, insecure, an alias that was removed) throws when it
+  # is looked at or when its outPath is: caught here, so that all of them
+  # are named at once (their reasons are asked for one by one, `explain`).
+  kind = r:
+    let t = builtins.tryEval (
+      if r.value == null then "missing"
+      else if !(isDerivation r.value) then "notPackage"
+      else builtins.seq r.value.outPath "ok");
+    in if t.success then t.value else "refused";
+  kinds = map (r: r // { kind = kind r; }) fetched;
+  named = k: map (r: r.name) (filter (r: r.kind == k) kinds);
+  missing = named "missing";
+  notPackages = named "notPackage";
+  refused = named "refused";
+  ok = missing == [ ] && notPackages == [ ] && refused == [ ];
 in
 {
   # What was found: evaluated on its own (`-A result`, read-only), so that
-  # nothing is written to the store for a request that builds nothing.
-  result = {
-    inherit missing notPackages;
+  # nothing is written to the store for a request that builds nothing. The
+  # package set itself first: if it cannot be evaluated (no source, a
+  # syntax error), that is the error, not a refusal of every package.
+  result = builtins.seq pkgs {
+    inherit missing notPackages refused;
     packages = if !ok then [ ] else map (r: {
       inherit (r) name;
       # Not `outPath`: toJSON would turn the whole set into that string.
@@ -82,4 +103,7 @@ in
   };
   # What to build (`nix-build -A derivations`), in request order.
   derivations = if !ok then [ ] else map (r: r.value) fetched;
+  # Why the package set refuses the package named explain: evaluating this
+  # fails with its message.
+  explanation = (fetch explain).outPath;
 }

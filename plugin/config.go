@@ -119,6 +119,12 @@ type NixConfig struct {
 	// MaxQueued bounds builds of different images waiting for a slot;
 	// further requests are refused as busy (HTTP 429) until one ends.
 	MaxQueued int `toml:"max_queued"`
+	// Config is nixpkgs' config attribute set, e.g. allowUnfree = true,
+	// passed to the package set as data.
+	Config map[string]any `toml:"config"`
+	// Overlays are Nix files of overlays (absolute paths) passed to the
+	// package set; evaluation may read them.
+	Overlays []string `toml:"overlays"`
 	// Options are Nix settings passed to every call, e.g.
 	// substituters = "" on hosts that cannot reach a binary cache.
 	Options map[string]string `toml:"options"`
@@ -235,7 +241,16 @@ func (c NixConfig) Builder(opts ...nixbuild.Opt) (*nixbuild.Builder, error) {
 	if err != nil {
 		return nil, err
 	}
+	for _, o := range c.Overlays {
+		if !filepath.IsAbs(o) {
+			return nil, fmt.Errorf("[nix] overlays: %q is not an absolute path: %w", o, errdefs.ErrInvalidArgument)
+		}
+		if _, err := os.Stat(o); err != nil {
+			return nil, fmt.Errorf("[nix] overlays: %w", err)
+		}
+	}
 	return nixbuild.New(src, append([]nixbuild.Opt{
+		nixbuild.WithNixpkgsConfig(c.Config, c.Overlays),
 		nixbuild.WithTimeout(time.Duration(c.Timeout)),
 		nixbuild.WithOptions(c.Options),
 		nixbuild.WithBinDir(c.BinDir),

@@ -12,6 +12,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 )
 
 // DefaultMetricsAddress is where metrics and health are served: loopback.
@@ -21,7 +23,7 @@ const DefaultMetricsAddress = "127.0.0.1:9484"
 var (
 	buildsTotal = promauto.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "nixery", Name: "builds_total",
-		Help: "Image requests by result: ok, cached, not_found, invalid, busy, failed, timeout.",
+		Help: "Image requests by result: ok, cached, not_found, refused, invalid, busy, failed, timeout.",
 	}, []string{"result"})
 	buildSeconds = promauto.NewHistogram(prometheus.HistogramOpts{
 		Namespace: "nixery", Name: "build_duration_seconds",
@@ -63,6 +65,8 @@ func buildResult(err error) string {
 		return "timeout"
 	case errdefs.IsNotFound(err):
 		return "not_found"
+	case errors.As(err, new(*nixbuild.RefusedError)):
+		return "refused"
 	case errdefs.IsInvalidArgument(err), errdefs.IsPermissionDenied(err):
 		return "invalid"
 	case errdefs.IsResourceExhausted(err):

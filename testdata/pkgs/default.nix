@@ -9,7 +9,7 @@
 # Needs Nix with `sandbox = false` (the builders read the host's /usr) and,
 # for the aarch64-linux variants, `extra-platforms = aarch64-linux`. The
 # aarch64 variants carry the host's files: they exist to test image metadata.
-{ system ? builtins.currentSystem, ... }:
+{ system ? builtins.currentSystem, config ? { }, ... }:
 let
   mk = name: attrs: derivation ({
     inherit name system;
@@ -31,6 +31,20 @@ let
     inherit scriptName;
     script = "#!${bashInteractive}/bin/bash\n${text}\n";
   };
+
+  # nixpkgs' check-meta, in small: a package that is unfree (unless
+  # config.allowUnfree) or broken (unless config.allowBroken) throws, with
+  # nixpkgs' wording, when its derivation is looked at.
+  checkMeta = pkg:
+    let
+      refuse = why: pkg // { drvPath = throw why; outPath = throw why; };
+      name = pkg.name;
+    in
+    if !(pkg.meta.license.free or true) && !(config.allowUnfree or false) then
+      refuse "Package ‘${name}’ has an unfree license (‘${pkg.meta.license.shortName}’), refusing to evaluate."
+    else if (pkg.meta.broken or false) && !(config.allowBroken or false) then
+      refuse "Package ‘${name}’ is marked as broken, refusing to evaluate."
+    else pkg;
 
   glibc = mk "glibc-2.36" {
     libs = "ld-linux-x86-64.so.2 libc.so.6 libm.so.6 libpthread.so.0 libdl.so.2 librt.so.1 libresolv.so.2";
@@ -98,4 +112,11 @@ in
 
   # An attribute whose registry name starts with a digit (`1password`).
   _1password = script "1password-cli-2.0" "op" "echo 'op 2.0 (offline test build)'";
+
+  # Packages nixpkgs refuses: unfree, broken, and an alias that was removed.
+  unfreetool = checkMeta (script "unfreetool-1.0" "unfreetool" "echo 'unfreetool 1.0'"
+    // { meta.license = { free = false; shortName = "unfree"; }; });
+  brokentool = checkMeta (script "brokentool-1.0" "brokentool" "echo 'brokentool 1.0'"
+    // { meta.broken = true; });
+  oldtool = throw "'oldtool' has been renamed to/replaced by 'htop'";
 }
