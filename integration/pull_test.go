@@ -413,3 +413,14 @@ func (e *env) unchanged(images, blobs []string) {
 		e.t.Errorf("content changed:\n%v\nbefore:\n%v", got, blobs)
 	}
 }
+
+// An image of a package of several outputs holds what nixpkgs installs of
+// it (meta.outputsToInstall): its programs and manual, not its libraries.
+func TestPullOutputsToInstall(t *testing.T) {
+	e := newEnv(t)
+	e.mustPull("nix.local/shell/openssl")
+	got := e.run("nix.local/shell/openssl", "bash", "-c", "openssl; test -e /share/man/man1/openssl.1 && echo man; test -e /lib/libssl.so.3 && echo lib || echo no lib")
+	if got != "OpenSSL 3.0.16\nman\nno lib\n" {
+		t.Errorf("the container sees %q", got)
+	}
+}

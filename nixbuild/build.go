@@ -40,10 +40,14 @@ type Request struct {
 	Tag      string   // selects the source revision, see Source
 }
 
-// Package is one requested attribute and the store path it realised to.
+// Package is one requested attribute and the store paths it realised to.
 type Package struct {
-	Name        string // as requested
-	Out         string // realised store path
+	Name string // as requested
+	// Outs are the outputs it puts in an image (meta.outputsToInstall, or
+	// the output its attribute path names, or its default), in order.
+	Outs []string
+	// Out is the first of them.
+	Out         string
 	MainProgram string // meta.mainProgram, if the package sets it
 }
 
@@ -57,7 +61,7 @@ type StorePath struct {
 
 // Result is a realised package list and its runtime closure.
 type Result struct {
-	// Packages in request order; their Out paths make the symlink forest.
+	// Packages in request order; their Outs make the symlink forest.
 	Packages []Package
 	// Closure holds every store path the packages need at run time, sorted
 	// by path, with references sorted.
@@ -218,9 +222,9 @@ type evaluation struct {
 	NotPackages []string `json:"notPackages"`
 	Refused     []string `json:"refused"`
 	Packages    []struct {
-		Name        string `json:"name"`
-		Out         string `json:"out"`
-		MainProgram string `json:"mainProgram"`
+		Name        string   `json:"name"`
+		Outs        []string `json:"outs"`
+		MainProgram string   `json:"mainProgram"`
 	} `json:"packages"`
 }
 
@@ -285,11 +289,14 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	}()
 	var outs []string
 	for _, p := range found.Packages {
-		if err := storepath.Check(p.Out); err != nil {
+		if len(p.Outs) == 0 {
+			return nil, &BuildError{Stage: "evaluate", Err: fmt.Errorf("package %s has none of the outputs it says to install", p.Name)}
+		}
+		if err := storepath.CheckAll(p.Outs); err != nil {
 			return nil, &BuildError{Stage: "evaluate", Err: fmt.Errorf("package %s: %w", p.Name, err)}
 		}
-		res.Packages = append(res.Packages, Package{Name: p.Name, Out: p.Out, MainProgram: p.MainProgram})
-		outs = append(outs, p.Out)
+		res.Packages = append(res.Packages, Package{Name: p.Name, Outs: p.Outs, Out: p.Outs[0], MainProgram: p.MainProgram})
+		outs = append(outs, p.Outs...)
 	}
 	outs = slices.Compact(slices.Sorted(slices.Values(outs)))
 

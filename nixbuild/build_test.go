@@ -668,3 +668,36 @@ in builtins.foldl' (acc: o: acc // o acc base) base overlays`
 	}
 	res.Release()
 }
+
+// A package of several outputs puts in an image what meta.outputsToInstall
+// says (nixpkgs' openssl: bin and man, not the libraries); an attribute
+// path that names an output puts that one.
+func TestBuildOutputsToInstall(t *testing.T) {
+	b := newTestBuilder(t, testutil.TestPkgs())
+	res, err := b.Build(context.Background(), Request{Packages: []string{"openssl", "openssl.out"}, System: "x86_64-linux"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Release()
+	suffixes := func(paths []string) []string {
+		var out []string
+		for _, p := range paths {
+			out = append(out, p[strings.LastIndex(p, "-")+1:])
+		}
+		return out
+	}
+	if got := suffixes(res.Packages[0].Outs); !slices.Equal(got, []string{"bin", "man"}) {
+		t.Errorf("openssl installs %v, want its bin and man outputs", res.Packages[0].Outs)
+	}
+	if got := res.Packages[1].Outs; len(got) != 1 || strings.HasSuffix(got[0], "-bin") || strings.HasSuffix(got[0], "-man") {
+		t.Errorf("openssl.out installs %v", got)
+	}
+	for _, p := range append(res.Packages[0].Outs, res.Packages[1].Outs...) {
+		if _, err := os.Stat(p); err != nil {
+			t.Errorf("%s not realised: %v", p, err)
+		}
+		if !slices.ContainsFunc(res.Closure, func(sp StorePath) bool { return sp.Path == p }) {
+			t.Errorf("%s not in the closure", p)
+		}
+	}
+}

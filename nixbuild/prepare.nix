@@ -67,6 +67,16 @@ let
 
   isDerivation = v: isAttrs v && v ? type && v.type == "derivation";
 
+  # The outputs a package puts in an image, as nix-env and buildEnv take
+  # them: the one an attribute path selected (`openssl.bin`), else the
+  # package's meta.outputsToInstall, else its default output.
+  install = v:
+    let
+      default = [ (v.outputName or "out") ];
+      wanted = if v.outputSpecified or false then default
+        else v.meta.outputsToInstall or default;
+    in filter (o: v ? ${o}) wanted;
+
   requested = fromJSON packages;
   fetched = map (name: { inherit name; value = fetch name; }) requested;
   # What each request is. A package the package set refuses (nixpkgs:
@@ -96,13 +106,14 @@ in
     packages = if !ok then [ ] else map (r: {
       inherit (r) name;
       # Not `outPath`: toJSON would turn the whole set into that string.
-      out = r.value.outPath;
+      outs = map (o: r.value.${o}.outPath) (install r.value);
       # nixpkgs' name for the program a package is about, if it says.
       mainProgram = let m = (r.value.meta or { }).mainProgram or null; in if builtins.isString m then m else null;
     }) fetched;
   };
-  # What to build (`nix-build -A derivations`), in request order.
-  derivations = if !ok then [ ] else map (r: r.value) fetched;
+  # What to build (`nix-build -A derivations`), in request order: each
+  # output to install.
+  derivations = if !ok then [ ] else builtins.concatMap (r: map (o: r.value.${o}) (install r.value)) fetched;
   # Why the package set refuses the package named explain: evaluating this
   # fails with its message.
   explanation = (fetch explain).outPath;

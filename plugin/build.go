@@ -443,7 +443,7 @@ func (b *Builder) queuedPlan(ctx context.Context, img resolver.Image) (*plan, er
 	var roots []string
 	var closureSize int64
 	for _, pkg := range res.Packages {
-		roots = append(roots, pkg.Out)
+		roots = append(roots, pkg.Outs...)
 	}
 	for _, sp := range res.Closure {
 		closureSize += sp.NarSize

@@ -113,6 +113,20 @@ in
   # An attribute whose registry name starts with a digit (`1password`).
   _1password = script "1password-cli-2.0" "op" "echo 'op 2.0 (offline test build)'";
 
+  # A package of several outputs, as nixpkgs' openssl: an image holds
+  # those meta.outputsToInstall names (bin, man), not the libraries (out).
+  openssl = derivation {
+    name = "openssl-3.0.16"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin";
+    outputs = [ "bin" "out" "man" ];
+    args = [ "-c" ''
+      mkdir -p $bin/bin $out/lib $man/share/man/man1
+      printf '#!${bashInteractive}/bin/bash\necho OpenSSL 3.0.16\n' > $bin/bin/openssl; chmod +x $bin/bin/openssl
+      echo library > $out/lib/libssl.so.3
+      echo manual > $man/share/man/man1/openssl.1
+      (sleep 0.2 &) # see builder.sh
+    '' ];
+  } // { meta.outputsToInstall = [ "bin" "man" ]; };
+
   # Packages nixpkgs refuses: unfree, broken, and an alias that was removed.
   unfreetool = checkMeta (script "unfreetool-1.0" "unfreetool" "echo 'unfreetool 1.0'"
     // { meta.license = { free = false; shortName = "unfree"; }; });
