@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what nixery-snapshotter's demo and tests need on Debian 12, as
-# root: Nix, runc, patchelf, the host programs the offline package set in
-# testdata/pkgs is made of, containerd v2.4.2 built from the Go module
-# proxy, and containerd 1.7 (hack/containerd-1.7) for the compatibility
-# tests. Safe to run again: it installs only what is missing.
+# root: Nix, runc, patchelf, skopeo, the host programs the offline package
+# set in testdata/pkgs is made of, containerd v2.4.2 and the OCI
+# distribution-spec conformance suite built from the Go module proxy, and
+# containerd 1.7 (hack/containerd-1.7) for the compatibility tests. Safe to run again: it installs only what is missing.
 set -euo pipefail
 
 containerd_version=v2.4.2
@@ -39,6 +39,14 @@ if [ "$need_containerd" -eq 1 ]; then
   for bin in "${bins[@]}"; do
     GOBIN=/usr/local/bin go install "github.com/containerd/containerd/v2/cmd/$bin@$containerd_version"
   done
+fi
+
+# The OCI distribution-spec conformance suite, a client of the endpoint the
+# project did not write.
+conformance_version=v0.0.0-20260831232431-97274622c111
+if ! go version -m /usr/local/bin/conformance 2>/dev/null | grep -q "$conformance_version"; then
+  echo "setup: building the OCI conformance suite $conformance_version"
+  GOBIN=/usr/local/bin go install "github.com/opencontainers/distribution-spec/conformance@$conformance_version"
 fi
 
 # containerd 1.7 for the compatibility run: go install cannot build it (its
