@@ -111,7 +111,7 @@ func TestCRI(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	logs, err := os.ReadFile(filepath.Join(logDir, "htop.log"))
-	if err != nil || !strings.Contains(string(logs), " stdout F htop 3.2.2") {
+	if err != nil || !strings.Contains(string(logs), " stdout F "+htopVersion()) {
 		t.Errorf("container log %q, %v", logs, err)
 	}
 	if _, err := rt.StopContainer(ctx, &runtime.StopContainerRequest{ContainerId: created.ContainerId}); err != nil {

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -356,3 +357,18 @@ func symlinkPaths(annotations map[string]string) []string {
 	}
 	return paths
 }
+
+// htopVersion is what the test package set's htop says it is: its own
+// binary's first line of --version, run on the host from the store (the
+// package set copies the host's htop, whose version is the host's).
+var htopVersion = sync.OnceValue(func() string {
+	out, err := exec.Command("nix-build", append([]string{"--no-out-link", "-A", "htop", testutil.TestPkgs()}, nixOptionArgs()...)...).Output()
+	if err != nil {
+		panic(fmt.Sprintf("building the test set's htop: %v", err))
+	}
+	version, err := exec.Command(filepath.Join(strings.TrimSpace(string(out)), "bin", "htop"), "--version").Output()
+	if err != nil {
+		panic(fmt.Sprintf("the test set's htop --version: %v", err))
+	}
+	return strings.SplitN(string(version), "\n", 2)[0]
+})

@@ -26,7 +26,7 @@ func TestPullAndRun(t *testing.T) {
 		args []string
 		want string
 	}{
-		{"nix.local/shell/htop", []string{"htop", "--version"}, "htop 3.2.2"},
+		{"nix.local/shell/htop", []string{"htop", "--version"}, htopVersion()},
 		{"nix.local/shell", []string{"bash", "-c", "echo ok"}, "ok\n"},
 		{"nix.local/git", []string{"git", "--version"}, "git version 2."},
 		{"nix.local/jq", []string{"jq", "-n", "[1,2] | add"}, "3\n"},

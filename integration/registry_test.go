@@ -68,7 +68,7 @@ func TestRegistryPull(t *testing.T) {
 	e := newNixEnv(t)
 	// overlayfs fetches every layer over the endpoint.
 	e.ctrPull("overlayfs", "nix.local/shell/htop:latest")
-	if out := e.runOn("overlayfs", "nix.local/shell/htop:latest", "htop", "--version"); !strings.Contains(out, "htop 3.2.2") {
+	if out := e.runOn("overlayfs", "nix.local/shell/htop:latest", "htop", "--version"); !strings.Contains(out, htopVersion()) {
 		t.Errorf("htop --version printed %q", out)
 	}
 	if n := e.requests("/blobs/"); n < 3 {
@@ -270,7 +270,7 @@ let base = import ` + testutil.TestPkgs() + ` { inherit system; }; in base // {
 
 	// containerd's own client pulls it (HEAD without digest → GET → body).
 	e.ctrPull("overlayfs", "nix.local/shell/slow:latest")
-	if out := e.runOn("overlayfs", "nix.local/shell/slow:latest", "bash", "-c", "slow-htop --version"); !strings.Contains(out, "htop 3.2.2") {
+	if out := e.runOn("overlayfs", "nix.local/shell/slow:latest", "bash", "-c", "slow-htop --version"); !strings.Contains(out, htopVersion()) {
 		t.Errorf("slow image printed %q", out)
 	}
 	if !strings.Contains(e.daemon.log(), "status=200") {

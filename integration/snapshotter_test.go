@@ -29,7 +29,7 @@ func (e *env) runOn(snapshotter, image string, args ...string) string {
 func TestNixSnapshotter(t *testing.T) {
 	e := newNixEnv(t)
 	e.mustPull("--snapshotter", "nix", "nix.local/shell/htop")
-	if out := e.runOn("nix", "nix.local/shell/htop", "htop", "--version"); !strings.Contains(out, "htop 3.2.2") {
+	if out := e.runOn("nix", "nix.local/shell/htop", "htop", "--version"); !strings.Contains(out, htopVersion()) {
 		t.Errorf("htop --version printed %q", out)
 	}
 	if out := e.runOn("nix", "nix.local/shell/htop", "bash", "-c", "echo ok > /tmp/x && cat /tmp/x && ls /nix/store | wc -l"); out != "ok\n15\n" {
@@ -194,7 +194,7 @@ func TestNixSnapshotterGC(t *testing.T) {
 			t.Errorf("%s collected: %v", p, err)
 		}
 	}
-	if out := e.runOn("nix", "nix.local/shell/htop", "htop", "--version"); !strings.Contains(out, "htop 3.2.2") {
+	if out := e.runOn("nix", "nix.local/shell/htop", "htop", "--version"); !strings.Contains(out, htopVersion()) {
 		t.Errorf("after nix-store --gc: %q", out)
 	}
 	roots, _ := os.ReadDir(e.daemon.gcRoots)
@@ -231,7 +231,7 @@ func TestNixSnapshotterRestart(t *testing.T) {
 	e.daemon.stop()
 	e.ctd.Restart(t)
 	e.daemon.start(e.config)
-	if out := e.runOn("nix", "nix.local/shell/htop", "htop", "--version"); !strings.Contains(out, "htop 3.2.2") {
+	if out := e.runOn("nix", "nix.local/shell/htop", "htop", "--version"); !strings.Contains(out, htopVersion()) {
 		t.Errorf("after restarts: %q", out)
 	}
 

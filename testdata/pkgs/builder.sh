@@ -22,23 +22,38 @@ hostfile() {
 rpath=""
 for dep in $libDeps; do rpath="${rpath:+$rpath:}$dep/lib"; done
 
-# check_needed fails when an ELF file needs a library that none of its
-# run-path directories provides: a silent fallback to the host would make
-# the package work here and break inside a container.
-check_needed() {
-  local file=$1 dirs=$2 soname dir found
+# provide_needed makes every library an ELF file needs found on its run
+# path: from the dependencies, or else copied from the host into $out/lib
+# (with what it needs in turn). So the package set names only the
+# libraries its packages share, and builds on any glibc-based host whose
+# programs need others; a library on no run path would make the package
+# work here and break inside a container.
+provide_needed() {
+  local file=$1 soname dir found src
   for soname in $(patchelf --print-needed "$file"); do
     case "$soname" in ld-linux*) continue ;; esac
     found=""
-    IFS=: read -ra dirarr <<<"$dirs"
+    IFS=: read -ra dirarr <<<"$out/lib${rpath:+:$rpath}"
     for dir in "${dirarr[@]}"; do
       [ -e "$dir/$soname" ] && found=1 && break
     done
-    if [ -z "$found" ]; then
-      echo "builder: $file needs $soname, which no dependency provides" >&2
+    [ -n "$found" ] && continue
+    if ! src=$(hostfile "$soname"); then
+      echo "builder: $file needs $soname, which neither a dependency nor the host provides" >&2
       return 1
     fi
+    echo "builder: $soname (for $(basename "$file")) copied from the host: no dependency provides it here" >&2
+    mkdir -p "$out/lib"
+    cp "$src" "$out/lib/$soname"
+    chmod u+w "$out/lib/$soname"
+    patchelf --set-rpath "$out/lib${rpath:+:$rpath}" "$out/lib/$soname"
+    provide_needed "$out/lib/$soname"
   done
+}
+
+# runpath is where a file of this package finds its libraries.
+runpath() {
+  if [ -d "$out/lib" ]; then echo "$out/lib${rpath:+:$rpath}"; else echo "$rpath"; fi
 }
 
 mkdir -p "$out"
@@ -46,13 +61,18 @@ mkdir -p "$out"
 if [ -n "$libs" ]; then
   mkdir -p "$out/lib"
   for lib in $libs; do
-    cp "$(hostfile "$lib")" "$out/lib/$lib"
+    # A library this host does not have is one no program here needs.
+    if ! src=$(hostfile "$lib" 2>/dev/null); then
+      echo "builder: $lib is not on this host: left out" >&2
+      continue
+    fi
+    cp "$src" "$out/lib/$lib"
     chmod u+w "$out/lib/$lib"
     case "$lib" in
       ld-linux*) ;;
       *)
         patchelf --set-rpath "$out/lib${rpath:+:$rpath}" "$out/lib/$lib"
-        check_needed "$out/lib/$lib" "$out/lib${rpath:+:$rpath}"
+        provide_needed "$out/lib/$lib"
         ;;
     esac
   done
@@ -63,8 +83,11 @@ if [ -n "$bins" ]; then
   for bin in $bins; do
     cp "$(hostfile "$bin")" "$out/bin/$bin"
     chmod u+w "$out/bin/$bin"
-    patchelf --set-interpreter "$interpreter" --set-rpath "$rpath" "$out/bin/$bin"
-    check_needed "$out/bin/$bin" "$rpath"
+    patchelf --set-interpreter "$interpreter" "$out/bin/$bin"
+    provide_needed "$out/bin/$bin"
+  done
+  for bin in $bins; do
+    patchelf --set-rpath "$(runpath)" "$out/bin/$bin"
   done
 fi
 
