@@ -342,12 +342,14 @@ func (b *Builder) refusal(ctx context.Context, env, eval []string, packages []st
 }
 
 // nixMessage is the message of the last error in a Nix log, without the
-// trace that leads to it and Nix's hint about --show-trace.
+// trace that leads to it and Nix's hint about --show-trace. (Nix 2.8
+// starts it with "error: MESSAGE"; later ones with "error:", the trace,
+// then an indented "error: MESSAGE".)
 func nixMessage(log string) string {
 	lines := strings.Split(log, "\n")
 	start := -1
 	for i, l := range lines {
-		if strings.HasPrefix(l, "error:") {
+		if t := strings.TrimSpace(l); strings.HasPrefix(t, "error:") && strings.TrimSpace(strings.TrimPrefix(t, "error:")) != "" {
 			start = i
 		}
 	}
@@ -356,10 +358,10 @@ func nixMessage(log string) string {
 	}
 	var msg []string
 	for _, l := range lines[start:] {
-		if strings.HasPrefix(l, "(use '--show-trace'") {
+		if strings.HasPrefix(strings.TrimSpace(l), "(use '--show-trace'") {
 			break
 		}
-		msg = append(msg, l)
+		msg = append(msg, strings.TrimSpace(l))
 	}
 	return strings.TrimSpace(strings.TrimPrefix(strings.Join(msg, "\n"), "error:"))
 }

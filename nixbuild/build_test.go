@@ -102,6 +102,17 @@ func TestParsePathInfo(t *testing.T) {
 	}
 }
 
+func TestNixMessage(t *testing.T) {
+	for name, log := range map[string]string{
+		"nix-2.8":  "error: 'oldtool' has been renamed\n(use '--show-trace' to show detailed location information)",
+		"nix-2.26": "error:\n       … while calling the 'foldl'' builtin\n         at /tmp/prepare.nix:66:8:\n           65|   x\n\n       (stack trace truncated; use '--show-trace' to show the full, detailed trace)\n\n       error: 'oldtool' has been renamed",
+	} {
+		if got := nixMessage(log); got != "'oldtool' has been renamed" {
+			t.Errorf("%s: %q", name, got)
+		}
+	}
+}
+
 func TestParseNixVersion(t *testing.T) {
 	for in, want := range map[string][2]int{"nix (Nix) 2.8.0\n": {2, 8}, "nix (Nix) 2.26.3": {2, 26}, "nix (Nix) 2.34.8pre": {2, 34}} {
 		if got, ok := parseNixVersion(in); !ok || got != want {
