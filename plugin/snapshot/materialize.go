@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promauto"
 	"golang.org/x/sys/unix"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/storelink"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
@@ -31,8 +32,9 @@ import (
 type materializer struct {
 	root     string // where store paths are read, "/" but in tests
 	parallel int
-	copyOnly atomic.Bool  // set once links proved impossible
-	copied   atomic.Int64 // files copied, ever
+	linker   *storelink.Linker // unused once copyOnly is set
+	copyOnly atomic.Bool       // set once links proved impossible
+	copied   atomic.Int64      // files copied, ever
 }
 
 // filesCopied counts store files copied into layers because they could
@@ -83,7 +85,7 @@ func (m *materializer) materialize(ctx context.Context, dir string, paths []stri
 	}
 	if n := m.copied.Load() - before; n > 0 {
 		// A cost the user pays without asking: say so each time.
-		log.G(ctx).WithField("files", n).Warn("copied store files into the layer instead of linking them: keep the snapshotter root on the store's filesystem and mount")
+		log.G(ctx).WithField("files", n).Warn("copied store files into the layer instead of linking them: keep the snapshotter root on the store's filesystem (README, Install on a node)")
 	}
 	return errors.Join(all...)
 }
@@ -140,7 +142,7 @@ func (m *materializer) tree(src, dst string) error {
 
 func (m *materializer) file(src, dst string) error {
 	if !m.copyOnly.Load() {
-		err := os.Link(src, dst)
+		err := m.linker.Link(src, dst)
 		if err == nil {
 			return nil
 		}
@@ -202,19 +204,52 @@ var storeLinkable = promauto.NewGauge(prometheus.GaugeOpts{
 	Help: "1 if store files can be hard-linked into nix snapshots, 0 if they are copied (another filesystem or mount).",
 })
 
-// probeLinks tries to link a file of the store (below storeRoot) into dir,
-// to tell at start whether layers will be linked or copied. It reports
-// false with the reason, or true; with no store file to try, true.
-func probeLinks(storeRoot, dir string) (bool, error) {
-	file, ok := someStoreFile(filepath.Join(storeRoot, "nix", "store"), 3)
-	if !ok {
-		return true, nil
+// newMaterializer returns a materializer of the store below storeRoot into
+// directories below dir, finding at start whether store files can be
+// linked there (and how) or must be copied; it says which in the log and
+// the storeLinkable metric.
+func newMaterializer(ctx context.Context, storeRoot, dir string) *materializer {
+	m := &materializer{root: storeRoot, parallel: 4}
+	store := filepath.Join(storeRoot, "nix", "store")
+	l, err := storelink.New(store, dir)
+	if err == nil {
+		err = probe(l, store, dir)
 	}
-	probe := filepath.Join(dir, fmt.Sprintf(".link-probe-%d", os.Getpid()))
-	_ = os.Remove(probe)
-	err := os.Link(file, probe)
-	_ = os.Remove(probe)
-	return err == nil, err
+	if err != nil {
+		storeLinkable.Set(0)
+		m.copyOnly.Store(true)
+		log.G(ctx).WithError(err).WithField("root", dir).Warn("store files cannot be hard-linked into this snapshotter root: layers will be copied; put the root on the store's filesystem (README, Install on a node)")
+		if l != nil {
+			l.Close()
+		}
+		return m
+	}
+	storeLinkable.Set(1)
+	m.linker = l
+	log.G(ctx).WithField("root", dir).Infof("store files are linked into layers through %s", l)
+	return m
+}
+
+// probe links a file of the store into dir through l and removes the
+// link; with no store file to try, it cannot tell and reports nil.
+func probe(l *storelink.Linker, store, dir string) error {
+	file, ok := someStoreFile(store, 3)
+	if !ok {
+		return nil
+	}
+	link := filepath.Join(dir, fmt.Sprintf(".link-probe-%d", os.Getpid()))
+	_ = os.Remove(link)
+	err := l.Link(file, link)
+	_ = os.Remove(link)
+	return err
+}
+
+// close releases what linking holds.
+func (m *materializer) close() error {
+	if m.linker == nil {
+		return nil
+	}
+	return m.linker.Close()
 }
 
 // someStoreFile finds a regular file at most depth directories below dir.

@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -109,19 +110,13 @@ func New(root string, opts ...Opt) (*Snapshotter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("overlay snapshotter in %s: %w", root, err)
 	}
-	if ok, err := probeLinks(o.storeRoot, root); ok {
-		storeLinkable.Set(1)
-	} else {
-		storeLinkable.Set(0)
-		log.L.WithError(err).WithField("root", root).Warn("store files cannot be hard-linked into this snapshotter root (another filesystem, or another mount of it): layers will be copied; put the root on the store's filesystem and mount (README, Install on a node)")
-	}
 	return &Snapshotter{
 		Snapshotter: ov,
 		gcRoots:     o.gcRoots,
 		store:       o.store,
 		claims:      o.claims,
 		trustOthers: o.trustOthers,
-		mat:         &materializer{root: o.storeRoot, parallel: 4},
+		mat:         newMaterializer(context.Background(), o.storeRoot, root),
 	}, nil
 }
 
@@ -298,6 +293,11 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	}
 	_ = os.RemoveAll(roots)
 	return nil
+}
+
+// Close implements snapshots.Snapshotter.
+func (s *Snapshotter) Close() error {
+	return errors.Join(s.Snapshotter.Close(), s.mat.close())
 }
 
 // rootsLabel names, on a committed snapshot, the directory of its GC roots.

@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
 	"github.com/containerd/errdefs"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
@@ -228,13 +229,13 @@ func TestMaterialiseAcrossFilesystems(t *testing.T) {
 	}
 	defer syscall.Unmount(dir, syscall.MNT_DETACH)
 	// Said at start: links cannot be made there, but can beside the store.
-	if ok, err := probeLinks(store, dir); ok || err == nil {
-		t.Errorf("probe across filesystems: %v, %v", ok, err)
+	if m := newMaterializer(context.Background(), store, filepath.Dir(store)); m.copyOnly.Load() || promtest.ToFloat64(storeLinkable) != 1 {
+		t.Errorf("beside the store: copyOnly %v, linkable %v", m.copyOnly.Load(), promtest.ToFloat64(storeLinkable))
 	}
-	if ok, err := probeLinks(store, filepath.Dir(store)); !ok {
-		t.Errorf("probe on the store's filesystem: %v", err)
+	m := newMaterializer(context.Background(), store, dir)
+	if !m.copyOnly.Load() || promtest.ToFloat64(storeLinkable) != 0 {
+		t.Errorf("across filesystems: copyOnly %v, linkable %v", m.copyOnly.Load(), promtest.ToFloat64(storeLinkable))
 	}
-	m := &materializer{root: store, parallel: 2}
 	if err := m.materialize(context.Background(), dir, []string{htop, glibc}); err != nil {
 		t.Fatal(err)
 	}
