@@ -27,3 +27,8 @@ go test -count=1 -p 1 "$@" ./...
 # CRI's, whose configuration differs; README, "containerd 1.7").
 NIXERY_CONTAINERD_BIN_DIR=/usr/local/lib/nixery-snapshotter/containerd-1.7 \
   go test -count=1 "$@" -run '^Test(Pull|NixSnapshotter|Cache|Registry|Fault|Metrics|Hostile|AllowList)' ./integration
+
+# A modern Nix: the whole suite again in the Debian 13 root hack/setup.sh
+# made (Nix 2.26, Debian 13's programs in the test package set, a Nix store
+# of its own).
+hack/debian13.sh go test -count=1 -p 1 "$@" ./...

@@ -424,3 +424,43 @@ func TestPullOutputsToInstall(t *testing.T) {
 		t.Errorf("the container sees %q", got)
 	}
 }
+
+// A package set in a git repository, as `--pkgs-git` names it: fetched by
+// Nix, then evaluated restricted to the fetched tree (on every Nix: 2.19
+// and later check fetchGit's URL against allowed-uris with its query). A
+// tag that is a commit selects that revision.
+func TestPullGitSource(t *testing.T) {
+	testutil.RequireCommands(t, "git")
+	repo := t.TempDir()
+	git := func(args ...string) string {
+		t.Helper()
+		out, err := exec.Command("git", append([]string{"-C", repo, "-c", "user.email=t@example.org", "-c", "user.name=t"}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("git %v: %v\n%s", args, err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	commit := func(set string) string {
+		if err := os.WriteFile(filepath.Join(repo, "default.nix"), []byte(set), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		git("add", "default.nix")
+		git("commit", "-q", "-m", "package set")
+		return git("rev-parse", "HEAD")
+	}
+	git("init", "-q", "-b", "main")
+	first := commit(`args: import <nixery-test-pkgs> args`)
+	commit(`args: import <nixery-test-pkgs> args // { htop = throw "htop was removed"; }`)
+
+	e := newEnv(t)
+	e.extraNix = map[string]any{"revisions": []string{"latest", first}}
+	e.writeConfig(testutil.TestPkgs())
+	_, stderr, err := e.pull("--pkgs-git", "file://"+repo, "nix.local/htop")
+	if err == nil || !strings.Contains(stderr, "htop was removed") {
+		t.Errorf("pull of the default branch, whose htop throws: %v\n%s", err, stderr)
+	}
+	e.mustPull("--pkgs-git", "file://"+repo, "nix.local/htop:"+first)
+	if out := e.run("nix.local/htop:"+first, "htop", "--version"); !strings.Contains(out, htopVersion()) {
+		t.Errorf("htop --version printed %q", out)
+	}
+}

@@ -238,7 +238,12 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	if err != nil {
 		return nil, err
 	}
-	source, err := b.source.argument(req.Tag)
+	src, release, err := b.fetch(ctx, expr, req.Tag)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	source, err := src.argument(req.Tag)
 	if err != nil {
 		return nil, err
 	}
@@ -246,7 +251,7 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	if err != nil {
 		return nil, err
 	}
-	eval, err := b.evalArgs(expr, req.Tag,
+	eval, err := b.evalArgs(src, expr, req.Tag,
 		"--argstr", "source", source,
 		"--argstr", "packages", string(pkgJSON),
 		"--argstr", "system", req.System,
@@ -255,7 +260,7 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		return nil, err
 	}
 	log.G(ctx).WithFields(log.Fields{"packages": req.Packages, "system": req.System, "source": b.source.String()}).Info("evaluating packages")
-	env := b.evalEnv(req.Tag)
+	env := b.evalEnv(src, req.Tag)
 	out, err := b.runEnv(ctx, env, "evaluate", "nix-instantiate", append([]string{"--eval", "--strict", "--json", "-A", "result"}, eval...)...)
 	var be *BuildError
 	if lookup := b.source.lookup(); errors.As(err, &be) && lookup != "" && strings.Contains(be.Log, "'"+lookup+"' was not found in the Nix search path") {
@@ -412,12 +417,51 @@ func (b *Builder) realisePackages(ctx context.Context, dir string, env, eval, ou
 	return nil
 }
 
+// fetch returns the package source for tag as evaluation reads it: the
+// configured one, or for one fetched from a URL the store path Nix fetched
+// it to (a path source), held until release is called. Fetching evaluates
+// only prepare.nix's `fetched`, with the URL as data, unrestricted; the
+// package set is then evaluated restricted to the fetched tree.
+func (b *Builder) fetch(ctx context.Context, expr, tag string) (_ Source, release func(), _ error) {
+	if !b.source.fetchedFrom(tag) {
+		return b.source, func() {}, nil
+	}
+	arg, err := b.source.argument(tag)
+	if err != nil {
+		return Source{}, nil, err
+	}
+	log.G(ctx).WithField("source", b.source.String()).Info("fetching the package source")
+	for attempt := 0; ; attempt++ {
+		out, err := b.runEnv(ctx, b.evalEnv(b.source, tag), "fetch", "nix-instantiate",
+			b.args("--eval", "--read-write-mode", "--json", "-A", "fetched", expr, "--argstr", "source", arg)...)
+		if err != nil {
+			return Source{}, nil, err
+		}
+		var tree string
+		if err := json.Unmarshal(out, &tree); err != nil {
+			return Source{}, nil, &BuildError{Stage: "fetch", Err: fmt.Errorf("reading the fetched source: %w", err)}
+		}
+		if err := storepath.Check(tree); err != nil {
+			return Source{}, nil, &BuildError{Stage: "fetch", Err: err}
+		}
+		roots, err := b.Hold(ctx, []string{tree})
+		if errdefs.IsNotFound(err) && attempt == 0 {
+			// Collected between the fetch and the hold: fetch again.
+			continue
+		}
+		if err != nil {
+			return Source{}, nil, err
+		}
+		return Source{kind: "path", loc: tree}, func() { roots.Release() }, nil
+	}
+}
+
 // evalArgs are the arguments of a command that evaluates prepare.nix for
-// tag, followed by args. Evaluation is restricted (restrict-eval): it may
-// read prepare.nix, the package source, the Nix search path and the
-// source's URL, and nothing else of the host.
-func (b *Builder) evalArgs(expr, tag string, args ...string) ([]string, error) {
-	paths, uris, err := b.source.access(tag)
+// src (configured or fetched) at tag, followed by args. Evaluation is
+// restricted (restrict-eval): it may read prepare.nix, the package source,
+// the Nix search path and the source's URL, and nothing else of the host.
+func (b *Builder) evalArgs(src Source, expr, tag string, args ...string) ([]string, error) {
+	paths, uris, err := src.access(tag)
 	if err != nil {
 		return nil, err
 	}
@@ -440,9 +484,9 @@ func (b *Builder) evalArgs(expr, tag string, args ...string) ([]string, error) {
 
 // evalEnv is the environment of a command that evaluates: this process's,
 // with no Nix search path but the entry a `<name>` source needs.
-func (b *Builder) evalEnv(tag string) []string {
+func (b *Builder) evalEnv(src Source, tag string) []string {
 	env := slices.DeleteFunc(os.Environ(), func(e string) bool { return strings.HasPrefix(e, "NIX_PATH=") })
-	if p := b.source.searchPath(tag, os.Getenv("NIX_PATH")); p != "" {
+	if p := src.searchPath(tag, os.Getenv("NIX_PATH")); p != "" {
 		env = append(env, "NIX_PATH="+p)
 	}
 	return env

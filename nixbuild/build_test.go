@@ -394,6 +394,45 @@ func TestBuildGitSource(t *testing.T) {
 	}
 }
 
+// A channel given as a tarball URL (a nixpkgs release) is fetched first,
+// then evaluated restricted to what was fetched: its default.nix may not
+// read the host.
+func TestBuildTarballSource(t *testing.T) {
+	testutil.RequireNix(t)
+	testutil.RequireCommands(t, "tar")
+	dir := t.TempDir()
+	set := filepath.Join(dir, "set")
+	if err := os.Mkdir(set, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	src := `{ system ? builtins.currentSystem, ... }: import <nixery-test-pkgs> { inherit system; } // {
+  secret = builtins.readFile /etc/hostname;
+}`
+	if err := os.WriteFile(filepath.Join(set, "default.nix"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tarball := filepath.Join(dir, "set.tar.gz")
+	if out, err := exec.Command("tar", "-czf", tarball, "-C", dir, "set").CombinedOutput(); err != nil {
+		t.Fatalf("tar: %v\n%s", err, out)
+	}
+	b := New(ChannelSource("file://"+tarball), WithOptions(testutil.NixOptions()))
+	defer b.Close()
+	res, err := b.Build(context.Background(), Request{Packages: []string{"htop"}, System: "x86_64-linux"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Release()
+	if !strings.HasSuffix(res.Packages[0].Out, "-htop-3.2.2") {
+		t.Errorf("got %s", res.Packages[0].Out)
+	}
+	res, err = b.Build(context.Background(), Request{Packages: []string{"secret"}, System: "x86_64-linux"})
+	res.Release()
+	var be *BuildError
+	if !errors.As(err, &be) || !strings.Contains(be.Log, "forbidden in restricted mode") {
+		t.Errorf("a fetched package set read /etc/hostname: %v", err)
+	}
+}
+
 // Without a package source and without <nixpkgs> on the search path, the
 // error says what to set, not Nix's trace.
 func TestBuildNoSource(t *testing.T) {

@@ -54,7 +54,7 @@ func (e *NotPackageError) Is(target error) bool { return target == errdefs.ErrIn
 
 // BuildError is a failed Nix evaluation or build, with the end of its log.
 type BuildError struct {
-	Stage string // "evaluate", "build" or "query"
+	Stage string // "fetch", "evaluate", "build" or "query"
 	Log   string // the last lines Nix wrote to stderr
 	// Shown says every line of the log went to a person already (the
 	// Builder's progress): the message does not repeat them.

@@ -5,7 +5,7 @@
 #
 # It asks nothing of the package set but that it is an attribute set of
 # derivations (or a function returning one): no lib, no runCommand.
-{ source, packages, system, settings ? "{}", explain ? "" }:
+{ source, packages ? "[]", system ? "", settings ? "{}", explain ? "" }:
 let
   inherit (builtins)
     attrNames filter foldl' fromJSON getAttr hasAttr isAttrs isFunction
@@ -97,6 +97,11 @@ let
   ok = missing == [ ] && notPackages == [ ] && refused == [ ];
 in
 {
+  # Where a source fetched from a URL (git, a tarball) is in the store:
+  # evaluated on its own, unrestricted, before the package set is
+  # evaluated restricted to that path. (Nix 2.19 and later check fetchGit's
+  # URL, with its query, against allowed-uris, which no prefix matches.)
+  fetched = toString tree;
   # What was found: evaluated on its own (`-A result`, read-only), so that
   # nothing is written to the store for a request that builds nothing. The
   # package set itself first: if it cannot be evaluated (no source, a

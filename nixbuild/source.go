@@ -106,6 +106,13 @@ func (s Source) locate(tag string) (map[string]string, error) {
 	return arg, nil
 }
 
+// fetchedFrom reports whether the package set for tag is fetched from a
+// URL (git, a tarball) rather than read where it is.
+func (s Source) fetchedFrom(tag string) bool {
+	arg, err := s.locate(tag)
+	return err == nil && arg["url"] != ""
+}
+
 // lookup is the search path entry a `<name>` source looks up, or "".
 func (s Source) lookup() string {
 	arg, err := s.locate(LatestTag)
