@@ -434,6 +434,10 @@ func (b *Builder) fetch(ctx context.Context, expr, tag string) (_ Source, releas
 	for attempt := 0; ; attempt++ {
 		out, err := b.runEnv(ctx, b.evalEnv(b.source, tag), "fetch", "nix-instantiate",
 			b.args("--eval", "--read-write-mode", "--json", "-A", "fetched", expr, "--argstr", "source", arg)...)
+		var be *BuildError
+		if errors.As(err, &be) && tag != "" && tag != LatestTag && noRevision.MatchString(be.Log) {
+			return Source{}, nil, &RevisionError{Source: b.source.String(), Tag: tag, Reason: nixMessage(be.Log), Err: err}
+		}
 		if err != nil {
 			return Source{}, nil, err
 		}

@@ -387,6 +387,17 @@ func TestBuildGitSource(t *testing.T) {
 	if err := build(feature); err != nil {
 		t.Errorf("commit %s (on a branch that is not the default): %v", feature, err)
 	}
+	// A ref or commit the operator allows but the repository lacks is not
+	// found, naming it.
+	for _, tag := range []string{"feature-nope", "0123456789abcdef0123456789abcdef01234567"} {
+		b := New(GitSource("file://"+repo), WithOptions(testutil.NixOptions()), WithRevisions([]string{"latest", "feat*", tag}))
+		_, err := b.Build(context.Background(), Request{Packages: []string{"htop"}, System: "x86_64-linux", Tag: tag})
+		var re *RevisionError
+		if !errdefs.IsNotFound(err) || !errors.As(err, &re) || !strings.Contains(err.Error(), tag) {
+			t.Errorf("tag %s that the repository lacks: %v", tag, err)
+		}
+		b.Close()
+	}
 	// A ref the operator did not list is not fetched.
 	git(t, repo, "branch", "other", "feature")
 	if err := build("other"); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "[nix] revisions") {

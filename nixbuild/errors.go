@@ -2,6 +2,7 @@ package nixbuild
 
 import (
 	"fmt"
+	"regexp"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -85,3 +86,26 @@ func (e *NoSourceError) Error() string {
 func (e *NoSourceError) Is(target error) bool { return target == errdefs.ErrFailedPrecondition }
 
 func (e *BuildError) Unwrap() error { return e.Err }
+
+// RevisionError says the package source has no revision the image tag
+// names (a git ref or commit that does not exist): not found, as a tag a
+// registry does not have.
+type RevisionError struct {
+	Source string // the configured source
+	Tag    string
+	Reason string // Nix's message
+	Err    error  // Nix's failure, a *BuildError
+}
+
+func (e *RevisionError) Error() string {
+	return fmt.Sprintf("package source %s has no revision %q: %s", e.Source, e.Tag, e.Reason)
+}
+
+func (e *RevisionError) Unwrap() error { return e.Err }
+
+// Is makes errdefs.IsNotFound true for it.
+func (e *RevisionError) Is(target error) bool { return target == errdefs.ErrNotFound }
+
+// noRevision matches what the Nix versions and git say when a ref or
+// commit does not exist (2.8 relays git's words, 2.19+ libgit2's).
+var noRevision = regexp.MustCompile(`(?i)revspec '[^']*' not found|unknown revision|cannot find git revision|couldn't find remote ref|getting git object '[0-9a-f]+': object not found`)
