@@ -31,7 +31,11 @@ import (
 // is cloned (reflink) or, failing that, copied.
 type materializer struct {
 	root     string // where store paths are read, "/" but in tests
+	dir      string // where layers are written (the snapshotter root)
 	parallel int
+	// linking finds how to link, once: at start, or where the store did
+	// not exist yet (a fresh node), at the first layer.
+	linking  sync.Once
 	linker   *storelink.Linker // unused once copyOnly is set
 	copyOnly atomic.Bool       // set once links proved impossible
 	copied   atomic.Int64      // files copied, ever
@@ -46,6 +50,7 @@ var filesCopied = promauto.NewCounter(prometheus.CounterOpts{
 
 // materialize writes paths (absolute store paths) below dir.
 func (m *materializer) materialize(ctx context.Context, dir string, paths []string) error {
+	m.linking.Do(func() { m.findLinks(ctx) })
 	for _, p := range paths {
 		if err := os.MkdirAll(filepath.Join(dir, filepath.Dir(p)), 0o755); err != nil {
 			return err
@@ -209,25 +214,36 @@ var storeLinkable = promauto.NewGauge(prometheus.GaugeOpts{
 // linked there (and how) or must be copied; it says which in the log and
 // the storeLinkable metric.
 func newMaterializer(ctx context.Context, storeRoot, dir string) *materializer {
-	m := &materializer{root: storeRoot, parallel: 4}
-	store := filepath.Join(storeRoot, "nix", "store")
-	l, err := storelink.New(store, dir)
+	m := &materializer{root: storeRoot, dir: dir, parallel: 4}
+	if _, err := os.Stat(m.store()); err != nil {
+		log.G(ctx).WithError(err).Info("no Nix store yet: how store files are linked into layers is found at the first layer")
+		return m
+	}
+	m.linking.Do(func() { m.findLinks(ctx) })
+	return m
+}
+
+func (m *materializer) store() string { return filepath.Join(m.root, "nix", "store") }
+
+// findLinks finds how store files are linked into layers, or that they
+// cannot be, and says which.
+func (m *materializer) findLinks(ctx context.Context) {
+	l, err := storelink.New(m.store(), m.dir)
 	if err == nil {
-		err = probe(l, store, dir)
+		err = probe(l, m.store(), m.dir)
 	}
 	if err != nil {
 		storeLinkable.Set(0)
 		m.copyOnly.Store(true)
-		log.G(ctx).WithError(err).WithField("root", dir).Warn("store files cannot be hard-linked into this snapshotter root: layers will be copied; put the root on the store's filesystem (README, Install on a node)")
+		log.G(ctx).WithError(err).WithField("root", m.dir).Warn("store files cannot be hard-linked into this snapshotter root: layers will be copied; put the root on the store's filesystem (README, Install on a node)")
 		if l != nil {
 			l.Close()
 		}
-		return m
+		return
 	}
 	storeLinkable.Set(1)
 	m.linker = l
-	log.G(ctx).WithField("root", dir).Infof("store files are linked into layers through %s", l)
-	return m
+	log.G(ctx).WithField("root", m.dir).Infof("store files are linked into layers through %s", l)
 }
 
 // probe links a file of the store into dir through l and removes the
@@ -246,6 +262,7 @@ func probe(l *storelink.Linker, store, dir string) error {
 
 // close releases what linking holds.
 func (m *materializer) close() error {
+	m.linking.Do(func() {}) // none found after this
 	if m.linker == nil {
 		return nil
 	}

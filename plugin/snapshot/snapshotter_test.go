@@ -251,6 +251,28 @@ func TestMaterialiseAcrossFilesystems(t *testing.T) {
 	}
 }
 
+// On a fresh node the daemon may start before Nix made its store: how to
+// link is found at the first layer, not decided (as "copy") at start.
+func TestMaterialiseStoreMadeAfterStart(t *testing.T) {
+	root := t.TempDir()
+	m := newMaterializer(context.Background(), root, root)
+	store := fakeStore(t)
+	if err := os.Rename(filepath.Join(store, "nix"), filepath.Join(root, "nix")); err != nil {
+		t.Fatal(err)
+	}
+	layer := filepath.Join(root, "layer")
+	if err := m.materialize(context.Background(), layer, []string{htop}); err != nil {
+		t.Fatal(err)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(layer, htop, "bin/htop"), &st); err != nil || st.Nlink != 2 {
+		t.Errorf("layer file: %d links, %v", st.Nlink, err)
+	}
+	if m.copyOnly.Load() || m.copied.Load() != 0 {
+		t.Errorf("copyOnly %v, copied %d", m.copyOnly.Load(), m.copied.Load())
+	}
+}
+
 // A daemon killed mid-prepare leaves an active snapshot (and maybe roots)
 // behind; a restarted snapshotter still prepares the same layer.
 func TestPrepareAfterInterruptedPrepare(t *testing.T) {
