@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
@@ -35,6 +36,8 @@ type Linker struct {
 	mount               *os.File
 	storeRel, targetRel string // store and target within mount
 	how                 string
+	closing             sync.Once
+	closeErr            error
 }
 
 // New finds how files below store can be hard-linked below target. Where
@@ -101,12 +104,14 @@ func (l *Linker) Link(src, dst string) error {
 	return nil
 }
 
-// Close releases the private mount, if there is one.
+// Close releases the private mount, if there is one. Links fail after it.
 func (l *Linker) Close() error {
-	if l.mount == nil {
-		return nil
-	}
-	return l.mount.Close()
+	l.closing.Do(func() {
+		if l.mount != nil {
+			l.closeErr = l.mount.Close()
+		}
+	})
+	return l.closeErr
 }
 
 // below returns p relative to whichever form of dir it is below.
