@@ -420,7 +420,7 @@ func (b *Builder) realisePackages(ctx context.Context, dir string, env, eval, ou
 // fetch returns the package source for tag as evaluation reads it: the
 // configured one, or for one fetched from a URL the store path Nix fetched
 // it to (a path source), held until release is called. Fetching evaluates
-// only prepare.nix's `fetched`, with the URL as data, unrestricted; the
+// only prepare.nix's `sourceTree`, with the URL as data, unrestricted; the
 // package set is then evaluated restricted to the fetched tree.
 func (b *Builder) fetch(ctx context.Context, expr, tag string) (_ Source, release func(), _ error) {
 	if !b.source.fetchedFrom(tag) {
@@ -433,9 +433,9 @@ func (b *Builder) fetch(ctx context.Context, expr, tag string) (_ Source, releas
 	log.G(ctx).WithField("source", b.source.String()).Info("fetching the package source")
 	for attempt := 0; ; attempt++ {
 		out, err := b.runEnv(ctx, b.evalEnv(b.source, tag), "fetch", "nix-instantiate",
-			b.args("--eval", "--read-write-mode", "--json", "-A", "fetched", expr, "--argstr", "source", arg)...)
+			b.args("--eval", "--read-write-mode", "--json", "-A", "sourceTree", expr, "--argstr", "source", arg)...)
 		var be *BuildError
-		if errors.As(err, &be) && tag != "" && tag != LatestTag && noRevision.MatchString(be.Log) {
+		if errors.As(err, &be) && tag != "" && tag != LatestTag && isNoRevision(be.Log) {
 			return Source{}, nil, &RevisionError{Source: b.source.String(), Tag: tag, Reason: nixMessage(be.Log), Err: err}
 		}
 		if err != nil {

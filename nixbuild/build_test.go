@@ -762,3 +762,22 @@ func TestBuildOutputsToInstall(t *testing.T) {
 		}
 	}
 }
+
+// Recorded fetch failures of Nix 2.8 and 2.26: a revision that does not
+// exist, and a remote that could not be asked (which is not "no such
+// revision", whatever follows).
+func TestIsNoRevision(t *testing.T) {
+	for log, want := range map[string]bool{
+		"fatal: ambiguous argument 'nope': unknown revision or path not in the working tree.\nerror: program 'git' failed with exit code 128":                                                                                                                                  true,
+		"error: Cannot find Git revision '0123456789abcdef0123456789abcdef01234567' in ref 'main' of repository '/tmp/gr'!":                                                                                                                                                    true,
+		"       error: resolving Git reference 'nope': revspec 'nope' not found":                                                                                                                                                                                               true,
+		"       error: getting Git object '0123456789abcdef0123456789abcdef01234567': object not found - no match for id (0123)":                                                                                                                                               true,
+		"fatal: couldn't find remote ref refs/heads/nope\nerror: program 'git' failed with exit code 128":                                                                                                                                                                      true,
+		"fatal: unable to access 'https://example.org/x/': Could not resolve host: example.org\nwarning: could not update local clone of Git repository 'https://example.org/x'; continuing with the most recent version\nerror: Cannot find Git revision 'abc' in ref 'main'": false,
+		"error: program 'git' failed with exit code 128": false,
+	} {
+		if got := isNoRevision(log); got != want {
+			t.Errorf("isNoRevision(%q) = %v, want %v", log, got, want)
+		}
+	}
+}

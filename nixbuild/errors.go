@@ -107,5 +107,14 @@ func (e *RevisionError) Unwrap() error { return e.Err }
 func (e *RevisionError) Is(target error) bool { return target == errdefs.ErrNotFound }
 
 // noRevision matches what the Nix versions and git say when a ref or
-// commit does not exist (2.8 relays git's words, 2.19+ libgit2's).
+// commit does not exist (2.8 relays git's words, 2.19+ libgit2's)...
 var noRevision = regexp.MustCompile(`(?i)revspec '[^']*' not found|unknown revision|cannot find git revision|couldn't find remote ref|getting git object '[0-9a-f]+': object not found`)
+
+// ...unless the remote could not be asked: Nix then looks in the clone it
+// has, which may just not have the revision yet.
+var remoteUnreachable = regexp.MustCompile(`(?i)could not update local clone|could not update cached head|unable to access|could not resolve host|connection (refused|timed out)`)
+
+// isNoRevision says a fetch's log is that of a revision that does not exist.
+func isNoRevision(log string) bool {
+	return noRevision.MatchString(log) && !remoteUnreachable.MatchString(log)
+}

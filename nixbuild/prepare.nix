@@ -101,7 +101,7 @@ in
   # evaluated on its own, unrestricted, before the package set is
   # evaluated restricted to that path. (Nix 2.19 and later check fetchGit's
   # URL, with its query, against allowed-uris, which no prefix matches.)
-  fetched = toString tree;
+  sourceTree = toString tree;
   # What was found: evaluated on its own (`-A result`, read-only), so that
   # nothing is written to the store for a request that builds nothing. The
   # package set itself first: if it cannot be evaluated (no source, a

@@ -36,8 +36,8 @@ type Linker struct {
 	mount               *os.File
 	storeRel, targetRel string // store and target within mount
 	how                 string
-	closing             sync.Once
-	closeErr            error
+	mu                  sync.RWMutex // Close waits for links being made
+	closed              bool
 }
 
 // New finds how files below store can be hard-linked below target. Where
@@ -54,6 +54,19 @@ func New(store, target string) (*Linker, error) {
 		}
 		*d.into = []string{filepath.Clean(d.dir), real}
 	}
+	// Links need one filesystem: st_dev tells (also btrfs subvolumes apart,
+	// which share a device number in the mount table).
+	var storeDev, targetDev unix.Stat_t
+	if err := unix.Stat(l.store[1], &storeDev); err != nil {
+		return nil, err
+	}
+	if err := unix.Stat(l.target[1], &targetDev); err != nil {
+		return nil, err
+	}
+	if storeDev.Dev != targetDev.Dev {
+		return nil, fmt.Errorf("%s is on device %d:%d, the store %s on %d:%d (another filesystem or btrfs subvolume): %w",
+			target, unix.Major(targetDev.Dev), unix.Minor(targetDev.Dev), store, unix.Major(storeDev.Dev), unix.Minor(storeDev.Dev), ErrOtherFilesystem)
+	}
 	storeMount, err := mountOf(l.store[1])
 	if err != nil {
 		return nil, err
@@ -66,7 +79,7 @@ func New(store, target string) (*Linker, error) {
 		return l, nil
 	}
 	if storeMount.Major != targetMount.Major || storeMount.Minor != targetMount.Minor {
-		return nil, fmt.Errorf("%s is on device %d:%d, the store %s on %d:%d: %w",
+		return nil, fmt.Errorf("%s is on mount device %d:%d, the store %s on %d:%d: %w",
 			target, targetMount.Major, targetMount.Minor, store, storeMount.Major, storeMount.Minor, ErrOtherFilesystem)
 	}
 	storeFS, targetFS := inFilesystem(storeMount, l.store[1]), inFilesystem(targetMount, l.target[1])
@@ -97,6 +110,11 @@ func (l *Linker) Link(src, dst string) error {
 	if !ok || !ok2 {
 		return &os.LinkError{Op: "link", Old: src, New: dst, Err: fmt.Errorf("outside %s or %s: %w", l.store[0], l.target[0], unix.EXDEV)}
 	}
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if l.closed {
+		return &os.LinkError{Op: "link", Old: src, New: dst, Err: os.ErrClosed}
+	}
 	fd := int(l.mount.Fd())
 	if err := unix.Linkat(fd, filepath.Join(l.storeRel, s), fd, filepath.Join(l.targetRel, d), 0); err != nil {
 		return &os.LinkError{Op: "link", Old: src, New: dst, Err: err}
@@ -104,14 +122,17 @@ func (l *Linker) Link(src, dst string) error {
 	return nil
 }
 
-// Close releases the private mount, if there is one. Links fail after it.
+// Close releases the private mount, if there is one, once the links
+// being made are done. Links through it fail after it.
 func (l *Linker) Close() error {
-	l.closing.Do(func() {
-		if l.mount != nil {
-			l.closeErr = l.mount.Close()
-		}
-	})
-	return l.closeErr
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed || l.mount == nil {
+		l.closed = true
+		return nil
+	}
+	l.closed = true
+	return l.mount.Close()
 }
 
 // below returns p relative to whichever form of dir it is below.
@@ -191,35 +212,20 @@ candidates:
 }
 
 // clone returns a writable private copy of the mount at mountpoint
-// (without the mounts below it), attached nowhere.
+// (without the mounts below it), attached nowhere, in which no symlink is
+// followed: a path through it cannot be turned by a symlink into the store
+// its clone makes writable. Needs Linux 5.12 (open_tree, mount_setattr).
 func clone(mountpoint string) (*os.File, error) {
 	fd, err := unix.OpenTree(unix.AT_FDCWD, mountpoint, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
-	if errors.Is(err, unix.ENOSYS) {
-		return cloneByBind(mountpoint)
-	}
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("open_tree: %w", err)
 	}
 	f := os.NewFile(uintptr(fd), mountpoint)
 	// A read-only mount's clone is read-only too; links need it writable.
-	// (Only this clone changes; where the kernel refuses, Link says so.)
-	_ = unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH, &unix.MountAttr{Attr_clr: unix.MOUNT_ATTR_RDONLY})
+	attr := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NOSYMFOLLOW, Attr_clr: unix.MOUNT_ATTR_RDONLY}
+	if err := unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH, &attr); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("mount_setattr (Linux 5.12 or later): %w", err)
+	}
 	return f, nil
-}
-
-// cloneByBind is clone for kernels before 5.2: a bind mount in a fresh
-// directory, opened and then detached at once.
-func cloneByBind(mountpoint string) (*os.File, error) {
-	dir, err := os.MkdirTemp("", "nixery-storelink-")
-	if err != nil {
-		return nil, err
-	}
-	defer os.Remove(dir)
-	if err := unix.Mount(mountpoint, dir, "", unix.MS_BIND, ""); err != nil {
-		return nil, err
-	}
-	defer unix.Unmount(dir, unix.MNT_DETACH)
-	// Writable, as clone makes it.
-	_ = unix.Mount("", dir, "", unix.MS_REMOUNT|unix.MS_BIND, "")
-	return os.OpenFile(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 }

@@ -70,10 +70,22 @@ func assertLinks(t *testing.T, store, file, target, how string) {
 	if err := l.Link(filepath.Join(target, "x"), filepath.Join(target, "y")); err == nil && how != "one mount" {
 		t.Error("linked a file from outside the store")
 	}
-	for range 2 {
-		if err := l.Close(); err != nil {
-			t.Fatalf("Close: %v", err)
-		}
+	// A symlink below the target cannot turn a link into the store, which
+	// the clone could write. (On one mount, the store is as writable as
+	// the kernel makes it: nothing to protect.)
+	if how == "one mount" {
+		return
+	}
+	escape := filepath.Join(target, "escape")
+	rel, _ := filepath.Rel(target, store)
+	if err := os.Symlink(rel, escape); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Link(file, filepath.Join(escape, "injected")); err == nil {
+		t.Error("linked through a symlink")
+	}
+	if _, err := os.Lstat(filepath.Join(store, "injected")); err == nil {
+		t.Error("a link was made in the store")
 	}
 	a, b := inode(t, file), inode(t, dst)
 	if a != b {
@@ -82,6 +94,16 @@ func assertLinks(t *testing.T, store, file, target, how string) {
 	if after := mountTable(t); after != before {
 		t.Errorf("mount table changed:\n%s\nthen:\n%s", before, after)
 	}
+	t.Cleanup(func() {
+		for range 2 {
+			if err := l.Close(); err != nil {
+				t.Errorf("Close: %v", err)
+			}
+		}
+		if err := l.Link(file, filepath.Join(target, "after-close")); err == nil && how != "one mount" {
+			t.Error("linked after Close")
+		}
+	})
 }
 
 func inode(t *testing.T, path string) uint64 {

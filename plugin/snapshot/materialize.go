@@ -148,18 +148,12 @@ func (m *materializer) tree(src, dst string) error {
 func (m *materializer) file(src, dst string) error {
 	if !m.copyOnly.Load() {
 		err := m.linker.Link(src, dst)
-		if err == nil {
+		switch {
+		case err == nil:
 			return nil
-		}
-		var errno syscall.Errno
-		if !errors.As(err, &errno) {
-			return err
-		}
-		switch errno {
-		case syscall.EXDEV, syscall.EPERM:
-			// Another filesystem (or links forbidden): never going to work.
+		case linksImpossible(err):
 			m.copyOnly.Store(true)
-		case syscall.EMLINK:
+		case errors.Is(err, syscall.EMLINK):
 			// This inode is full; others may not be.
 		default:
 			return err
@@ -246,8 +240,16 @@ func (m *materializer) findLinks(ctx context.Context) {
 	log.G(ctx).WithField("root", m.dir).Infof("store files are linked into layers through %s", l)
 }
 
+// linksImpossible says a link failed in a way that no other file will
+// escape: another filesystem, links forbidden, a read-only mount.
+func linksImpossible(err error) bool {
+	return errors.Is(err, syscall.EXDEV) || errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EROFS)
+}
+
 // probe links a file of the store into dir through l and removes the
-// link; with no store file to try, it cannot tell and reports nil.
+// link. Only a failure that every link would meet counts: a file that is
+// gone (a build's lock, collected) or full of links says nothing, and with
+// no store file to try it cannot tell either.
 func probe(l *storelink.Linker, store, dir string) error {
 	file, ok := someStoreFile(store, 3)
 	if !ok {
@@ -257,11 +259,15 @@ func probe(l *storelink.Linker, store, dir string) error {
 	_ = os.Remove(link)
 	err := l.Link(file, link)
 	_ = os.Remove(link)
+	if err != nil && !linksImpossible(err) {
+		return nil
+	}
 	return err
 }
 
-// close releases what linking holds.
+// close releases what linking holds; layers made after it are copied.
 func (m *materializer) close() error {
+	m.copyOnly.Store(true)
 	m.linking.Do(func() {}) // none found after this
 	if m.linker == nil {
 		return nil
