@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
@@ -57,8 +58,8 @@ type RegistryConfig struct {
 }
 
 // TLS is the endpoint's TLS configuration.
-func (c RegistryConfig) TLS() TLSFiles {
-	return TLSFiles{Cert: c.TLSCert, Key: c.TLSKey, ClientCA: c.ClientCA}
+func (c RegistryConfig) TLS() listen.TLSFiles {
+	return listen.TLSFiles{Cert: c.TLSCert, Key: c.TLSKey, ClientCA: c.ClientCA}
 }
 
 // SnapshotterConfig is the `serve` daemon's.

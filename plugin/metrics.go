@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promauto"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 )
 
@@ -92,8 +93,8 @@ func ServeMetrics(ctx context.Context, address string, healthy func() error) err
 	if err != nil {
 		return fmt.Errorf("metrics and health: %w", err)
 	}
-	if !loopback(address) {
+	if !listen.Loopback(address) {
 		log.G(ctx).WithField("address", address).Warn("metrics and health are served beyond this host, without authentication")
 	}
-	return serveHTTP(ctx, "metrics and health", mux, l)
+	return listen.Serve(ctx, "metrics and health", mux, l)
 }

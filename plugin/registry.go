@@ -19,6 +19,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 )
 
@@ -155,14 +156,14 @@ func ServeRegistry(ctx context.Context, r *Registry, cfg RegistryConfig) error {
 		}
 	}
 	if cfg.Address != "" {
-		l, err := listenTCP(what, cfg.Address, cfg.TLS())
+		l, err := listen.TCP(what, cfg.Address, cfg.TLS())
 		if err != nil {
 			return err
 		}
 		listeners = append(listeners, l)
 	}
 	if cfg.Socket != "" {
-		l, err := listenUnix(cfg.Socket)
+		l, err := listen.Unix(cfg.Socket)
 		if err != nil {
 			closeAll()
 			return fmt.Errorf("%s: %w", what, err)
@@ -172,7 +173,7 @@ func ServeRegistry(ctx context.Context, r *Registry, cfg RegistryConfig) error {
 	if len(listeners) == 0 {
 		return nil
 	}
-	return serveHTTP(ctx, what, r, listeners...)
+	return listen.Serve(ctx, what, r, listeners...)
 }
 
 // ServeHTTP implements http.Handler.
@@ -416,7 +417,7 @@ func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Dige
 	pr, pw := io.Pipe()
 	go func() { pw.CloseWithError(l.WriteTarFrom(pw, start)) }()
 	defer pr.Close()
-	n, err := io.CopyN(newStallWriter(w, writeStall), pr, end-start)
+	n, err := io.CopyN(listen.NewStallWriter(w, listen.WriteStall), pr, end-start)
 	bytesStreamed.Add(float64(n))
 	if err != nil {
 		log.G(req.Context()).WithError(err).WithField("digest", d).Warn("streaming layer")

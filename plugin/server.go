@@ -11,16 +11,15 @@ import (
 	"github.com/containerd/log"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"google.golang.org/grpc"
-)
 
-// stopGrace is how long in-flight calls get to finish on shutdown.
-const stopGrace = 10 * time.Second
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
+)
 
 // ServeSnapshotter serves sn as containerd's snapshots gRPC API on the unix
 // socket at address until ctx ends, then stops gracefully. It tells systemd
 // (Type=notify) when it is ready.
 func ServeSnapshotter(ctx context.Context, sn snapshots.Snapshotter, address string) error {
-	l, err := listenUnix(address)
+	l, err := listen.Unix(address)
 	if err != nil {
 		return err
 	}
@@ -45,7 +44,7 @@ func ServeSnapshotter(ctx context.Context, sn snapshots.Snapshotter, address str
 	go func() { srv.GracefulStop(); close(stopped) }()
 	select {
 	case <-stopped:
-	case <-time.After(stopGrace):
+	case <-time.After(listen.StopGrace):
 		srv.Stop()
 	}
 	return nil

@@ -22,6 +22,7 @@ import (
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/snapmount"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
@@ -240,14 +241,7 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 	committed := false
 	defer func() {
 		if !committed {
-			// Its files first: on a full disk containerd cannot even
-			// record the removal until they are gone.
-			if dir, _, _ := snapshot.Writable(mounts); dir != "" {
-				snapshot.EmptyDir(dir)
-			}
-			if err := sn.Remove(context.WithoutCancel(ctx), key); err != nil {
-				log.G(ctx).WithError(err).WithField("key", key).Warn("removing unfinished snapshot")
-			}
+			snapmount.Discard(ctx, sn, key, mounts)
 		}
 	}()
 
@@ -313,7 +307,7 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 // are mounted for the time it takes, where a process that dies leaves
 // them to be unmounted by the next (useTempMounts).
 func applyTar(ctx context.Context, mounts []mount.Mount, r io.Reader, workDir string) error {
-	switch dir, lowers, overlay := snapshot.Writable(mounts); {
+	switch dir, lowers, overlay := snapmount.Writable(mounts); {
 	case dir != "" && !overlay:
 		_, err := archive.Apply(ctx, dir, r)
 		return err
@@ -329,7 +323,7 @@ func applyTar(ctx context.Context, mounts []mount.Mount, r io.Reader, workDir st
 	return mount.WithTempMount(ctx, mounts, func(root string) error {
 		_, err := archive.Apply(ctx, root, r)
 		if err != nil {
-			snapshot.EmptyDir(root) // see unpack
+			snapmount.EmptyDir(root) // see snapmount.Discard
 		}
 		return err
 	})

@@ -13,8 +13,6 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
-	"slices"
-	"strings"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -25,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/snapmount"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
@@ -157,12 +156,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	// target at once); the committed snapshot names them.
 	name, roots := commitName(target, parent), s.rootsDir(key)
 	if err := s.fill(ctx, mounts, roots, paths, forest); err != nil {
-		if dir, _, _ := Writable(mounts); dir != "" {
-			EmptyDir(dir)
-		}
-		if rerr := s.Remove(context.WithoutCancel(ctx), key); rerr != nil {
-			log.G(ctx).WithError(rerr).Warn("removing unfinished snapshot")
-		}
+		snapmount.Discard(ctx, s, key, mounts)
 		return nil, err
 	}
 	labels := maps.Clone(base.Labels)
@@ -236,47 +230,10 @@ func (s *Snapshotter) committed(ctx context.Context, target, parent string) (str
 
 // upperDir is the directory that holds an active snapshot's own changes.
 func upperDir(mounts []mount.Mount) (string, error) {
-	if dir, _, _ := Writable(mounts); dir != "" {
+	if dir, _, _ := snapmount.Writable(mounts); dir != "" {
 		return dir, nil
 	}
 	return "", fmt.Errorf("no writable directory in mounts %+v: %w", mounts, errdefs.ErrInternal)
-}
-
-// EmptyDir removes what dir holds, keeping dir: the files of a snapshot
-// that failed, before it is removed. On a full disk the snapshotter cannot
-// even record the removal until they are gone.
-func EmptyDir(dir string) {
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		_ = os.RemoveAll(filepath.Join(dir, e.Name()))
-	}
-}
-
-// Writable is the directory that holds the own changes of an active
-// snapshot with mounts, where they are one writable bind mount (its
-// source) or one overlay (its upperdir, with lowers beneath, and overlay
-// set); "" for any other mounts, which must be mounted to be written.
-func Writable(mounts []mount.Mount) (dir string, lowers []string, overlay bool) {
-	if len(mounts) != 1 {
-		return "", nil, false
-	}
-	m := mounts[0]
-	switch m.Type {
-	case "bind":
-		if !slices.Contains(m.Options, "ro") {
-			return m.Source, nil, false
-		}
-	case "overlay":
-		for _, o := range m.Options {
-			if d, ok := strings.CutPrefix(o, "upperdir="); ok {
-				dir = d
-			} else if l, ok := strings.CutPrefix(o, "lowerdir="); ok {
-				lowers = strings.Split(l, ":")
-			}
-		}
-		return dir, lowers, dir != ""
-	}
-	return "", nil, false
 }
 
 // Remove implements snapshots.Snapshotter; it also drops the snapshot's GC

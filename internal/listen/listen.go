@@ -1,4 +1,8 @@
-package plugin
+// Package listen is how the daemon listens: unix sockets only root and its
+// group may use, TCP on loopback unless TLS with client certificates says
+// who asks, and HTTP servers with timeouts and per-client connection
+// bounds.
+package listen
 
 import (
 	"context"
@@ -23,9 +27,11 @@ const (
 	readHeaderTimeout = 10 * time.Second
 	readTimeout       = 30 * time.Second
 	idleTimeout       = 60 * time.Second
-	// writeStall is how long one write to a client may block: a blob of
+	// WriteStall is how long one write to a client may block: a blob of
 	// any size is served as long as the client keeps reading.
-	writeStall = 60 * time.Second
+	WriteStall = 60 * time.Second
+	// StopGrace is how long in-flight requests get to finish on shutdown.
+	StopGrace = 10 * time.Second
 	// maxConnsPerClient bounds the connections of one client address (on
 	// loopback: every local user and kubelet): beyond it the client's idle
 	// connections are closed first, then new ones refused.
@@ -66,8 +72,8 @@ func (f TLSFiles) config() (*tls.Config, error) {
 	return cfg, nil
 }
 
-// loopback reports whether a host:port listens on this host only.
-func loopback(address string) bool {
+// Loopback reports whether a host:port listens on this host only.
+func Loopback(address string) bool {
 	host, _, err := net.SplitHostPort(address)
 	if err != nil {
 		return false
@@ -79,15 +85,15 @@ func loopback(address string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// listenTCP listens on address: on loopback as configured; beyond this
+// TCP listens on address: on loopback as configured; beyond this
 // host only with TLS and client certificates, since the endpoint has no
 // other way to tell who asks.
-func listenTCP(what, address string, files TLSFiles) (net.Listener, error) {
+func TCP(what, address string, files TLSFiles) (net.Listener, error) {
 	cfg, err := files.config()
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	if !loopback(address) && (cfg == nil || cfg.ClientCAs == nil) {
+	if !Loopback(address) && (cfg == nil || cfg.ClientCAs == nil) {
 		return nil, fmt.Errorf("%s: %s is not a loopback address: serving beyond this host needs tls_cert, tls_key and client_ca (clients authenticate with certificates), or listen on 127.0.0.1: %w",
 			what, address, errdefs.ErrInvalidArgument)
 	}
@@ -101,10 +107,10 @@ func listenTCP(what, address string, files TLSFiles) (net.Listener, error) {
 	return l, nil
 }
 
-// listenUnix listens on a unix socket that only root and its group may
+// Unix listens on a unix socket that only root and its group may
 // use: a directory it creates is 0700, the socket 0660. A stale socket from
 // a process that died is removed; a live one is an error.
-func listenUnix(address string) (net.Listener, error) {
+func Unix(address string) (net.Listener, error) {
 	dir := filepath.Dir(address)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -134,10 +140,10 @@ func listenUnix(address string) (net.Listener, error) {
 	return l, nil
 }
 
-// serveHTTP serves h on every listener until ctx ends, then shuts down
+// Serve serves h on every listener until ctx ends, then shuts down
 // gracefully. Requests carry ctx (and its logger). Connections of one
 // client are bounded on TCP listeners (limits).
-func serveHTTP(ctx context.Context, what string, h http.Handler, listeners ...net.Listener) error {
+func Serve(ctx context.Context, what string, h http.Handler, listeners ...net.Listener) error {
 	limits := newConnLimits(maxConnsPerClient)
 	srv := &http.Server{
 		Handler:           h,
@@ -150,7 +156,7 @@ func serveHTTP(ctx context.Context, what string, h http.Handler, listeners ...ne
 	}
 	go func() {
 		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopGrace)
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), StopGrace)
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 	}()
@@ -245,19 +251,20 @@ func (l *connLimits) track(c net.Conn, state http.ConnState) {
 	}
 }
 
-// stallWriter sets a write deadline before each write: a client that stops
+// StallWriter sets a write deadline before each write: a client that stops
 // reading is cut off after stall, however large what it asked for.
-type stallWriter struct {
+type StallWriter struct {
 	http.ResponseWriter
 	rc    *http.ResponseController
 	stall time.Duration
 }
 
-func newStallWriter(w http.ResponseWriter, stall time.Duration) *stallWriter {
-	return &stallWriter{ResponseWriter: w, rc: http.NewResponseController(w), stall: stall}
+// NewStallWriter cuts off a client of w that does not read for stall.
+func NewStallWriter(w http.ResponseWriter, stall time.Duration) *StallWriter {
+	return &StallWriter{ResponseWriter: w, rc: http.NewResponseController(w), stall: stall}
 }
 
-func (w *stallWriter) Write(b []byte) (int, error) {
+func (w *StallWriter) Write(b []byte) (int, error) {
 	_ = w.rc.SetWriteDeadline(time.Now().Add(w.stall))
 	return w.ResponseWriter.Write(b)
 }

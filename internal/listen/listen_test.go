@@ -1,4 +1,4 @@
-package plugin
+package listen
 
 import (
 	"context"
@@ -18,7 +18,7 @@ import (
 func TestStallWriter(t *testing.T) {
 	done := make(chan error, 2)
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		sw := newStallWriter(w, 200*time.Millisecond)
+		sw := NewStallWriter(w, 200*time.Millisecond)
 		chunk := make([]byte, 64<<10)
 		var err error
 		for i := 0; i < 1024 && err == nil; i++ { // 64 MiB: more than socket buffers
@@ -32,7 +32,7 @@ func TestStallWriter(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go serveHTTP(ctx, "test", handler, l)
+	go Serve(ctx, "test", handler, l)
 
 	c, err := net.Dial("tcp", l.Addr().String())
 	if err != nil {
@@ -117,12 +117,12 @@ func (c *fakeConn) Close() error { c.closed = true; return nil }
 
 func TestListenTCPRefusesTheNetwork(t *testing.T) {
 	for _, addr := range []string{"0.0.0.0:0", ":0", "[::]:0", "192.0.2.1:0"} {
-		if _, err := listenTCP("test", addr, TLSFiles{}); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "client_ca") {
+		if _, err := TCP("test", addr, TLSFiles{}); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "client_ca") {
 			t.Errorf("%s: %v", addr, err)
 		}
 	}
 	for _, addr := range []string{"127.0.0.1:0", "localhost:0"} {
-		l, err := listenTCP("test", addr, TLSFiles{})
+		l, err := TCP("test", addr, TLSFiles{})
 		if err != nil {
 			t.Errorf("%s: %v", addr, err)
 			continue

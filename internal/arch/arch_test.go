@@ -1,0 +1,124 @@
+// Package arch holds the test of the module's shape: packages follow the
+// data flow (ref → packages → closure → layers → tar → snapshots/content →
+// image → containerd), each imports only those below it, and none holds
+// much more than a quarter of the code.
+package arch
+
+import (
+	"go/build"
+	"io/fs"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+)
+
+const module = "github.com/nixery-snapshotter/nixery-snapshotter/"
+
+// tiers places every package of the module: a package imports only
+// packages of lower tiers. A new package must be placed here.
+var tiers = map[string]int{
+	// Parts with no knowledge of images.
+	"internal/listen":    0,
+	"internal/privdir":   0,
+	"internal/snapmount": 0,
+	"internal/storelink": 0,
+	"nixbuild/storepath": 0,
+	"internal/procdir":   1,
+	// The data flow.
+	"resolver":               2, // ref
+	"nixbuild":               3, // packages → closure
+	"layering":               4, // closure → layers
+	"tarstream":              5, // layers → tar
+	"plugin/snapshot":        6, // tar / store → snapshots
+	"plugin":                 7, // → image → containerd
+	"cmd/nixery-snapshotter": 8,
+}
+
+// notPlaced are packages of tests, outside the product's flow.
+var notPlaced = map[string]bool{"integration": true, "internal/testutil": true, "internal/arch": true}
+
+// oversized are packages allowed more than maxShare of the lines, with
+// why, until they are split: the list may only shrink.
+var oversized = map[string]string{
+	"plugin": "issue 12 splits it along the data flow",
+}
+
+const maxShare = 0.25
+
+func TestShape(t *testing.T) {
+	root := testutil.RepoRoot()
+	lines := map[string]int{}
+	imports := map[string][]string{}
+	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return err
+		}
+		if name := d.Name(); path != root && (strings.HasPrefix(name, ".") || strings.HasPrefix(name, "_") || name == "testdata" || name == "hack") {
+			return filepath.SkipDir
+		}
+		pkg, err := build.ImportDir(path, 0)
+		if err != nil {
+			return nil // no Go files
+		}
+		rel, _ := filepath.Rel(root, path)
+		rel = filepath.ToSlash(rel)
+		for _, f := range pkg.GoFiles {
+			b, err := os.ReadFile(filepath.Join(path, f))
+			if err != nil {
+				return err
+			}
+			lines[rel] += strings.Count(string(b), "\n")
+		}
+		for _, imp := range pkg.Imports {
+			if dep, ok := strings.CutPrefix(imp, module); ok {
+				imports[rel] = append(imports[rel], dep)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	total := 0
+	for pkg, n := range lines {
+		if !notPlaced[pkg] {
+			total += n
+		}
+	}
+	for _, pkg := range slices.Sorted(maps.Keys(lines)) {
+		n := lines[pkg]
+		if notPlaced[pkg] {
+			continue
+		}
+		tier, ok := tiers[pkg]
+		if !ok {
+			t.Errorf("package %s has no tier: place it in the data flow (internal/arch)", pkg)
+			continue
+		}
+		for _, dep := range imports[pkg] {
+			if dt, ok := tiers[dep]; ok && dt >= tier {
+				t.Errorf("%s (tier %d) imports %s (tier %d): imports point down the data flow only", pkg, tier, dep, dt)
+			}
+		}
+		share := float64(n) / float64(total)
+		_, allowed := oversized[pkg]
+		switch {
+		case share > maxShare && !allowed:
+			t.Errorf("package %s holds %d of %d lines (%.0f %%): split it (at most %.0f %% each)", pkg, n, total, 100*share, 100*maxShare)
+		case share <= maxShare && allowed:
+			t.Errorf("package %s holds %.0f %% of the lines now: take it off the oversized list", pkg, 100*share)
+		}
+		t.Logf("%-28s tier %d  %5d lines  %4.1f %%", pkg, tier, n, 100*share)
+	}
+	for pkg := range tiers {
+		if _, ok := lines[pkg]; !ok {
+			t.Errorf("tier table names %s, which has no code: remove it", pkg)
+		}
+	}
+}
