@@ -26,7 +26,15 @@ import (
 // binary is the nixery-snapshotter built for this test run.
 var binary string
 
+// binaryEnv names the binary for test processes this one starts (a test
+// run again in a mount namespace of its own): they use this run's, not one
+// built from the source tree as it is by then.
+const binaryEnv = "NIXERY_TEST_BINARY"
+
 func TestMain(m *testing.M) {
+	if binary = os.Getenv(binaryEnv); binary != "" {
+		os.Exit(m.Run())
+	}
 	dir, err := os.MkdirTemp("", "nixery-bin-")
 	if err != nil {
 		panic(err)
@@ -39,6 +47,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "building nixery-snapshotter:", err)
 		os.Exit(1)
 	}
+	os.Setenv(binaryEnv, binary)
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)

@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/core/remotes"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/errkind"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/privdir"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
@@ -172,14 +173,7 @@ func (d *daemonClient) open(ctx context.Context, path string) (*http.Response, e
 		return nil, fmt.Errorf("daemon answered %s", resp.Status)
 	}
 	e := doc.Errors[0]
-	var kind error = errdefs.ErrUnknown
-	switch e.Code {
-	case "NAME_INVALID", "DIGEST_INVALID":
-		kind = errdefs.ErrInvalidArgument
-	case "MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "NAME_UNKNOWN":
-		kind = errdefs.ErrNotFound
-	}
-	return nil, fmt.Errorf("%s: %w", e.Message, kind)
+	return nil, fmt.Errorf("%s: %w", e.Message, errkind.FromCode(e.Code))
 }
 
 // daemonFetcher fetches layer blobs from the daemon.

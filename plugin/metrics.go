@@ -2,19 +2,17 @@ package plugin
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
 
-	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/errkind"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
-	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 )
 
 // DefaultMetricsAddress is where metrics and health are served: loopback.
@@ -59,21 +57,10 @@ var (
 
 // buildResult names the outcome of a build for the builds_total metric.
 func buildResult(err error) string {
-	switch {
-	case err == nil:
+	if err == nil {
 		return "ok"
-	case errors.Is(err, context.DeadlineExceeded):
-		return "timeout"
-	case errdefs.IsNotFound(err):
-		return "not_found"
-	case errors.As(err, new(*nixbuild.RefusedError)):
-		return "refused"
-	case errdefs.IsInvalidArgument(err), errdefs.IsPermissionDenied(err):
-		return "invalid"
-	case errdefs.IsResourceExhausted(err):
-		return "busy"
 	}
-	return "failed"
+	return errkind.Of(err).Result
 }
 
 // ServeMetrics serves /metrics (Prometheus) and /healthz on address until

@@ -3,7 +3,6 @@ package plugin
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -14,11 +13,11 @@ import (
 	"sync"
 	"time"
 
-	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/errkind"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 )
@@ -474,31 +473,20 @@ func writeBlob(w http.ResponseWriter, req *http.Request, mediaType string, d dig
 	_, _ = w.Write(data)
 }
 
-// writeBuildError maps build errors to registry errors.
+// writeBuildError answers a failed build with its registry error.
 func writeBuildError(ctx context.Context, w http.ResponseWriter, err error) {
-	var notPkg *nixbuild.NotPackageError
-	var buildErr *nixbuild.BuildError
-	switch {
-	case errdefs.IsNotFound(err) || errors.As(err, &notPkg):
-		writeError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", err.Error())
-	case errdefs.IsInvalidArgument(err):
-		writeError(w, http.StatusBadRequest, "NAME_INVALID", err.Error())
-	case errdefs.IsPermissionDenied(err):
-		writeError(w, http.StatusForbidden, "DENIED", err.Error())
-	case errdefs.IsResourceExhausted(err):
-		w.Header().Set("Retry-After", "5")
-		writeError(w, http.StatusTooManyRequests, "TOOMANYREQUESTS", err.Error())
-	case errors.As(err, &buildErr):
-		msg := err.Error()
+	kind := errkind.Of(err)
+	msg := err.Error()
+	if kind.Internal {
+		log.G(ctx).WithError(err).Warn("image build failed")
 		if len(msg) > maxLogInError {
 			msg = "..." + msg[len(msg)-maxLogInError:]
 		}
-		log.G(ctx).WithError(err).Warn("image build failed")
-		writeError(w, http.StatusInternalServerError, "UNKNOWN", msg)
-	default:
-		log.G(ctx).WithError(err).Warn("image build failed")
-		writeError(w, http.StatusInternalServerError, "UNKNOWN", err.Error())
 	}
+	if kind.Retry {
+		w.Header().Set("Retry-After", "5")
+	}
+	writeError(w, kind.Status, kind.Code, msg)
 }
 
 // writeError writes the distribution API's error document.

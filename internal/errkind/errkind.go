@@ -1,0 +1,84 @@
+// Package errkind is the one table of what a failed image request was, as
+// each boundary tells it: the builds_total metric's result, the
+// distribution endpoint's HTTP status and error code, and the errdefs kind
+// a client reads back from that code.
+package errkind
+
+import (
+	"context"
+	"errors"
+	"net/http"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+)
+
+// Kind is one row of the table.
+type Kind struct {
+	Result string // builds_total{result}
+	Status int    // HTTP status
+	Code   string // distribution-spec error code
+	// Retry says the client may try again soon (Retry-After).
+	Retry bool
+	// Internal says the request failed on this side: logged as a warning
+	// and its message (which may carry Nix's log) shortened for clients.
+	Internal bool
+}
+
+// table is matched in order: the first row whose test holds is the kind.
+var table = []struct {
+	is   func(error) bool
+	kind Kind
+}{
+	{func(err error) bool { return errors.Is(err, context.DeadlineExceeded) },
+		Kind{Result: "timeout", Status: http.StatusInternalServerError, Code: "UNKNOWN", Internal: true}},
+	// Not a package: the image names something that is not one, as a tag
+	// a registry does not have.
+	{func(err error) bool { return errors.As(err, new(*nixbuild.NotPackageError)) },
+		Kind{Result: "invalid", Status: http.StatusNotFound, Code: "MANIFEST_UNKNOWN"}},
+	{errdefs.IsNotFound,
+		Kind{Result: "not_found", Status: http.StatusNotFound, Code: "MANIFEST_UNKNOWN"}},
+	{func(err error) bool { return errors.As(err, new(*nixbuild.RefusedError)) },
+		Kind{Result: "refused", Status: http.StatusForbidden, Code: "DENIED"}},
+	{errdefs.IsInvalidArgument,
+		Kind{Result: "invalid", Status: http.StatusBadRequest, Code: "NAME_INVALID"}},
+	{errdefs.IsPermissionDenied,
+		Kind{Result: "invalid", Status: http.StatusForbidden, Code: "DENIED"}},
+	{errdefs.IsResourceExhausted,
+		Kind{Result: "busy", Status: http.StatusTooManyRequests, Code: "TOOMANYREQUESTS", Retry: true}},
+}
+
+// failed is every other error's kind.
+var failed = Kind{Result: "failed", Status: http.StatusInternalServerError, Code: "UNKNOWN", Internal: true}
+
+// Of is the kind of err, which must not be nil.
+func Of(err error) Kind {
+	for _, row := range table {
+		if row.is(err) {
+			return row.kind
+		}
+	}
+	return failed
+}
+
+// codes are the errdefs kinds of distribution error codes, read back by
+// a client: those of the table and those of the endpoint's own paths.
+var codes = map[string]error{
+	"MANIFEST_UNKNOWN": errdefs.ErrNotFound,
+	"BLOB_UNKNOWN":     errdefs.ErrNotFound,
+	"NAME_UNKNOWN":     errdefs.ErrNotFound,
+	"NAME_INVALID":     errdefs.ErrInvalidArgument,
+	"DIGEST_INVALID":   errdefs.ErrInvalidArgument,
+	"DENIED":           errdefs.ErrPermissionDenied,
+	"TOOMANYREQUESTS":  errdefs.ErrResourceExhausted,
+	"UNSUPPORTED":      errdefs.ErrNotImplemented,
+}
+
+// FromCode is the errdefs kind of a distribution error code.
+func FromCode(code string) error {
+	if err, ok := codes[code]; ok {
+		return err
+	}
+	return errdefs.ErrUnknown
+}

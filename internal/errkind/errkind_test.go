@@ -1,0 +1,41 @@
+package errkind
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+)
+
+func TestOf(t *testing.T) {
+	for _, tc := range []struct {
+		err          error
+		result, code string
+		status       int
+		retry, logIt bool
+	}{
+		{fmt.Errorf("nix: %w", context.DeadlineExceeded), "timeout", "UNKNOWN", 500, false, true},
+		{&nixbuild.NotFoundError{Packages: []string{"x"}}, "not_found", "MANIFEST_UNKNOWN", 404, false, false},
+		{&nixbuild.NotPackageError{Attributes: []string{"lib"}}, "invalid", "MANIFEST_UNKNOWN", 404, false, false},
+		{&nixbuild.RefusedError{Packages: []string{"x"}}, "refused", "DENIED", 403, false, false},
+		{fmt.Errorf("bad name: %w", errdefs.ErrInvalidArgument), "invalid", "NAME_INVALID", 400, false, false},
+		{fmt.Errorf("not allowed: %w", errdefs.ErrPermissionDenied), "invalid", "DENIED", 403, false, false},
+		{fmt.Errorf("queue full: %w", errdefs.ErrResourceExhausted), "busy", "TOOMANYREQUESTS", 429, true, false},
+		{&nixbuild.BuildError{Stage: "build", Err: errors.New("exit 1")}, "failed", "UNKNOWN", 500, false, true},
+		{errors.New("anything"), "failed", "UNKNOWN", 500, false, true},
+	} {
+		k := Of(tc.err)
+		if k.Result != tc.result || k.Code != tc.code || k.Status != tc.status || k.Retry != tc.retry || k.Internal != tc.logIt {
+			t.Errorf("Of(%v) = %+v", tc.err, k)
+		}
+		// What a client reads back is the kind it was, where errdefs has
+		// one.
+		if back := FromCode(k.Code); !tc.logIt && errdefs.IsUnknown(back) {
+			t.Errorf("code %s reads back as unknown", k.Code)
+		}
+	}
+}
