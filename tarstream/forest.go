@@ -133,7 +133,7 @@ func emit(tw *writer, n *node, name string) error {
 			}
 			continue
 		}
-		mode := int64(parentDirMode)
+		mode := int64(ParentDirMode)
 		if entry == "tmp" {
 			mode = 0o1777
 		}

@@ -30,9 +30,9 @@ const (
 	FileMode = 0o444
 	ExecMode = 0o555
 	DirMode  = 0o555
-	// parentDirMode is for directories that exist outside the store
+	// ParentDirMode is for directories that exist outside the store
 	// (/nix, /nix/store, /bin, ...).
-	parentDirMode = 0o755
+	ParentDirMode = 0o755
 )
 
 // Epoch is the modification time of every entry: Nix's own store mtime.
@@ -157,7 +157,7 @@ func (w *writer) parents(name string) error {
 	if err := w.parents(dir); err != nil {
 		return err
 	}
-	return w.dir(dir, parentDirMode)
+	return w.dir(dir, ParentDirMode)
 }
 
 func (w *writer) dir(name string, mode int64) error {
@@ -237,16 +237,45 @@ func WriteStorePaths(w io.Writer, paths []string, opts ...Opt) error {
 		if !path.IsAbs(p) || path.Clean(p) != p {
 			return fmt.Errorf("store path %q is not a clean absolute path: %w", p, errdefs.ErrInvalidArgument)
 		}
-		if err := writeTree(tw, o.onDisk(p), entryName(p)); err != nil {
+		if err := writeTree(tw, o.root, p); err != nil {
 			return fmt.Errorf("store path %s: %w", p, err)
 		}
 	}
 	return tw.close()
 }
 
-// writeTree writes src (file, directory or symlink) as name, recursively,
-// entries of each directory in name order.
-func writeTree(tw *writer, src, name string) error {
+// writeTree writes the store path p, read below root, recursively.
+func writeTree(tw *writer, root, p string) error {
+	return WalkStorePath(root, p, func(e Entry) error {
+		name := entryName(e.Path)
+		switch e.Type {
+		case fs.ModeDir:
+			return tw.dir(name, int64(e.Mode))
+		case fs.ModeSymlink:
+			return tw.symlink(name, e.Target)
+		default:
+			return tw.file(name, int64(e.Mode), e.Source, e.Size)
+		}
+	})
+}
+
+// Entry is one file of a store path as a layer holds it.
+type Entry struct {
+	Path   string      // in the image: /nix/store/…-htop-3.2.2/bin/htop
+	Source string      // where it is read
+	Type   fs.FileMode // fs.ModeDir, fs.ModeSymlink, or 0 for a regular file
+	Mode   fs.FileMode // its permissions in a layer
+	Size   int64       // of a regular file
+	Target string      // of a symlink
+}
+
+// WalkStorePath calls fn with each file of store path p (absolute), read
+// below root ("/" but in tests): p first, a directory before what it
+// holds, a directory's entries in name order. What it passes is what
+// every layer holds of a store file, whoever writes the layer (Check,
+// Mode), so that an image is the same on every snapshotter.
+func WalkStorePath(root, p string, fn func(Entry) error) error {
+	src := filepath.Join(root, p)
 	return filepath.WalkDir(src, func(file string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -255,7 +284,6 @@ func writeTree(tw *writer, src, name string) error {
 		if err != nil {
 			return err
 		}
-		entry := path.Join(name, filepath.ToSlash(rel))
 		info, err := d.Info()
 		if err != nil {
 			return err
@@ -264,17 +292,16 @@ func writeTree(tw *writer, src, name string) error {
 		if err := Check(file, mode); err != nil {
 			return err
 		}
+		e := Entry{Path: path.Join(p, filepath.ToSlash(rel)), Source: file, Type: mode.Type(), Mode: Mode(mode)}
 		switch {
 		case mode.IsDir():
-			return tw.dir(entry, int64(Mode(mode)))
 		case mode&fs.ModeSymlink != 0:
-			target, err := os.Readlink(file)
-			if err != nil {
+			if e.Target, err = os.Readlink(file); err != nil {
 				return err
 			}
-			return tw.symlink(entry, target)
 		default:
-			return tw.file(entry, int64(Mode(mode)), file, info.Size())
+			e.Type, e.Size = 0, info.Size()
 		}
+		return fn(e)
 	})
 }

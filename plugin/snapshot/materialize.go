@@ -51,11 +51,21 @@ var filesCopied = promauto.NewCounter(prometheus.CounterOpts{
 // materialize writes paths (absolute store paths) below dir.
 func (m *materializer) materialize(ctx context.Context, dir string, paths []string) error {
 	m.linking.Do(func() { m.findLinks(ctx) })
+	// Parent directories (/nix, /nix/store) as the tar layer has them.
+	parents := map[string]bool{}
 	for _, p := range paths {
-		if err := os.MkdirAll(filepath.Join(dir, filepath.Dir(p)), 0o755); err != nil {
+		for d := filepath.Dir(p); d != "/" && d != "."; d = filepath.Dir(d) {
+			parents[filepath.Join(dir, d)] = true
+		}
+		if err := os.MkdirAll(filepath.Join(dir, filepath.Dir(p)), tarstream.ParentDirMode); err != nil {
 			return err
 		}
 	}
+	defer func() {
+		for d := range parents {
+			_ = os.Chtimes(d, tarstream.Epoch, tarstream.Epoch)
+		}
+	}()
 	before := m.copied.Load()
 	work := make(chan string)
 	errs := make(chan error, len(paths))
@@ -65,7 +75,7 @@ func (m *materializer) materialize(ctx context.Context, dir string, paths []stri
 		go func() {
 			defer wg.Done()
 			for p := range work {
-				errs <- m.tree(filepath.Join(m.root, p), filepath.Join(dir, p))
+				errs <- m.tree(dir, p)
 			}
 		}()
 	}
@@ -95,42 +105,32 @@ func (m *materializer) materialize(ctx context.Context, dir string, paths []stri
 	return errors.Join(all...)
 }
 
-// tree writes the store path src as dst.
-func (m *materializer) tree(src, dst string) error {
+// tree writes store path p below the layer directory dir: files as
+// links (or copies), directories and symlinks made as the tar layer would
+// make them (tarstream.WalkStorePath).
+func (m *materializer) tree(dir, p string) error {
 	var dirs []string
-	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, err := filepath.Rel(src, path)
-		if err != nil {
-			return err
-		}
-		target := filepath.Join(dst, rel)
-		// The tar layers' rule, so that the image is the same on every
-		// snapshotter.
-		if err := tarstream.Check(path, d.Type()); err != nil {
-			return err
-		}
-		switch typ := d.Type(); {
-		case typ.IsDir():
+	err := tarstream.WalkStorePath(m.root, p, func(e tarstream.Entry) error {
+		target := filepath.Join(dir, e.Path)
+		switch e.Type {
+		case fs.ModeDir:
 			dirs = append(dirs, target)
 			return os.Mkdir(target, 0o755)
-		case typ&fs.ModeSymlink != 0:
-			link, err := os.Readlink(path)
-			if err != nil {
+		case fs.ModeSymlink:
+			if err := os.Symlink(e.Target, target); err != nil {
 				return err
 			}
-			if err := os.Symlink(link, target); err != nil {
+			if err := os.Lchown(target, 0, 0); err != nil {
 				return err
 			}
-			return os.Lchown(target, 0, 0)
+			epoch := unix.NsecToTimeval(tarstream.Epoch.UnixNano())
+			return unix.Lutimes(target, []unix.Timeval{epoch, epoch})
 		default:
-			return m.file(path, target)
+			return m.file(e.Source, target)
 		}
 	})
 	if err != nil {
-		return fmt.Errorf("materialise %s: %w", src, err)
+		return fmt.Errorf("materialise %s: %w", p, err)
 	}
 	// Directories last, deepest first: read-only and with the store's
 	// mtime, as the tar layer would make them.

@@ -3,6 +3,8 @@ package snapshot
 import (
 	"context"
 	"fmt"
+	"io"
+	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -13,10 +15,13 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
+	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/errdefs"
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/sys/unix"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // containerd's conformance suite: without store-path labels the snapshotter
@@ -54,6 +59,13 @@ func fakeStore(t *testing.T) string {
 	}
 	os.Chmod(filepath.Join(root, htop, "bin/htop"), 0o555)
 	os.Symlink("libc.so.6", filepath.Join(root, glibc, "lib/libc.so"))
+	// Nix's canonical times.
+	filepath.WalkDir(filepath.Join(root, "nix", "store"), func(p string, d fs.DirEntry, err error) error {
+		if err == nil {
+			unix.Lutimes(p, []unix.Timeval{{Sec: 1}, {Sec: 1}})
+		}
+		return nil
+	})
 	return root
 }
 
@@ -429,4 +441,63 @@ func TestPrepareWhiteoutName(t *testing.T) {
 	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), ".wh.README") {
 		t.Errorf("Prepare of a layer with a .wh. file: %v", err)
 	}
+}
+
+// The one rule of what a store file becomes in an image: a materialised
+// layer and the same store paths' tar, unpacked, hold the same tree
+// (types, permissions, owners, mtimes, symlink targets, contents).
+func TestMaterialisedLayerIsTheTar(t *testing.T) {
+	testutil.RequireRoot(t)
+	store := fakeStore(t)
+	paths := []string{glibc, htop}
+	linked := t.TempDir()
+	m := newMaterializer(context.Background(), store, linked)
+	if err := m.materialize(context.Background(), linked, paths); err != nil {
+		t.Fatal(err)
+	}
+	unpacked := t.TempDir()
+	pr, pw := io.Pipe()
+	go func() { pw.CloseWithError(tarstream.WriteStorePaths(pw, paths, tarstream.WithRoot(store))) }()
+	if _, err := archive.Apply(context.Background(), unpacked, pr); err != nil {
+		t.Fatal(err)
+	}
+	a, b := describeTree(t, linked), describeTree(t, unpacked)
+	if !maps.Equal(a, b) {
+		t.Errorf("materialised:\n%v\nunpacked tar:\n%v", a, b)
+	}
+	if len(a) < 8 {
+		t.Errorf("compared only %d entries", len(a))
+	}
+}
+
+// describeTree says what each entry below dir is, as an image sees it.
+func describeTree(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || p == dir {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		st := info.Sys().(*syscall.Stat_t)
+		desc := fmt.Sprintf("%v uid=%d gid=%d mtime=%d", info.Mode(), st.Uid, st.Gid, info.ModTime().Unix())
+		switch {
+		case info.Mode()&fs.ModeSymlink != 0:
+			target, _ := os.Readlink(p)
+			desc += " -> " + target
+		case info.Mode().IsRegular():
+			b, _ := os.ReadFile(p)
+			desc += fmt.Sprintf(" %q", b)
+		}
+		rel, _ := filepath.Rel(dir, p)
+		out[rel] = desc
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
