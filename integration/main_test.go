@@ -20,7 +20,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 )
 
 // binary is the nixery-snapshotter built for this test run.
@@ -351,7 +351,7 @@ func (e *env) content() []string {
 // storePaths are the store paths a layer's annotations name (none for the
 // symlink layer).
 func storePaths(annotations map[string]string) []string {
-	paths, symlinks, err := snapshot.LayerContent(annotations)
+	paths, symlinks, err := labels.LayerContent(annotations)
 	if err != nil || symlinks {
 		return nil
 	}
@@ -360,7 +360,7 @@ func storePaths(annotations map[string]string) []string {
 
 // symlinkPaths are the packages whose symlink forest a layer is.
 func symlinkPaths(annotations map[string]string) []string {
-	paths, symlinks, err := snapshot.LayerContent(annotations)
+	paths, symlinks, err := labels.LayerContent(annotations)
 	if err != nil || !symlinks {
 		return nil
 	}

@@ -17,7 +17,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
@@ -54,7 +54,7 @@ func TestNixSnapshotter(t *testing.T) {
 		}
 		if len(storePaths(l.Annotations)) > 0 {
 			refs++
-			if l.MediaType != plugin.MediaTypeStorePaths {
+			if l.MediaType != labels.MediaTypeStorePaths {
 				t.Errorf("layer %s has media type %s", l.Digest, l.MediaType)
 			}
 		} else if len(symlinkPaths(l.Annotations)) == 0 {

@@ -26,7 +26,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 )
 
 // markerLayer is a layer holding one file, /marker, that says "blob".
@@ -68,13 +68,13 @@ func TestHostileImageLabels(t *testing.T) {
 	base := bashLayers(t)
 
 	for i, attack := range []struct{ name, label, value string }{
-		{"host file", snapshot.StorePathsLabel + ".0", "/etc/shadow"},
-		{"traversal", snapshot.StorePathsLabel + ".0", "/nix/store/../../../.." + outside + "/escape"},
-		{"traversal below a store path", snapshot.StorePathsLabel + ".0", htop + "/../../../.." + outside + "/escape"},
-		{"Nix option", snapshot.StorePathsLabel + ".0", "--option plugin-files /proc/self/cwd/../tmp/x/evil.so " + htop},
-		{"newline", snapshot.StorePathsLabel + ".0", htop + "\n/etc/shadow"},
-		{"NUL", snapshot.StorePathsLabel + ".0", htop + "\x00/etc/shadow"},
-		{"symlink forest of a host directory", snapshot.SymlinksLabel + ".0", "/etc"},
+		{"host file", labels.StorePathsLabel + ".0", "/etc/shadow"},
+		{"traversal", labels.StorePathsLabel + ".0", "/nix/store/../../../.." + outside + "/escape"},
+		{"traversal below a store path", labels.StorePathsLabel + ".0", htop + "/../../../.." + outside + "/escape"},
+		{"Nix option", labels.StorePathsLabel + ".0", "--option plugin-files /proc/self/cwd/../tmp/x/evil.so " + htop},
+		{"newline", labels.StorePathsLabel + ".0", htop + "\n/etc/shadow"},
+		{"NUL", labels.StorePathsLabel + ".0", htop + "\x00/etc/shadow"},
+		{"symlink forest of a host directory", labels.SymlinksLabel + ".0", "/etc"},
 	} {
 		name := fmt.Sprintf("example.org/hostile:%d", i)
 		archive := ociArchive(t, name, append(base, markerLayer(t, map[string]string{attack.label: attack.value})))
@@ -99,7 +99,7 @@ func TestHostileImageLabels(t *testing.T) {
 	}
 
 	// A real store path, in an image this node did not build: the blob.
-	archive := ociArchive(t, "example.org/foreign:1", append(base, markerLayer(t, snapshot.StorePathAnnotations([]string{htop}))))
+	archive := ociArchive(t, "example.org/foreign:1", append(base, markerLayer(t, labels.StorePathAnnotations([]string{htop}))))
 	if out, err := e.importImage(archive); err != nil {
 		t.Fatalf("importing a foreign image: %v\n%s", err, out)
 	}
@@ -151,7 +151,7 @@ func TestTrustedImageSymlinkOutOfStore(t *testing.T) {
 	}
 	stored := strings.TrimSpace(string(out))
 	shadowLinks := nlink(t, "/etc/shadow")
-	archive := ociArchive(t, "example.org/symlink:1", append(bashLayers(t), markerLayer(t, snapshot.StorePathAnnotations([]string{stored}))))
+	archive := ociArchive(t, "example.org/symlink:1", append(bashLayers(t), markerLayer(t, labels.StorePathAnnotations([]string{stored}))))
 	if out, err := e.importImage(archive); err != nil {
 		t.Fatalf("import: %v\n%s", err, out)
 	}
@@ -185,7 +185,7 @@ func (f *fakeDaemon) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		"config":        map[string]any{"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "sha256:" + strings.Repeat("a", 64), "size": 2},
 		"layers": []any{map[string]any{
 			"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": "sha256:" + strings.Repeat("b", 64), "size": 2,
-			"annotations": map[string]string{snapshot.StorePathsLabel + ".0": "--option plugin-files /tmp/evil.so"},
+			"annotations": map[string]string{labels.StorePathsLabel + ".0": "--option plugin-files /tmp/evil.so"},
 		}},
 	})
 	w.Header().Set("Content-Type", "application/vnd.oci.image.manifest.v1+json")

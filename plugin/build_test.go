@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -57,7 +58,7 @@ func TestBuildSharedPlan(t *testing.T) {
 	if r.err != nil {
 		t.Fatalf("the build that joined failed with its leader: %v", r.err)
 	}
-	if l := r.img.Layers[0]; l.Desc.MediaType != MediaTypeStorePaths {
+	if l := r.img.Layers[0]; l.Desc.MediaType != labels.MediaTypeStorePaths {
 		t.Errorf("reference build's first layer is %s", l.Desc.MediaType)
 	}
 
@@ -77,7 +78,7 @@ func TestBuildSharedPlan(t *testing.T) {
 		}
 		kinds[r.img.Layers[0].Desc.MediaType] = true
 	}
-	if !kinds[ocispec.MediaTypeImageLayer] || !kinds[MediaTypeStorePaths] {
+	if !kinds[ocispec.MediaTypeImageLayer] || !kinds[labels.MediaTypeStorePaths] {
 		t.Errorf("layer kinds %v: descriptions were shared across describers", kinds)
 	}
 }

@@ -18,7 +18,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/errkind"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/privdir"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -107,7 +107,7 @@ func (d *daemonClient) build(ctx context.Context, ref string, byReference bool) 
 	var layers []*Layer
 	for i, desc := range manifest.Layers {
 		// Checked as any image's: they reach Nix and the file system.
-		paths, symlinks, err := snapshot.LayerContent(desc.Annotations)
+		paths, symlinks, err := labels.LayerContent(desc.Annotations)
 		if err == nil && len(paths) == 0 {
 			err = fmt.Errorf("names no store paths: %w", errdefs.ErrInvalidArgument)
 		}
@@ -120,7 +120,7 @@ func (d *daemonClient) build(ctx context.Context, ref string, byReference bool) 
 	blobs := map[digest.Digest][]byte{digest.FromBytes(mBytes): mBytes}
 	// The config, and reference layers, are small: fetch them now.
 	for _, desc := range append([]ocispec.Descriptor{manifest.Config}, manifest.Layers...) {
-		if desc.MediaType != ocispec.MediaTypeImageConfig && desc.MediaType != MediaTypeStorePaths {
+		if desc.MediaType != ocispec.MediaTypeImageConfig && desc.MediaType != labels.MediaTypeStorePaths {
 			continue
 		}
 		b, _, err := d.get(ctx, "/v2/"+name+"/blobs/"+desc.Digest.String())

@@ -15,6 +15,7 @@ import (
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
@@ -86,12 +87,6 @@ func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io
 	return desc, nil
 }
 
-// MediaTypeStorePaths is the media type of a reference layer: a JSON list
-// of store paths that the nix snapshotter materialises. It is a layer type
-// to containerd (its prefix), but no differ can apply it, so another
-// snapshotter fails clearly instead of unpacking an empty layer.
-const MediaTypeStorePaths = "application/vnd.oci.image.layer.nixery.store-paths.v1+json"
-
 // referenceLayer describes store paths by identity.
 func referenceLayer(paths []string) (ocispec.Descriptor, []byte, error) {
 	blob, err := json.Marshal(struct {
@@ -100,7 +95,7 @@ func referenceLayer(paths []string) (ocispec.Descriptor, []byte, error) {
 	if err != nil {
 		return ocispec.Descriptor{}, nil, err
 	}
-	return ocispec.Descriptor{MediaType: MediaTypeStorePaths, Digest: digest.FromBytes(blob), Size: int64(len(blob))}, blob, nil
+	return ocispec.Descriptor{MediaType: labels.MediaTypeStorePaths, Digest: digest.FromBytes(blob), Size: int64(len(blob))}, blob, nil
 }
 
 // contentDescriber streams tar layers into a content store, describing

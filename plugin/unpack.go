@@ -23,6 +23,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/snapmount"
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
@@ -59,23 +60,13 @@ func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, claims 
 		byLayer := map[string][]snapshots.Info{}
 		err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
 			if info.Kind == snapshots.KindCommitted {
-				byLayer[info.Labels[labelLayer]] = append(byLayer[info.Labels[labelLayer]], info)
+				byLayer[info.Labels[labels.Layer]] = append(byLayer[info.Labels[labels.Layer]], info)
 			}
 			return nil
-		}, fmt.Sprintf("labels.%q", labelLayer))
+		}, fmt.Sprintf("labels.%q", labels.Layer))
 		return byLayer, err
 	})}
 }
-
-const (
-	// labelLayer names the layer (Layer.Key) a snapshot holds.
-	labelLayer = "containerd.io/snapshot/nixery.layer"
-	// labelLayerSize is the size of the layer's tar.
-	labelLayerSize = "containerd.io/snapshot/nixery.layer.size"
-	// labelLayerDiffID is its digest (containerd's unpacker labels
-	// snapshots with their diffID since 2.x only).
-	labelLayerDiffID = "containerd.io/snapshot/nixery.layer.diff-id"
-)
 
 // layerAnnotations say what a layer holds and, for a tar layer described
 // as desc, which layer it is: the layer's annotations in the manifest,
@@ -83,18 +74,18 @@ const (
 // labels of the snapshots this project unpacks itself. Both are claims
 // this node records (snapshot.Claims).
 func layerAnnotations(l *Layer, desc ocispec.Descriptor) map[string]string {
-	var labels map[string]string
+	var annotations map[string]string
 	if l.Symlinks {
-		labels = snapshot.SymlinkAnnotations(l.Paths)
+		annotations = labels.SymlinkAnnotations(l.Paths)
 	} else {
-		labels = snapshot.StorePathAnnotations(l.Paths)
+		annotations = labels.StorePathAnnotations(l.Paths)
 	}
 	if desc.MediaType == ocispec.MediaTypeImageLayer {
-		labels[labelLayer] = l.Key()
-		labels[labelLayerSize] = strconv.FormatInt(desc.Size, 10)
-		labels[labelLayerDiffID] = desc.Digest.String()
+		annotations[labels.Layer] = l.Key()
+		annotations[labels.LayerSize] = strconv.FormatInt(desc.Size, 10)
+		annotations[labels.LayerDiffID] = desc.Digest.String()
 	}
-	return labels
+	return annotations
 }
 
 func (s *snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
@@ -159,8 +150,8 @@ func (s *snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *L
 		log.G(ctx).WithField("snapshot", found.Name).Warn("snapshot claims to hold a layer of this node's, but this node never made it: unpacking the layer again")
 		return ocispec.Descriptor{}, false, nil
 	}
-	d, derr := digest.Parse(found.Labels[labelLayerDiffID])
-	size, serr := strconv.ParseInt(found.Labels[labelLayerSize], 10, 64)
+	d, derr := digest.Parse(found.Labels[labels.LayerDiffID])
+	size, serr := strconv.ParseInt(found.Labels[labels.LayerSize], 10, 64)
 	if derr != nil || serr != nil || chainID(parent, d).String() != found.Name {
 		log.G(ctx).WithField("snapshot", found.Name).Warn("snapshot labels do not describe it: unpacking the layer again")
 		return ocispec.Descriptor{}, false, nil

@@ -33,6 +33,7 @@ var tiers = map[string]int{
 	"resolver":               2, // ref
 	"nixbuild":               3, // packages → closure
 	"layering":               4, // closure → layers
+	"layering/labels":        4, // how layers and snapshots say what they hold
 	"internal/errkind":       4, // what a failed request was, at every boundary
 	"tarstream":              5, // layers → tar
 	"plugin/snapshot":        6, // tar / store → snapshots

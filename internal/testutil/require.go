@@ -69,3 +69,17 @@ func NixOptions() map[string]string {
 		"extra-nix-path":    "nixery-test-pkgs=" + TestPkgs(),
 	}
 }
+
+// HostileStorePaths are entries an attacker's image might put where store
+// paths belong, given one real store path.
+func HostileStorePaths(storePath string) []string {
+	return []string{
+		"/etc/shadow",
+		"/nix/store/../../../etc",
+		storePath + "/../../../../etc/shadow",
+		"--option plugin-files /proc/self/cwd/../tmp/x/evil.so",
+		"-/nix/store/4bjipwxsbcl40y4ch110jflfmzl2rvsr-x",
+		storePath + "\n/etc/shadow",
+		storePath + "\x00",
+	}
+}

@@ -12,12 +12,8 @@ import (
 	"strings"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/privdir"
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 )
-
-// NixeryLabels prefixes every label by which a layer says what it is:
-// store paths, symlinks, which layer and its digest. containerd hands
-// annotations under containerd.io/snapshot/ to snapshotters as labels.
-const NixeryLabels = "containerd.io/snapshot/nixery."
 
 // Claims are the layer descriptions this node's builds made. Any image can
 // carry the labels of a layer that names store paths; only those this node
@@ -43,18 +39,18 @@ func OpenClaims(dir string) (*Claims, error) {
 	return &Claims{dir: dir}, nil
 }
 
-// claimKey is the digest of the nixery labels in labels and of chain, or
+// claimKey is the digest of the nixery labels in layer and of chain, or
 // "" if there are no such labels.
-func claimKey(labels map[string]string, chain string) string {
+func claimKey(layer map[string]string, chain string) string {
 	h := sha256.New()
 	h.Write([]byte(chain))
 	n := 0
-	for _, k := range slices.Sorted(maps.Keys(labels)) {
-		if !strings.HasPrefix(k, NixeryLabels) {
+	for _, k := range slices.Sorted(maps.Keys(layer)) {
+		if !strings.HasPrefix(k, labels.Prefix) {
 			continue
 		}
 		n++
-		for _, s := range []string{k, labels[k]} {
+		for _, s := range []string{k, layer[k]} {
 			_ = binary.Write(h, binary.LittleEndian, uint64(len(s)))
 			h.Write([]byte(s))
 		}

@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promauto"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/snapmount"
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
@@ -49,7 +50,7 @@ var untrustedLayers = promauto.NewCounter(prometheus.CounterOpts{
 //
 // When containerd's unpacker prepares a layer (label
 // containerd.io/snapshot.ref names the snapshot it will become) whose labels
-// list store paths (StorePathsLabel) that this node's builds claimed
+// list store paths (labels.StorePathsLabel) that this node's builds claimed
 // (Claims), Prepare materialises those paths into the new snapshot,
 // commits it under the target and answers AlreadyExists: the
 // remote-snapshot protocol by which containerd then skips fetching and
@@ -128,7 +129,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		}
 	}
 	target := base.Labels[snapshots.LabelSnapshotRef]
-	paths, forest, err := LayerContent(base.Labels)
+	paths, forest, err := labels.LayerContent(base.Labels)
 	if err != nil {
 		return nil, fmt.Errorf("layer for %s refused: %w", target, err)
 	}

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
@@ -133,7 +134,7 @@ func unpackLabels(annotations map[string]string, chain string) map[string]string
 }
 
 func TestPrepareMaterialises(t *testing.T) {
-	annotations := StorePathAnnotations([]string{glibc, htop})
+	annotations := labels.StorePathAnnotations([]string{glibc, htop})
 	s, nix, store := newTestSnapshotter(t, claim{annotations, "sha256:chain1"})
 	ctx := context.Background()
 
@@ -218,7 +219,7 @@ func TestPrepareMaterialises(t *testing.T) {
 
 func TestPrepareMissingStorePath(t *testing.T) {
 	missing := "/nix/store/cccccccccccccccccccccccccccccccc-gone"
-	annotations := StorePathAnnotations([]string{htop, missing})
+	annotations := labels.StorePathAnnotations([]string{htop, missing})
 	s, _, _ := newTestSnapshotter(t, claim{annotations, "sha256:chain2"})
 	_, err := s.Prepare(context.Background(), "extract", "", snapshots.WithLabels(unpackLabels(annotations, "sha256:chain2")))
 	if !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), missing) {
@@ -291,7 +292,7 @@ func TestPrepareAfterInterruptedPrepare(t *testing.T) {
 	testutil.RequireRoot(t)
 	store := fakeStore(t)
 	root := t.TempDir()
-	annotations := StorePathAnnotations([]string{htop})
+	annotations := labels.StorePathAnnotations([]string{htop})
 	claims, err := OpenClaims(filepath.Join(root, "claims"))
 	if err != nil {
 		t.Fatal(err)
@@ -347,9 +348,9 @@ func TestPrepareUntrustedLabels(t *testing.T) {
 	// Well-formed, but this node made no such layer; or made it as the
 	// layer of another chain (an image copying its labels to commit
 	// them as a layer of some other image).
-	s.claims.Record(StorePathAnnotations([]string{htop}), "sha256:ours")
-	labels := unpackLabels(StorePathAnnotations([]string{htop}), "sha256:foreign")
-	mounts, err := s.Prepare(ctx, "extract-foreign", "", snapshots.WithLabels(labels))
+	s.claims.Record(labels.StorePathAnnotations([]string{htop}), "sha256:ours")
+	foreign := unpackLabels(labels.StorePathAnnotations([]string{htop}), "sha256:foreign")
+	mounts, err := s.Prepare(ctx, "extract-foreign", "", snapshots.WithLabels(foreign))
 	if err != nil {
 		t.Fatalf("Prepare of a foreign layer: %v", err)
 	}
@@ -365,10 +366,10 @@ func TestPrepareUntrustedLabels(t *testing.T) {
 
 	outside := t.TempDir()
 	before, _ := os.ReadDir(outside)
-	for _, bad := range append([]string{"/nix/store/../../" + outside, htop + "/../../../../" + outside + "/x"}, hostileEntries...) {
+	for _, bad := range append([]string{"/nix/store/../../" + outside, htop + "/../../../../" + outside + "/x"}, testutil.HostileStorePaths(htop)...) {
 		for _, annotations := range []map[string]string{
-			{StorePathsLabel + ".0": htop + " " + bad},
-			{SymlinksLabel + ".0": bad},
+			{labels.StorePathsLabel + ".0": htop + " " + bad},
+			{labels.SymlinksLabel + ".0": bad},
 		} {
 			// Even claimed, and even if other images are trusted.
 			s.claims.Record(annotations, "sha256:bad")
@@ -396,7 +397,7 @@ func TestPrepareUntrustedLabels(t *testing.T) {
 
 	// Trusted by the operator, a foreign layer is materialised.
 	s.trustOthers = true
-	if _, err := s.Prepare(ctx, "extract-trusted", "", snapshots.WithLabels(labels)); !errdefs.IsAlreadyExists(err) {
+	if _, err := s.Prepare(ctx, "extract-trusted", "", snapshots.WithLabels(foreign)); !errdefs.IsAlreadyExists(err) {
 		t.Errorf("Prepare of a trusted foreign layer: %v", err)
 	}
 }
@@ -406,7 +407,7 @@ func TestPrepareUntrustedLabels(t *testing.T) {
 // points at is neither linked nor read.
 func TestPrepareSymlinkOutOfStore(t *testing.T) {
 	link := "/nix/store/dddddddddddddddddddddddddddddddd-shadow"
-	annotations := StorePathAnnotations([]string{link})
+	annotations := labels.StorePathAnnotations([]string{link})
 	s, nix, store := newTestSnapshotter(t, claim{annotations, "sha256:link"})
 	if err := os.Symlink("/etc/shadow", filepath.Join(store, link)); err != nil {
 		t.Fatal(err)
@@ -432,7 +433,7 @@ func TestPrepareSymlinkOutOfStore(t *testing.T) {
 // A store file named like a whiteout is refused here as on the tar path:
 // the same image on every snapshotter, or none.
 func TestPrepareWhiteoutName(t *testing.T) {
-	annotations := StorePathAnnotations([]string{htop})
+	annotations := labels.StorePathAnnotations([]string{htop})
 	s, _, store := newTestSnapshotter(t, claim{annotations, "sha256:wh"})
 	if err := os.WriteFile(filepath.Join(store, htop, "share", ".wh.README"), nil, 0o444); err != nil {
 		t.Fatal(err)

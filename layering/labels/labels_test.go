@@ -1,4 +1,4 @@
-package snapshot
+package labels
 
 import (
 	"fmt"
@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
 
 func TestStorePathAnnotations(t *testing.T) {
@@ -39,21 +41,13 @@ func TestStorePathAnnotations(t *testing.T) {
 	}
 }
 
-// hostileEntries are label entries an attacker's image might carry.
-var hostileEntries = []string{
-	"/etc/shadow",
-	"/nix/store/../../../etc",
-	htop + "/../../../../etc/shadow",
-	"--option plugin-files /proc/self/cwd/../tmp/x/evil.so",
-	"-/nix/store/4bjipwxsbcl40y4ch110jflfmzl2rvsr-x",
-	htop + "\n/etc/shadow",
-	htop + "\x00",
-}
+// htop is a store path.
+const htop = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-htop-3.2.2"
 
 // Labels are written by whoever made the image: anything that is not a
 // store path is refused, naming it.
 func TestLayerContentHostile(t *testing.T) {
-	for _, bad := range hostileEntries {
+	for _, bad := range testutil.HostileStorePaths(htop) {
 		for _, labels := range []map[string]string{
 			{StorePathsLabel + ".0": htop + " " + bad},
 			{SymlinksLabel + ".0": bad},

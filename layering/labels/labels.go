@@ -1,4 +1,9 @@
-package snapshot
+// Package labels is every name by which this project's images and
+// snapshots say what a layer is: the annotations of its layers in a
+// manifest (which containerd hands the snapshotter as labels when it
+// prepares the layer), the labels of the snapshots the project unpacks,
+// and the media type of a reference layer.
+package labels
 
 import (
 	"fmt"
@@ -10,12 +15,33 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild/storepath"
 )
 
+// Prefix begins every label by which a layer says what it is: store
+// paths, symlinks, which layer and its digest. containerd hands
+// annotations under containerd.io/snapshot/ to snapshotters as labels.
+const Prefix = "containerd.io/snapshot/nixery."
+
+const (
+	// Layer names the layer (its content key) a snapshot holds.
+	Layer = Prefix + "layer"
+	// LayerSize is the size of the layer's tar.
+	LayerSize = Prefix + "layer.size"
+	// LayerDiffID is its digest (containerd's unpacker labels snapshots
+	// with their diffID since 2.x only).
+	LayerDiffID = Prefix + "layer.diff-id"
+)
+
+// MediaTypeStorePaths is the media type of a reference layer: a JSON list
+// of store paths that the nix snapshotter materialises. It is a layer type
+// to containerd (its prefix), but no differ can apply it, so another
+// snapshotter fails clearly instead of unpacking an empty layer.
+const MediaTypeStorePaths = "application/vnd.oci.image.layer.nixery.store-paths.v1+json"
+
 // StorePathsLabel prefixes the layer annotations that list a layer's store
 // paths. containerd hands annotations under containerd.io/snapshot/ to the
 // snapshotter as labels when it prepares the layer, which is how this
 // snapshotter learns what to materialise. containerd bounds a label to
 // 4 KiB, so long lists are split over StorePathsLabel.0, .1, ...
-const StorePathsLabel = "containerd.io/snapshot/nixery.store-paths"
+const StorePathsLabel = Prefix + "store-paths"
 
 // maxLabelValue keeps key and value of one label under containerd's 4096.
 const maxLabelValue = 3900
@@ -63,7 +89,7 @@ func unchunkLabels(prefix string, labels map[string]string) []string {
 // SymlinksLabel prefixes the annotations of an image's top layer: the
 // packages whose symlink forest it is, in image order. With them the
 // snapshotter writes that layer too, so no layer blob is ever fetched.
-const SymlinksLabel = "containerd.io/snapshot/nixery.symlinks"
+const SymlinksLabel = Prefix + "symlinks"
 
 // SymlinkAnnotations describes a symlink layer as annotations.
 func SymlinkAnnotations(packages []string) map[string]string {
