@@ -101,7 +101,27 @@ func (l *Layer) WriteTarFrom(w io.Writer, offset int64) error {
 // chain ID of those below l.
 type Describer interface {
 	Describe(ctx context.Context, parent digest.Digest, l *Layer) error
+	// Key says how layers are described and where they are stored.
+	Key() DescriberKey
 }
+
+// DescriberKey says what a Describer does, as the keys of shared and
+// cached work need it.
+type DescriberKey struct {
+	// Kind names how layers are described, with a version: part of the
+	// persisted image cache key, so it must change when descriptors do.
+	Kind string
+	// Scope is "" for a Describer that stores nothing of its caller's;
+	// else unique to its caller (what it stores is held by the caller's
+	// lease), so that no other caller shares its work.
+	Scope string
+}
+
+// callerScopes numbers the Describers whose work is their caller's own.
+var callerScopes atomic.Int64
+
+// callerScope is a new DescriberKey.Scope.
+func callerScope() string { return "caller-" + strconv.FormatInt(callerScopes.Add(1), 10) }
 
 // Image is a built image, ready to be registered or served.
 type Image struct {
@@ -293,11 +313,12 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 		return nil, err
 	}
 	key := fmt.Sprintf("%s %s %s/%s", img.Platform.NixSystem, img.Tag, strings.Join(img.Packages, " "), strings.Join(img.Requested, " "))
-	described := fmt.Sprintf("%s %T", key, describe)
+	dk := describe.Key()
+	described := key + " " + dk.Kind
 	// Shared only by builds that would store the same things in the same
-	// place: describers (which hold where) and namespaces alike.
+	// place: describers and namespaces alike.
 	ns, _ := namespaces.Namespace(ctx)
-	flight := fmt.Sprintf("%s %q %v", described, ns, describe)
+	flight := fmt.Sprintf("%s %q %q", described, ns, dk.Scope)
 	cached := false
 	v, err, _ := b.flight.Do(flight, func() (any, error) {
 		start := time.Now()
@@ -502,6 +523,8 @@ func (b *Builder) describe(ctx context.Context, img resolver.Image, p *plan, des
 // twice to be described; content is streamed again when a blob is fetched.
 type hashDescriber struct{ cache *Cache }
 
+func (hashDescriber) Key() DescriberKey { return DescriberKey{Kind: "digest/1"} }
+
 func (h hashDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) error {
 	if desc, ok := h.cache.layer(l.identity()); ok {
 		l.Desc = desc
@@ -521,6 +544,11 @@ func (h hashDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) 
 // referenceDescriber describes store-path layers by identity, for the nix
 // snapshotter, and leaves the symlink layer to next.
 type referenceDescriber struct{ next Describer }
+
+func (r referenceDescriber) Key() DescriberKey {
+	next := r.next.Key()
+	return DescriberKey{Kind: "reference/1+" + next.Kind, Scope: next.Scope}
+}
 
 func (r referenceDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
 	if l.Symlinks {

@@ -44,7 +44,7 @@ func TestCacheLayerRecords(t *testing.T) {
 	if err := cache.putLayer(l.identity(), stale); err != nil {
 		t.Fatal(err)
 	}
-	if err := (contentDescriber{cs, cache}).Describe(ctx, "", l); err != nil {
+	if err := newContentDescriber(cs, cache).Describe(ctx, "", l); err != nil {
 		t.Fatal(err)
 	}
 	if l.Desc.Digest == stale.Digest {

@@ -105,6 +105,16 @@ func referenceLayer(paths []string) (ocispec.Descriptor, []byte, error) {
 type contentDescriber struct {
 	cs    content.Store
 	cache *Cache
+	scope string
+}
+
+func newContentDescriber(cs content.Store, cache *Cache) contentDescriber {
+	return contentDescriber{cs: cs, cache: cache, scope: callerScope()}
+}
+
+// Key implements Describer: the blobs are held by the caller's lease.
+func (c contentDescriber) Key() DescriberKey {
+	return DescriberKey{Kind: "content/1", Scope: c.scope}
 }
 
 func (c contentDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) error {

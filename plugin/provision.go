@@ -276,14 +276,14 @@ func (p *Provisioner) waitCRI(ctx context.Context, ref string) error {
 
 // describer says how layers are described for snapshotter, storing them
 // on the way: into snapshots, without blobs; as blobs when they are asked
-// for; not at all for the nix snapshotter, which makes every layer from
-// the store itself (nil).
+// for; for the nix snapshotter, which makes every layer from the store
+// itself, as references (and the symlink layer by its digest alone).
 func (p *Provisioner) describer(ctx context.Context, snapshotter string) Describer {
 	switch {
 	case p.layerBlobs:
-		return contentDescriber{p.client.ContentStore(), p.builder.cache}
+		return newContentDescriber(p.client.ContentStore(), p.builder.cache)
 	case snapshotter == p.nixSnapshot:
-		return nil
+		return referenceDescriber{next: hashDescriber{p.builder.cache}}
 	default:
 		return newSnapshotDescriber(ctx, p.client.SnapshotService(snapshotter), p.builder.claims, p.workDir)
 	}
@@ -295,11 +295,6 @@ func (p *Provisioner) describer(ctx context.Context, snapshotter string) Describ
 // describe stores them.
 func (p *Provisioner) build(ctx context.Context, ref string, describe Describer) (*Image, remotes.Fetcher, error) {
 	if p.daemon == nil || !p.daemon.serves(ctx, p.builder) {
-		if describe == nil {
-			// The nix snapshotter makes the symlink layer too: describe
-			// it without storing it.
-			describe = referenceDescriber{next: hashDescriber{p.builder.cache}}
-		}
 		img, err := p.builder.Build(ctx, ref, describe)
 		return img, resolver.ProviderFetcher{Provider: p.client.ContentStore()}, err
 	}
@@ -321,10 +316,12 @@ var errPathsGone = errors.New("store paths gone since the daemon built the image
 // here.
 func (p *Provisioner) fromDaemon(ctx context.Context, ref string, describe Describer) (*Image, remotes.Fetcher, error) {
 	blobs, asBlobs := describe.(contentDescriber)
+	_, references := describe.(referenceDescriber)
 	// Blobs must match the daemon's descriptors, which it keeps; anything
 	// else needs only the layers' store paths (and the daemon reads none).
 	img, fetcher, err := p.daemon.build(ctx, ref, !asBlobs)
-	if err != nil || describe == nil {
+	if err != nil || references {
+		// The nix snapshotter makes every layer from the store itself.
 		return img, fetcher, err
 	}
 	// The daemon keeps the store paths of what it builds alive a while

@@ -47,6 +47,12 @@ type snapshotDescriber struct {
 	labelled func() (map[string][]snapshots.Info, error)
 	// found is the snapshot last found rather than made, not yet held.
 	found *foundSnapshot
+	scope string
+}
+
+// Key implements Describer: the snapshots are held by the caller's lease.
+func (s *snapshotDescriber) Key() DescriberKey {
+	return DescriberKey{Kind: "snapshots/1", Scope: s.scope}
 }
 
 // foundSnapshot is layer l's snapshot chain, on parent.
@@ -56,7 +62,7 @@ type foundSnapshot struct {
 }
 
 func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, claims *snapshot.Claims, workDir string) *snapshotDescriber {
-	return &snapshotDescriber{sn: sn, claims: claims, workDir: workDir, labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
+	return &snapshotDescriber{sn: sn, claims: claims, workDir: workDir, scope: callerScope(), labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
 		byLayer := map[string][]snapshots.Info{}
 		err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
 			if info.Kind == snapshots.KindCommitted {
