@@ -142,10 +142,26 @@ func (img *Image) paths() []string {
 	return paths
 }
 
+// Nix is what the Builder needs of Nix: the prepare step of one package
+// source (a *nixbuild.Builder).
+type Nix interface {
+	// Build realises packages and returns their closure, held until the
+	// result is released.
+	Build(ctx context.Context, req nixbuild.Request) (*nixbuild.Result, error)
+	// Hold keeps store paths from the garbage collector until released.
+	Hold(ctx context.Context, paths []string) (*nixbuild.Roots, error)
+	Source() nixbuild.Source
+	// CheckTag refuses a tag that is not a revision served; Tags lists
+	// those that are.
+	CheckTag(tag string) error
+	Tags() []string
+	Timeout() time.Duration
+}
+
 // Builder turns image references into images: the reference's packages
 // are realised by Nix, grouped into layers and described.
 type Builder struct {
-	nix       *nixbuild.Builder
+	nix       Nix
 	host      string
 	maxLayers int
 	progress  io.Writer
@@ -251,7 +267,7 @@ func (b *Builder) cachedImage(ctx context.Context, key []byte, img resolver.Imag
 }
 
 // NewBuilder returns a Builder that realises packages with nix.
-func NewBuilder(nix *nixbuild.Builder, opts ...BuildOpt) *Builder {
+func NewBuilder(nix Nix, opts ...BuildOpt) *Builder {
 	b := &Builder{nix: nix, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers, maxQueued: DefaultMaxQueued, plans: map[string]*planCall{}}
 	WithMaxBuilds(DefaultMaxBuilds)(b)
 	for _, opt := range opts {

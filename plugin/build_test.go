@@ -41,14 +41,7 @@ func TestBuildSharedPlan(t *testing.T) {
 		img, err := b.Build(context.Background(), "nix.local/htop", referenceDescriber{next: hashDescriber{}})
 		joined <- result{img, err}
 	}()
-	waitFor(t, func() bool {
-		b.plansMu.Lock()
-		defer b.plansMu.Unlock()
-		for _, c := range b.plans {
-			return c.refs == 2
-		}
-		return false
-	})
+	waitForPlanCallers(t, b, 2)
 	cancel()
 	if r := <-led; !errors.Is(r.err, context.Canceled) {
 		t.Fatalf("cancelled leader: %v", r.err)
@@ -81,6 +74,19 @@ func TestBuildSharedPlan(t *testing.T) {
 	if !kinds[ocispec.MediaTypeImageLayer] || !kinds[labels.MediaTypeStorePaths] {
 		t.Errorf("layer kinds %v: descriptions were shared across describers", kinds)
 	}
+}
+
+// waitForPlanCallers waits until n callers wait for b's one plan.
+func waitForPlanCallers(t *testing.T, b *Builder, n int) {
+	t.Helper()
+	waitFor(t, func() bool {
+		b.plansMu.Lock()
+		defer b.plansMu.Unlock()
+		for _, c := range b.plans {
+			return c.refs == n
+		}
+		return false
+	})
 }
 
 func waitFor(t *testing.T, cond func() bool) {

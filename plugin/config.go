@@ -260,7 +260,7 @@ func (c NixConfig) Builder(opts ...nixbuild.Opt) (*nixbuild.Builder, error) {
 }
 
 // ImageBuilder returns an image Builder for this configuration.
-func (c Config) ImageBuilder(nix *nixbuild.Builder, opts ...BuildOpt) (*Builder, error) {
+func (c Config) ImageBuilder(nix Nix, opts ...BuildOpt) (*Builder, error) {
 	lopts := []layering.Opt{layering.WithAlgorithm(layering.Algorithm(c.Image.Layering))}
 	if c.Image.PopularityFile != "" {
 		b, err := os.ReadFile(c.Image.PopularityFile)

@@ -66,7 +66,7 @@ type servedBlob struct {
 // is taken for the first reader without its deadline, so that a reader
 // who leaves does not fail the others; each reader waits with its own.
 type imageHold struct {
-	nix   *nixbuild.Builder
+	nix   Nix
 	paths []string
 
 	mu    sync.Mutex

@@ -1,0 +1,164 @@
+package plugin
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+)
+
+// fakeNix "builds" any package as a store path that needs a shared glibc,
+// counting builds; a build waits for gate when it is set.
+type fakeNix struct {
+	builds atomic.Int64
+	gate   chan struct{}
+	fail   error
+}
+
+func (f *fakeNix) Build(ctx context.Context, req nixbuild.Request) (*nixbuild.Result, error) {
+	f.builds.Add(1)
+	if f.gate != nil {
+		select {
+		case <-f.gate:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	if f.fail != nil {
+		return nil, f.fail
+	}
+	glibc := fakePath("glibc-2.36")
+	res := &nixbuild.Result{Closure: []nixbuild.StorePath{{Path: glibc, NarHash: "sha256-glibc", NarSize: 1 << 20}}}
+	for _, name := range req.Packages {
+		p := fakePath(name)
+		res.Packages = append(res.Packages, nixbuild.Package{Name: name, Out: p, Outs: []string{p}})
+		res.Closure = append(res.Closure, nixbuild.StorePath{Path: p, NarHash: "sha256-" + name, NarSize: 1 << 16, References: []string{glibc}})
+	}
+	slices.SortFunc(res.Closure, func(a, b nixbuild.StorePath) int { return strings.Compare(a.Path, b.Path) })
+	return res, nil
+}
+
+func fakePath(name string) string {
+	return "/nix/store/" + digest.FromString(name).Encoded()[:32] + "-" + name
+}
+
+func (f *fakeNix) Hold(context.Context, []string) (*nixbuild.Roots, error) { return nil, nil }
+func (f *fakeNix) Source() nixbuild.Source {
+	s, _ := nixbuild.PathSource("/srv/pkgs")
+	return s
+}
+func (f *fakeNix) CheckTag(tag string) error {
+	if tag != "latest" {
+		return fmt.Errorf("tag %q: %w", tag, errdefs.ErrNotFound)
+	}
+	return nil
+}
+func (f *fakeNix) Tags() []string         { return []string{"latest"} }
+func (f *fakeNix) Timeout() time.Duration { return time.Minute }
+
+// pathsDescriber describes a layer by its paths alone, reading nothing.
+type pathsDescriber struct{ kind string }
+
+func (d pathsDescriber) Key() DescriberKey { return DescriberKey{Kind: "test-paths/1" + d.kind} }
+func (pathsDescriber) Describe(_ context.Context, _ digest.Digest, l *Layer) error {
+	l.Desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: digest.FromString(strings.Join(l.Paths, " ")), Size: int64(len(l.Paths))}
+	return nil
+}
+
+// The Builder without Nix: what it asks of Nix, what it makes of the
+// answer, and what it refuses before asking.
+func TestBuilderWithoutNix(t *testing.T) {
+	ctx := context.Background()
+	nix := &fakeNix{gate: make(chan struct{})}
+	b := NewBuilder(nix, WithAllow([]string{"htop", "git", "shell"}))
+
+	// Two spellings of one image, asked at once by callers that describe
+	// layers apart (so that they share the plan, not the whole build):
+	// one Nix build, one image.
+	var wg sync.WaitGroup
+	imgs := make([]*Image, 2)
+	errs := make([]error, 2)
+	for i, ref := range []string{"nix.local/git/htop", "nix.local/htop/git"} {
+		wg.Add(1)
+		go func() { defer wg.Done(); imgs[i], errs[i] = b.Build(ctx, ref, pathsDescriber{kind: ref}) }()
+	}
+	waitForPlanCallers(t, b, 2)
+	close(nix.gate)
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := nix.builds.Load(); n != 1 {
+		t.Errorf("%d Nix builds for one image", n)
+	}
+	if imgs[0].Manifest.Digest != imgs[1].Manifest.Digest {
+		t.Errorf("one image, two manifests: %s, %s", imgs[0].Manifest.Digest, imgs[1].Manifest.Digest)
+	}
+	if imgs[0].Ref() != "nix.local/git/htop:latest" || imgs[1].Ref() != "nix.local/htop/git:latest" {
+		t.Errorf("refs %s, %s: each caller's own name", imgs[0].Ref(), imgs[1].Ref())
+	}
+	// Every package Nix returned is in a layer, glibc once, and the top
+	// layer is the symlink forest of the packages in image order.
+	img := imgs[0]
+	var all []string
+	for _, l := range img.Layers {
+		all = append(all, l.Paths...)
+	}
+	top := img.Layers[len(img.Layers)-1]
+	if !top.Symlinks || !slices.Contains(top.Paths, fakePath("htop")) || !slices.Contains(top.Paths, fakePath("git")) {
+		t.Errorf("top layer %+v", top)
+	}
+	if n := strings.Count(strings.Join(all, " "), fakePath("glibc-2.36")); n != 1 {
+		t.Errorf("glibc in %d store-path layers", n)
+	}
+	for _, pkg := range []string{"cacert", "iana-etc"} {
+		if !slices.Contains(all, fakePath(pkg)) {
+			t.Errorf("%s not in the image (always added)", pkg)
+		}
+	}
+
+	// Refused before Nix is asked: a package the allow-list leaves out,
+	// a tag that is not served.
+	before := nix.builds.Load()
+	if _, err := b.Build(ctx, "nix.local/jq", pathsDescriber{}); !errdefs.IsPermissionDenied(err) || !strings.Contains(err.Error(), "jq") {
+		t.Errorf("package outside the allow-list: %v", err)
+	}
+	if _, err := b.Build(ctx, "nix.local/htop:other", pathsDescriber{}); !errdefs.IsNotFound(err) {
+		t.Errorf("tag not served: %v", err)
+	}
+	if n := nix.builds.Load(); n != before {
+		t.Errorf("Nix asked %d times for refused requests", n-before)
+	}
+
+	// Nix's errors reach the caller as they are.
+	nix.fail = &nixbuild.NotFoundError{Packages: []string{"htop"}}
+	if _, err := b.Build(ctx, "nix.local/htop", pathsDescriber{}); !errdefs.IsNotFound(err) {
+		t.Errorf("missing package: %v", err)
+	}
+}
+
+// A full queue answers busy at once instead of waiting.
+func TestBuilderQueueFull(t *testing.T) {
+	nix := &fakeNix{gate: make(chan struct{})}
+	defer close(nix.gate)
+	b := NewBuilder(nix, WithMaxBuilds(1), WithMaxQueued(0))
+	go b.Build(context.Background(), "nix.local/htop", pathsDescriber{})
+	waitFor(t, func() bool { return nix.builds.Load() == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := b.Build(ctx, "nix.local/git", pathsDescriber{}); !errdefs.IsResourceExhausted(err) {
+		t.Errorf("a second image with every slot taken and no queue: %v", err)
+	}
+}
