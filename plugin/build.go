@@ -133,8 +133,8 @@ type Image struct {
 	Blobs map[digest.Digest][]byte
 }
 
-// paths are the store paths of the image's layers.
-func (img *Image) paths() []string {
+// Paths are the store paths of the image's layers.
+func (img *Image) Paths() []string {
 	var paths []string
 	for _, l := range img.Layers {
 		paths = append(paths, l.Paths...)
@@ -276,6 +276,20 @@ func NewBuilder(nix Nix, opts ...BuildOpt) *Builder {
 	return b
 }
 
+// Nix is the prepare step the Builder asks.
+func (b *Builder) Nix() Nix { return b.nix }
+
+// Host is the image host of the references the Builder builds.
+func (b *Builder) Host() string { return b.host }
+
+// DigestDescriber describes tar layers by their digests alone, storing
+// nothing (each read once, then remembered in the Builder's cache).
+func (b *Builder) DigestDescriber() Describer { return hashDescriber{b.cache} }
+
+// ReferenceDescriber describes store-path layers as references, for the
+// nix snapshotter, and the symlink layer as next does.
+func ReferenceDescriber(next Describer) Describer { return referenceDescriber{next: next} }
+
 func (b *Builder) say(format string, args ...any) {
 	if b.progress != nil {
 		fmt.Fprintf(b.progress, format+"\n", args...)
@@ -285,15 +299,15 @@ func (b *Builder) say(format string, args ...any) {
 // Parse reads a reference as this Builder does, allow-list and served
 // revisions included.
 func (b *Builder) Parse(ref string) (resolver.Image, error) {
-	img, err := b.parseName(ref)
+	img, err := b.ParseName(ref)
 	if err != nil {
 		return img, err
 	}
 	return img, b.nix.CheckTag(img.Tag)
 }
 
-// parseName reads a reference, allow-list included, whatever its tag.
-func (b *Builder) parseName(ref string) (resolver.Image, error) {
+// ParseName reads a reference, allow-list included, whatever its tag.
+func (b *Builder) ParseName(ref string) (resolver.Image, error) {
 	img, err := resolver.Parse(ref, resolver.WithHost(b.host))
 	if err != nil || b.allow == nil {
 		return img, err

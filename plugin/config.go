@@ -166,6 +166,18 @@ func (d *Duration) UnmarshalText(b []byte) error {
 // MarshalText implements encoding.TextMarshaler.
 func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
 
+// DefaultRegistryAddress is where the distribution endpoint listens: loopback only.
+const DefaultRegistryAddress = "127.0.0.1:8484"
+
+// DefaultRegistrySocket is where the CLI finds the daemon.
+const DefaultRegistrySocket = "/run/nixery-snapshotter/registry.sock"
+
+// DefaultEarlyHeaders is how long a manifest request waits for its build
+// before answering with headers alone: containerd gives up on a response
+// without headers after 30 s (and retries only a few times), while it
+// waits for a body as long as its pull may take.
+const DefaultEarlyHeaders = 20 * time.Second
+
 // DefaultConfig is the configuration without a file.
 func DefaultConfig() Config {
 	ns := os.Getenv("CONTAINERD_NAMESPACE")

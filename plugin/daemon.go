@@ -27,10 +27,10 @@ import (
 // Headers by which the endpoint says whose it is, so that a CLI uses it only
 // for the package source it was asked to use itself.
 const (
-	sourceHeader = "Nixery-Package-Source"
-	hostHeader   = "Nixery-Image-Host"
-	// layersParam asks the endpoint for reference layers (nix snapshotter).
-	layersParam = "nixery-layers"
+	SourceHeader = "Nixery-Package-Source"
+	HostHeader   = "Nixery-Image-Host"
+	// LayersParam asks the endpoint for reference layers (nix snapshotter).
+	LayersParam = "nixery-layers"
 )
 
 // errUntrustedSocket says a socket someone other than root could have made.
@@ -81,8 +81,8 @@ func (d *daemonClient) serves(ctx context.Context, b *Builder) bool {
 	}
 	resp.Body.Close()
 	return resp.StatusCode == http.StatusOK &&
-		resp.Header.Get(sourceHeader) == b.nix.Source().String() &&
-		resp.Header.Get(hostHeader) == b.host
+		resp.Header.Get(SourceHeader) == b.nix.Source().String() &&
+		resp.Header.Get(HostHeader) == b.host
 }
 
 // build asks the daemon for ref's manifest (building it) and its config.
@@ -94,7 +94,7 @@ func (d *daemonClient) build(ctx context.Context, ref string, byReference bool) 
 	name := strings.TrimPrefix(img.Name, hostOf(ref)+"/")
 	q := url.Values{}
 	if byReference {
-		q.Set(layersParam, "reference")
+		q.Set(LayersParam, "reference")
 	}
 	mBytes, mType, err := d.get(ctx, "/v2/"+name+"/manifests/"+img.Tag+"?"+q.Encode())
 	if err != nil {

@@ -41,19 +41,14 @@ var (
 		Namespace: "nixery", Name: "bytes_streamed_total",
 		Help: "Layer bytes streamed (packed, written, or served).",
 	})
-	inflightRequests = promauto.NewGauge(prometheus.GaugeOpts{
-		Namespace: "nixery", Name: "inflight_requests",
-		Help: "Distribution endpoint requests being answered.",
-	})
 	buildInfo = promauto.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: "nixery", Name: "build_info",
 		Help: "1, labelled with this daemon's version.",
 	}, []string{"version"})
-	requestsTotal = promauto.NewCounterVec(prometheus.CounterOpts{
-		Namespace: "nixery", Name: "requests_total",
-		Help: "Distribution endpoint requests by route and status code.",
-	}, []string{"route", "code"})
 )
+
+// Streamed counts layer bytes streamed (bytes_streamed_total), wherever.
+func Streamed(n int64) { bytesStreamed.Add(float64(n)) }
 
 // buildResult names the outcome of a build for the builds_total metric.
 func buildResult(err error) string {

@@ -331,7 +331,7 @@ func (p *Provisioner) fromDaemon(ctx context.Context, ref string, describe Descr
 	var held *nixbuild.Roots
 	hold := sync.OnceValue(func() error {
 		var err error
-		held, err = p.builder.nix.Hold(ctx, img.paths())
+		held, err = p.builder.nix.Hold(ctx, img.Paths())
 		if errdefs.IsNotFound(err) {
 			err = fmt.Errorf("%w: %w", errPathsGone, err)
 		}

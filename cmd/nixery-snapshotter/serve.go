@@ -13,6 +13,7 @@ import (
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/registry"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 )
 
@@ -100,8 +101,8 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		registry := plugin.NewRegistry(images, plugin.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders)))
-		g.Go(func() error { return plugin.ServeRegistry(ctx, registry, cfg.Registry) })
+		endpoint := registry.New(images, registry.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders)))
+		g.Go(func() error { return registry.Serve(ctx, endpoint, cfg.Registry) })
 	}
 	return g.Wait()
 }

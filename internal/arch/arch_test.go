@@ -38,7 +38,8 @@ var tiers = map[string]int{
 	"tarstream":              5, // layers → tar
 	"plugin/snapshot":        6, // tar / store → snapshots
 	"plugin":                 7, // → image → containerd
-	"cmd/nixery-snapshotter": 8,
+	"plugin/registry":        8, // the distribution endpoint
+	"cmd/nixery-snapshotter": 9,
 }
 
 // notPlaced are packages of tests, outside the product's flow.

@@ -1,4 +1,7 @@
-package plugin
+// Package registry is the read-only OCI distribution endpoint through
+// which containerd (CRI, ctr, nerdctl) and registry clients pull the images
+// this node builds.
+package registry
 
 import (
 	"context"
@@ -16,26 +19,17 @@ import (
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/errkind"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 )
-
-// DefaultRegistryAddress is where the distribution endpoint listens: loopback only.
-const DefaultRegistryAddress = "127.0.0.1:8484"
-
-// DefaultRegistrySocket is where the CLI finds the daemon.
-const DefaultRegistrySocket = "/run/nixery-snapshotter/registry.sock"
 
 // maxLogInError bounds the Nix log carried in a registry error message.
 const maxLogInError = 4096
-
-// DefaultEarlyHeaders is how long a manifest request waits for its build
-// before answering with headers alone: containerd gives up on a response
-// without headers after 30 s (and retries only a few times), while it
-// waits for a body as long as its pull may take.
-const DefaultEarlyHeaders = 20 * time.Second
 
 // Registry is a read-only OCI distribution endpoint for node-local pulls:
 // containerd (CRI, ctr, nerdctl) reaches it through a certs.d/hosts.toml
@@ -43,8 +37,8 @@ const DefaultEarlyHeaders = 20 * time.Second
 // A manifest request by tag builds the image; blobs are served by digest,
 // layers streamed from the store on demand.
 type Registry struct {
-	builder      *Builder
-	describe     Describer
+	builder      *plugin.Builder
+	describe     plugin.Describer
 	earlyHeaders time.Duration
 
 	mu    sync.Mutex
@@ -56,7 +50,7 @@ type Registry struct {
 type servedBlob struct {
 	mediaType string
 	data      []byte
-	layer     *Layer
+	layer     *plugin.Layer
 	hold      *imageHold
 }
 
@@ -66,7 +60,7 @@ type servedBlob struct {
 // is taken for the first reader without its deadline, so that a reader
 // who leaves does not fail the others; each reader waits with its own.
 type imageHold struct {
-	nix   Nix
+	nix   plugin.Nix
 	paths []string
 
 	mu    sync.Mutex
@@ -120,12 +114,24 @@ func (h *imageHold) release() {
 	}
 }
 
-// RegistryOpt configures a Registry.
-type RegistryOpt func(*Registry)
+// The endpoint's metrics, in Prometheus' default registry.
+var (
+	inflightRequests = promauto.NewGauge(prometheus.GaugeOpts{
+		Namespace: "nixery", Name: "inflight_requests",
+		Help: "Distribution endpoint requests being answered.",
+	})
+	requestsTotal = promauto.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "nixery", Name: "requests_total",
+		Help: "Distribution endpoint requests by route and status code.",
+	}, []string{"route", "code"})
+)
+
+// Opt configures a Registry.
+type Opt func(*Registry)
 
 // WithEarlyHeaders sets how long a manifest request waits for its build
 // before it answers with headers and sends the manifest when it is built.
-func WithEarlyHeaders(d time.Duration) RegistryOpt {
+func WithEarlyHeaders(d time.Duration) Opt {
 	return func(r *Registry) {
 		if d > 0 {
 			r.earlyHeaders = d
@@ -133,20 +139,20 @@ func WithEarlyHeaders(d time.Duration) RegistryOpt {
 	}
 }
 
-// NewRegistry serves images built by builder.
-func NewRegistry(builder *Builder, opts ...RegistryOpt) *Registry {
-	r := &Registry{builder: builder, describe: hashDescriber{builder.cache}, blobs: map[digest.Digest]servedBlob{}, earlyHeaders: DefaultEarlyHeaders}
+// New serves images built by builder.
+func New(builder *plugin.Builder, opts ...Opt) *Registry {
+	r := &Registry{builder: builder, describe: builder.DigestDescriber(), blobs: map[digest.Digest]servedBlob{}, earlyHeaders: plugin.DefaultEarlyHeaders}
 	for _, opt := range opts {
 		opt(r)
 	}
 	return r
 }
 
-// ServeRegistry serves r until ctx ends: on cfg's TCP address, for
+// Serve serves r until ctx ends: on cfg's TCP address, for
 // containerd (loopback, or TLS with client certificates), and on its unix
 // socket, for this project's CLI (root's only: what answers there is the
 // daemon).
-func ServeRegistry(ctx context.Context, r *Registry, cfg RegistryConfig) error {
+func Serve(ctx context.Context, r *Registry, cfg plugin.RegistryConfig) error {
 	const what = "the distribution endpoint"
 	var listeners []net.Listener
 	closeAll := func() {
@@ -190,7 +196,7 @@ func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 		}).Debug("registry request")
 	}()
 	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
-	w.Header().Set("Nixery-Version", Version())
+	w.Header().Set("Nixery-Version", plugin.Version())
 	if req.Method != http.MethodGet && req.Method != http.MethodHead {
 		writeError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "this registry is read-only: "+req.Method+" is not supported")
 		return
@@ -204,8 +210,8 @@ func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	// Route on the path: containerd adds ?ns=HOST to mirror requests.
 	path := req.URL.Path
 	if path == "/v2/" || path == "/v2" {
-		w.Header().Set(sourceHeader, r.builder.nix.Source().String())
-		w.Header().Set(hostHeader, r.builder.host)
+		w.Header().Set(plugin.SourceHeader, r.builder.Nix().Source().String())
+		w.Header().Set(plugin.HostHeader, r.builder.Host())
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = io.WriteString(w, "{}")
 		return
@@ -236,11 +242,11 @@ func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 // tags lists the tags of an image: the revisions served that can be
 // listed (skopeo and crane ask before anything else). Nothing is built.
 func (r *Registry) tags(w http.ResponseWriter, req *http.Request, name string) {
-	if _, err := r.builder.parseName(r.builder.host + "/" + name); err != nil {
+	if _, err := r.builder.ParseName(r.builder.Host() + "/" + name); err != nil {
 		writeBuildError(req.Context(), w, err)
 		return
 	}
-	tags := r.builder.nix.Tags()
+	tags := r.builder.Nix().Tags()
 	q := req.URL.Query()
 	if last := q.Get("last"); last != "" {
 		i, _ := slices.BinarySearch(tags, last)
@@ -285,16 +291,16 @@ func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref 
 		return
 	}
 	type result struct {
-		img *Image
+		img *plugin.Image
 		err error
 	}
-	var describe Describer = r.describe
-	if req.URL.Query().Get(layersParam) == "reference" {
-		describe = referenceDescriber{next: r.describe}
+	describe := r.describe
+	if req.URL.Query().Get(plugin.LayersParam) == "reference" {
+		describe = plugin.ReferenceDescriber(r.describe)
 	}
 	built := make(chan result, 1)
 	go func() {
-		img, err := r.builder.Build(ctx, r.builder.host+"/"+name+":"+ref, describe)
+		img, err := r.builder.Build(ctx, r.builder.Host()+"/"+name+":"+ref, describe)
 		built <- result{img, err}
 	}()
 	var res result
@@ -337,7 +343,7 @@ func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref 
 }
 
 // remember makes img's blobs servable by digest.
-func (r *Registry) remember(img *Image) {
+func (r *Registry) remember(img *plugin.Image) {
 	r.mu.Lock()
 	for d, b := range img.Blobs {
 		mt := ""
@@ -349,7 +355,7 @@ func (r *Registry) remember(img *Image) {
 		}
 		r.blobs[d] = servedBlob{mediaType: mt, data: b}
 	}
-	hold := &imageHold{nix: r.builder.nix, paths: img.paths()}
+	hold := &imageHold{nix: r.builder.Nix(), paths: img.Paths()}
 	for _, l := range img.Layers {
 		if l.Blob == nil {
 			r.blobs[l.Desc.Digest] = servedBlob{mediaType: l.Desc.MediaType, layer: l, hold: hold}
@@ -417,7 +423,7 @@ func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Dige
 	go func() { pw.CloseWithError(l.WriteTarFrom(pw, start)) }()
 	defer pr.Close()
 	n, err := io.CopyN(listen.NewStallWriter(w, listen.WriteStall), pr, end-start)
-	bytesStreamed.Add(float64(n))
+	plugin.Streamed(n)
 	if err != nil {
 		log.G(req.Context()).WithError(err).WithField("digest", d).Warn("streaming layer")
 	}

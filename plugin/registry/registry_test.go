@@ -1,4 +1,4 @@
-package plugin
+package registry
 
 import (
 	"net/http"
@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 )
 
 // newTestRegistry serves a registry whose Nix is missing: every build fails
@@ -18,7 +19,7 @@ func newTestRegistry(t testing.TB) *Registry {
 	}
 	nix := nixbuild.New(src, nixbuild.WithBinDir(t.TempDir()))
 	t.Cleanup(func() { nix.Close() })
-	return NewRegistry(NewBuilder(nix))
+	return New(plugin.NewBuilder(nix))
 }
 
 func FuzzRegistryRoutes(f *testing.F) {
