@@ -1,6 +1,6 @@
-// Package plugin is everything containerd-facing: it builds images from Nix
-// packages, registers them in containerd, serves them over a loopback
-// distribution endpoint, and serves the nix snapshotter.
+// Package plugin builds images from Nix packages, registers and unpacks
+// them in containerd, and serves the nix snapshotter (the distribution
+// endpoint is plugin/registry).
 package plugin
 
 import (

@@ -27,12 +27,12 @@ type Kind struct {
 }
 
 // table is matched in order: the first row whose test holds is the kind.
+// What was found comes before a timeout: an answer that arrived as the
+// deadline passed (wrapped in it) is still that answer.
 var table = []struct {
 	is   func(error) bool
 	kind Kind
 }{
-	{func(err error) bool { return errors.Is(err, context.DeadlineExceeded) },
-		Kind{Result: "timeout", Status: http.StatusInternalServerError, Code: "UNKNOWN", Internal: true}},
 	// Not a package: the image names something that is not one, as a tag
 	// a registry does not have.
 	{func(err error) bool { return errors.As(err, new(*nixbuild.NotPackageError)) },
@@ -47,6 +47,8 @@ var table = []struct {
 		Kind{Result: "invalid", Status: http.StatusForbidden, Code: "DENIED"}},
 	{errdefs.IsResourceExhausted,
 		Kind{Result: "busy", Status: http.StatusTooManyRequests, Code: "TOOMANYREQUESTS", Retry: true}},
+	{func(err error) bool { return errors.Is(err, context.DeadlineExceeded) },
+		Kind{Result: "timeout", Status: http.StatusInternalServerError, Code: "UNKNOWN", Internal: true}},
 }
 
 // failed is every other error's kind.

@@ -26,6 +26,10 @@ func TestOf(t *testing.T) {
 		{fmt.Errorf("not allowed: %w", errdefs.ErrPermissionDenied), "invalid", "DENIED", 403, false, false},
 		{fmt.Errorf("queue full: %w", errdefs.ErrResourceExhausted), "busy", "TOOMANYREQUESTS", 429, true, false},
 		{&nixbuild.BuildError{Stage: "build", Err: errors.New("exit 1")}, "failed", "UNKNOWN", 500, false, true},
+		// A timed-out Nix is a timeout; an answer that came as the
+		// deadline passed is that answer.
+		{fmt.Errorf("%w (%w)", context.DeadlineExceeded, &nixbuild.BuildError{Stage: "build", Err: errors.New("killed")}), "timeout", "UNKNOWN", 500, false, true},
+		{fmt.Errorf("%w (%w)", context.DeadlineExceeded, &nixbuild.RefusedError{Packages: []string{"x"}}), "refused", "DENIED", 403, false, false},
 		{errors.New("anything"), "failed", "UNKNOWN", 500, false, true},
 	} {
 		k := Of(tc.err)
@@ -33,9 +37,9 @@ func TestOf(t *testing.T) {
 			t.Errorf("Of(%v) = %+v", tc.err, k)
 		}
 		// What a client reads back is the kind it was, where errdefs has
-		// one.
-		if back := FromCode(k.Code); !tc.logIt && errdefs.IsUnknown(back) {
-			t.Errorf("code %s reads back as unknown", k.Code)
+		// one: the same code again.
+		if back := FromCode(k.Code); !tc.logIt && (errdefs.IsUnknown(back) || Of(back).Code != k.Code) {
+			t.Errorf("code %s reads back as %v, which is code %s", k.Code, back, Of(back).Code)
 		}
 	}
 }

@@ -1,6 +1,9 @@
 package snapmount
 
 import (
+	"context"
+	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 
@@ -26,5 +29,38 @@ func TestWritable(t *testing.T) {
 		if dir != tc.dir || !slices.Equal(lowers, tc.lowers) || overlay != tc.overlay {
 			t.Errorf("%s: %q %q %v, want %q %q %v", tc.name, dir, lowers, overlay, tc.dir, tc.lowers, tc.overlay)
 		}
+	}
+}
+
+type remover struct {
+	removed []string
+	ctxErr  error
+}
+
+func (r *remover) Remove(ctx context.Context, key string) error {
+	r.removed, r.ctxErr = append(r.removed, key), ctx.Err()
+	return nil
+}
+
+// A failed snapshot's files go first, its directory stays for the
+// snapshotter to remove, and the removal happens even when the request
+// that failed was cancelled.
+func TestDiscard(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "nix", "store", "x"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "file"), []byte("x"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var sn remover
+	Discard(ctx, &sn, "extract-1", []mount.Mount{{Type: "bind", Source: dir, Options: []string{"rw"}}})
+	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
+		t.Errorf("left %v in the snapshot's directory (%v)", entries, err)
+	}
+	if !slices.Equal(sn.removed, []string{"extract-1"}) || sn.ctxErr != nil {
+		t.Errorf("removed %v with a context ending in %v", sn.removed, sn.ctxErr)
 	}
 }

@@ -109,12 +109,16 @@ func (m *materializer) materialize(ctx context.Context, dir string, paths []stri
 // links (or copies), directories and symlinks made as the tar layer would
 // make them (tarstream.WalkStorePath).
 func (m *materializer) tree(dir, p string) error {
-	var dirs []string
+	type made struct {
+		path string
+		mode fs.FileMode
+	}
+	var dirs []made
 	err := tarstream.WalkStorePath(m.root, p, func(e tarstream.Entry) error {
 		target := filepath.Join(dir, e.Path)
 		switch e.Type {
 		case fs.ModeDir:
-			dirs = append(dirs, target)
+			dirs = append(dirs, made{target, e.Mode})
 			return os.Mkdir(target, 0o755)
 		case fs.ModeSymlink:
 			if err := os.Symlink(e.Target, target); err != nil {
@@ -126,7 +130,7 @@ func (m *materializer) tree(dir, p string) error {
 			epoch := unix.NsecToTimeval(tarstream.Epoch.UnixNano())
 			return unix.Lutimes(target, []unix.Timeval{epoch, epoch})
 		default:
-			return m.file(e.Source, target)
+			return m.file(e.Source, target, e.Mode)
 		}
 	})
 	if err != nil {
@@ -135,17 +139,18 @@ func (m *materializer) tree(dir, p string) error {
 	// Directories last, deepest first: read-only and with the store's
 	// mtime, as the tar layer would make them.
 	for i := len(dirs) - 1; i >= 0; i-- {
-		if err := os.Chmod(dirs[i], tarstream.DirMode); err != nil {
+		if err := os.Chmod(dirs[i].path, dirs[i].mode); err != nil {
 			return err
 		}
-		if err := os.Chtimes(dirs[i], tarstream.Epoch, tarstream.Epoch); err != nil {
+		if err := os.Chtimes(dirs[i].path, tarstream.Epoch, tarstream.Epoch); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func (m *materializer) file(src, dst string) error {
+// file links src to dst, or copies it there with mode.
+func (m *materializer) file(src, dst string, mode fs.FileMode) error {
 	if !m.copyOnly.Load() {
 		err := m.linker.Link(src, dst)
 		switch {
@@ -161,22 +166,17 @@ func (m *materializer) file(src, dst string) error {
 	}
 	m.copied.Add(1)
 	filesCopied.Inc()
-	return copyFile(src, dst)
+	return copyFile(src, dst, mode)
 }
 
 // copyFile clones src to dst where the filesystem can share extents, and
-// copies it otherwise, with the store's mode and mtime.
-func copyFile(src, dst string) error {
+// copies it otherwise, with mode and the store's mtime.
+func copyFile(src, dst string, mode fs.FileMode) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
 	}
 	defer in.Close()
-	info, err := in.Stat()
-	if err != nil {
-		return err
-	}
-	mode := tarstream.Mode(info.Mode())
 	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
 	if err != nil {
 		return err

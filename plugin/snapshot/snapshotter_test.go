@@ -451,9 +451,13 @@ func TestMaterialisedLayerIsTheTar(t *testing.T) {
 	testutil.RequireRoot(t)
 	store := fakeStore(t)
 	paths := []string{glibc, htop}
-	linked := t.TempDir()
+	linked, copied := t.TempDir(), t.TempDir()
 	m := newMaterializer(context.Background(), store, linked)
 	if err := m.materialize(context.Background(), linked, paths); err != nil {
+		t.Fatal(err)
+	}
+	m.copyOnly.Store(true)
+	if err := m.materialize(context.Background(), copied, paths); err != nil {
 		t.Fatal(err)
 	}
 	unpacked := t.TempDir()
@@ -462,9 +466,12 @@ func TestMaterialisedLayerIsTheTar(t *testing.T) {
 	if _, err := archive.Apply(context.Background(), unpacked, pr); err != nil {
 		t.Fatal(err)
 	}
-	a, b := describeTree(t, linked), describeTree(t, unpacked)
+	a, b, c := describeTree(t, linked), describeTree(t, unpacked), describeTree(t, copied)
 	if !maps.Equal(a, b) {
 		t.Errorf("materialised:\n%v\nunpacked tar:\n%v", a, b)
+	}
+	if !maps.Equal(c, b) {
+		t.Errorf("materialised by copies:\n%v\nunpacked tar:\n%v", c, b)
 	}
 	if len(a) < 8 {
 		t.Errorf("compared only %d entries", len(a))
