@@ -105,6 +105,9 @@ func TestShape(t *testing.T) {
 			continue
 		}
 		for _, dep := range imports[pkg] {
+			if notPlaced[dep] {
+				t.Errorf("%s imports %s, which is for tests", pkg, dep)
+			}
 			if dt, ok := tiers[dep]; ok && dt >= tier {
 				t.Errorf("%s (tier %d) imports %s (tier %d): imports point down the data flow only", pkg, tier, dep, dt)
 			}
