@@ -91,7 +91,10 @@ func (d *daemon) start(config string) {
 	go func(cmd *exec.Cmd, exited chan struct{}) { cmd.Wait(); close(exited) }(d.cmd, d.exited)
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		if fi, err := os.Stat(d.address); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		// Both answer: a killed daemon leaves its socket file behind, so
+		// that the file exists says nothing.
+		if c, err := net.Dial("unix", d.address); err == nil {
+			c.Close()
 			if c, err := net.Dial("tcp", d.http); err == nil {
 				c.Close()
 				return
