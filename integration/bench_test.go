@@ -18,8 +18,9 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
-	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
 
 // benchMiB is the size of the synthetic package in the provisioning

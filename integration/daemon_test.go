@@ -21,7 +21,7 @@ type daemon struct {
 	dir     string
 	address string
 	http    string // the distribution endpoint's host:port
-	socket  string // and its unix socket, the CLI's way in
+	socket  string // its API's unix socket, the CLI's way in
 	metrics string // host:port of /metrics and /healthz
 	root    string
 	gcRoots string
@@ -58,7 +58,7 @@ func newDaemon(t testing.TB) *daemon {
 		http:    freePort(t),
 		metrics: freePort(t),
 		address: filepath.Join(dir, "run", "nix.sock"),
-		socket:  filepath.Join(dir, "run", "registry.sock"),
+		socket:  filepath.Join(dir, "run", "api.sock"),
 		root:    filepath.Join(dir, "root"),
 		gcRoots: gcRoots,
 	}
@@ -91,14 +91,10 @@ func (d *daemon) start(config string) {
 	go func(cmd *exec.Cmd, exited chan struct{}) { cmd.Wait(); close(exited) }(d.cmd, d.exited)
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		// Both answer: a killed daemon leaves its socket file behind, so
-		// that the file exists says nothing.
-		if c, err := net.Dial("unix", d.address); err == nil {
-			c.Close()
-			if c, err := net.Dial("tcp", d.http); err == nil {
-				c.Close()
-				return
-			}
+		// All answer: a killed daemon leaves its socket files behind, so
+		// that a file exists says nothing.
+		if d.answers("unix", d.address) && d.answers("tcp", d.http) && d.answers("unix", d.socket) {
+			return
 		}
 		select {
 		case <-d.exited:
@@ -110,6 +106,15 @@ func (d *daemon) start(config string) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// answers reports whether something accepts connections at address.
+func (d *daemon) answers(network, address string) bool {
+	c, err := net.Dial(network, address)
+	if err == nil {
+		c.Close()
+	}
+	return err == nil
 }
 
 func (d *daemon) log() string {

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -157,10 +159,11 @@ func (e *env) writeConfig(pkgs string) {
 		}
 		cfg["snapshotter"] = map[string]any{"root": e.root}
 		// No daemon to build in (nor one of the host's).
-		cfg["registry"] = map[string]any{"socket": ""}
+		cfg["api"] = map[string]any{"socket": ""}
 	} else {
 		cfg["snapshotter"] = map[string]any{"address": d.address, "root": d.root, "gc_roots_dir": d.gcRoots, "trust_other_images": d.trustOthers}
-		cfg["registry"] = map[string]any{"address": d.http, "socket": d.socket}
+		cfg["registry"] = map[string]any{"address": d.http}
+		cfg["api"] = map[string]any{"socket": d.socket}
 		if d.tls != nil {
 			cfg["registry"].(map[string]any)["tls_cert"] = d.tls.ServerCert
 			cfg["registry"].(map[string]any)["tls_key"] = d.tls.ServerKey
@@ -381,3 +384,22 @@ var htopVersion = sync.OnceValue(func() string {
 	}
 	return strings.SplitN(string(version), "\n", 2)[0]
 })
+
+// scriptPackages is a package set of the test set and, by attribute, a
+// derivation for each script, which runs in bash and is built afresh in
+// every test (salted): a build that logs, fails or takes its time.
+func scriptPackages(t testing.TB, scripts map[string]string) string {
+	t.Helper()
+	salt := time.Now().String()
+	var attrs strings.Builder
+	for _, attr := range slices.Sorted(maps.Keys(scripts)) {
+		fmt.Fprintf(&attrs, "  %s = derivation { name = %q; inherit system; builder = \"/bin/bash\"; PATH = \"/usr/bin:/bin\"; args = [ \"-c\" %q ]; salt = %q; };\n",
+			attr, attr+"-1.0", scripts[attr], salt)
+	}
+	dir := t.TempDir()
+	src := "{ system ? builtins.currentSystem, ... }:\nimport " + testutil.TestPkgs() + " { inherit system; } // {\n" + attrs.String() + "}\n"
+	if err := os.WriteFile(filepath.Join(dir, "default.nix"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}

@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
@@ -208,18 +207,7 @@ func TestPullMissingPackages(t *testing.T) {
 
 func TestPullBuildFailure(t *testing.T) {
 	e := newEnv(t)
-	dir := t.TempDir()
-	src := `{ system ? builtins.currentSystem, ... }:
-import ` + testutil.TestPkgs() + ` { inherit system; } // {
-  broken = derivation {
-    name = "broken-1.0"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin";
-    args = [ "-c" "echo compiling >&2; echo 'error: the-marker-of-failure' >&2; exit 2" ];
-    salt = "` + time.Now().String() + `";
-  };
-}`
-	if err := os.WriteFile(filepath.Join(dir, "default.nix"), []byte(src), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	dir := scriptPackages(t, map[string]string{"broken": "echo compiling >&2; echo 'error: the-marker-of-failure' >&2; exit 2"})
 	e.writeConfig(dir)
 	_, stderr, err := e.pull("nix.local/htop/broken")
 	if err == nil {
@@ -462,5 +450,45 @@ func TestPullGitSource(t *testing.T) {
 	e.mustPull("--pkgs-git", "file://"+repo, "nix.local/htop:"+first)
 	if out := e.run("nix.local/htop:"+first, "htop", "--version"); !strings.Contains(out, htopVersion()) {
 		t.Errorf("htop --version printed %q", out)
+	}
+}
+
+// pull against a running daemon shows what the daemon does as it does it,
+// as pull does when it builds by itself: Nix's build log, then each
+// layer, then the result.
+func TestPullInDaemonShowsProgress(t *testing.T) {
+	dir := scriptPackages(t, map[string]string{"loud": "echo the-marker-of-building >&2; mkdir -p $out/bin; echo loud > $out/bin/loud"})
+	e := newNixEnv(t, withPkgs(dir))
+	stdout, stderr, err := e.pull("nix.local/htop/loud")
+	if err != nil {
+		t.Fatalf("pull: %v\n%s", err, stderr)
+	}
+	if !strings.HasPrefix(stdout, "nix.local/htop/loud:latest sha256:") {
+		t.Errorf("stdout %q", stdout)
+	}
+	t.Logf("pull:\n%s", stderr)
+	lines := strings.Split(stderr, "\n")
+	at := func(match func(string) bool, what string) int {
+		i := slices.IndexFunc(lines, match)
+		if i < 0 {
+			t.Fatalf("stderr shows no %s:\n%s", what, stderr)
+		}
+		return i
+	}
+	daemon := at(func(l string) bool { return strings.Contains(l, "building in the daemon on "+e.daemon.socket) }, "build in the daemon")
+	nixLog := at(func(l string) bool {
+		return strings.HasPrefix(l, "  nix:") && strings.Contains(l, "the-marker-of-building")
+	}, "Nix build log")
+	layer := at(func(l string) bool { return strings.Contains(l, "layer 1/") }, "first layer")
+	last := at(func(l string) bool { return strings.Contains(l, "symlinks") && strings.Contains(l, "layer ") }, "symlink layer")
+	done := at(func(l string) bool { return strings.Contains(l, ": done in ") }, "end")
+	if !(daemon < nixLog && nixLog < layer && layer < last && last < done) {
+		t.Errorf("progress out of order (daemon %d, nix %d, layer %d, symlinks %d, done %d):\n%s", daemon, nixLog, layer, last, done, stderr)
+	}
+	if n := strings.Count(stderr, "the-marker-of-building"); n != 1 {
+		t.Errorf("Nix's log line shown %d times:\n%s", n, stderr)
+	}
+	if !strings.Contains(e.daemon.log(), "building for the CLI") {
+		t.Error("the daemon's log does not show it built for the CLI")
 	}
 }

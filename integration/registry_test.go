@@ -99,18 +99,7 @@ func TestRegistryPull(t *testing.T) {
 }
 
 func TestRegistryErrors(t *testing.T) {
-	dir := t.TempDir()
-	src := `{ system ? builtins.currentSystem, ... }:
-import ` + testutil.TestPkgs() + ` { inherit system; } // {
-  broken = derivation {
-    name = "broken-2.0"; inherit system; builder = "/bin/bash"; PATH = "/usr/bin:/bin";
-    args = [ "-c" "echo 'error: marker-of-the-broken-build' >&2; exit 1" ];
-    salt = "` + time.Now().String() + `";
-  };
-}`
-	if err := os.WriteFile(filepath.Join(dir, "default.nix"), []byte(src), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	dir := scriptPackages(t, map[string]string{"broken": "echo 'error: marker-of-the-broken-build' >&2; exit 1"})
 	e := newNixEnv(t, withPkgs(dir))
 	base := "http://" + e.daemon.http
 

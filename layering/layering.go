@@ -4,10 +4,12 @@ package layering
 
 import (
 	"cmp"
+	"encoding/json"
 	"fmt"
 	"slices"
 
 	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
 	"gonum.org/v1/gonum/graph/simple"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
@@ -32,8 +34,8 @@ const (
 // stores the fewest bytes for a sequence of different images.
 const DefaultAlgorithm = AutoLayer
 
-// Layer is a group of store paths that go into one image layer.
-type Layer struct {
+// PathGroup is a group of store paths that go into one image layer.
+type PathGroup struct {
 	Paths []string // sorted
 	Size  int64    // sum of the paths' NAR sizes
 }
@@ -58,6 +60,27 @@ func WithAlgorithm(a Algorithm) Opt { return func(o *options) { o.algorithm = a 
 // file). Without it, being needed by several paths of the closure counts.
 func WithPopularity(p map[string]int) Opt { return func(o *options) { o.popularity = p } }
 
+func applied(opts []Opt) options {
+	o := options{budget: DefaultBudget, algorithm: DefaultAlgorithm}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return o
+}
+
+// Identity says what opts make Group do, as a value that is equal exactly
+// when they group alike (a cached image is keyed by it): the budget, the
+// algorithm, and the popularity data by digest.
+func Identity(opts ...Opt) string {
+	o := applied(opts)
+	id := fmt.Sprintf("%s budget=%d", o.algorithm, o.budget)
+	if o.popularity != nil {
+		b, _ := json.Marshal(o.popularity) // keys sorted: the same map, the same bytes
+		id += " popularity=" + digest.FromBytes(b).String()
+	}
+	return id
+}
+
 // Group splits the closure of roots into layers with the chosen algorithm.
 // Layers come base first: by the height of their paths in the reference
 // graph (libc and data-only packages like cacert at 0, what is built on
@@ -65,11 +88,8 @@ func WithPopularity(p map[string]int) Opt { return func(o *options) { o.populari
 // chain of layers below them, so a common prefix is what another image
 // reuses, and a path's height — unlike how much one image shares it — is
 // the same in every image.
-func Group(roots []string, closure []nixbuild.StorePath, opts ...Opt) ([]Layer, error) {
-	o := options{budget: DefaultBudget, algorithm: DefaultAlgorithm}
-	for _, opt := range opts {
-		opt(&o)
-	}
+func Group(roots []string, closure []nixbuild.StorePath, opts ...Opt) ([]PathGroup, error) {
+	o := applied(opts)
 	if o.budget < 1 {
 		return nil, fmt.Errorf("layer budget %d: must be at least 1: %w", o.budget, errdefs.ErrInvalidArgument)
 	}
@@ -205,7 +225,7 @@ func (g *graph) size(n int64) int64 { return g.paths[n-1].NarSize }
 
 // order sorts groups base first (see Group), merges what exceeds the
 // budget into the last layer, and returns them as Layers.
-func (g *graph) order(groups [][]int64, budget int) []Layer {
+func (g *graph) order(groups [][]int64, budget int) []PathGroup {
 	type ranked struct {
 		nodes  []int64
 		height int
@@ -247,14 +267,14 @@ func (g *graph) order(groups [][]int64, budget int) []Layer {
 		}
 		rs = append(rs[:budget-1], merged)
 	}
-	out := make([]Layer, len(rs))
+	out := make([]PathGroup, len(rs))
 	for i, r := range rs {
 		paths := make([]string, len(r.nodes))
 		for j, n := range r.nodes {
 			paths[j] = g.paths[n-1].Path
 		}
 		slices.Sort(paths)
-		out[i] = Layer{Paths: paths, Size: r.size}
+		out[i] = PathGroup{Paths: paths, Size: r.size}
 	}
 	return out
 }

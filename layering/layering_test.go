@@ -25,7 +25,7 @@ func closureOf(spec ...string) []nixbuild.StorePath {
 	return out
 }
 
-func paths(layers []Layer) [][]string {
+func paths(layers []PathGroup) [][]string {
 	var out [][]string
 	for _, l := range layers {
 		out = append(out, l.Paths)
@@ -261,5 +261,28 @@ func BenchmarkGroup(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// Options that group alike have one identity; any that differ, another.
+func TestIdentity(t *testing.T) {
+	same := [][]Opt{nil, {WithAlgorithm(DefaultAlgorithm)}, {WithBudget(DefaultBudget)}}
+	for _, opts := range same {
+		if got, want := Identity(opts...), Identity(); got != want {
+			t.Errorf("Identity(%d opts) = %q, want %q", len(opts), got, want)
+		}
+	}
+	seen := map[string]bool{}
+	for _, opts := range [][]Opt{nil, {WithBudget(3)}, {WithAlgorithm(Nixery)},
+		{WithAlgorithm(Nixery), WithPopularity(map[string]int{"glibc": 9})},
+		{WithAlgorithm(Nixery), WithPopularity(map[string]int{"glibc": 8})}} {
+		id := Identity(opts...)
+		if seen[id] {
+			t.Errorf("identity %q of different options", id)
+		}
+		seen[id] = true
+	}
+	if Identity(WithPopularity(map[string]int{"a": 1, "b": 2})) != Identity(WithPopularity(map[string]int{"b": 2, "a": 1})) {
+		t.Error("one popularity map, two identities")
 	}
 }

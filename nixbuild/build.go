@@ -87,7 +87,6 @@ type Builder struct {
 	options   map[string]string
 	binDir    string
 	logLines  int
-	progress  func(line string)
 	workDir   string
 	settings  string   // prepare.nix's settings: nixpkgs config and overlays, JSON
 	overlays  []string // which evaluation may read
@@ -122,9 +121,6 @@ func WithOptions(options map[string]string) Opt {
 
 // WithBinDir runs Nix's commands from dir instead of looking them up in PATH.
 func WithBinDir(dir string) Opt { return func(b *Builder) { b.binDir = dir } }
-
-// WithProgress receives every line Nix writes to stderr (build logs).
-func WithProgress(f func(line string)) Opt { return func(b *Builder) { b.progress = f } }
 
 // WithLogTail sets how many of Nix's last log lines a BuildError carries.
 func WithLogTail(lines int) Opt { return func(b *Builder) { b.logLines = lines } }
@@ -218,14 +214,16 @@ func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
 
 // evaluation is what prepare.nix's `result` says.
 type evaluation struct {
-	Missing     []string `json:"missing"`
-	NotPackages []string `json:"notPackages"`
-	Refused     []string `json:"refused"`
-	Packages    []struct {
-		Name        string   `json:"name"`
-		Outs        []string `json:"outs"`
-		MainProgram string   `json:"mainProgram"`
-	} `json:"packages"`
+	Missing     []string           `json:"missing"`
+	NotPackages []string           `json:"notPackages"`
+	Refused     []string           `json:"refused"`
+	Packages    []evaluatedPackage `json:"packages"`
+}
+
+type evaluatedPackage struct {
+	Name        string   `json:"name"`
+	Outs        []string `json:"outs"`
+	MainProgram string   `json:"mainProgram"`
 }
 
 // build evaluates the request read-only (nothing is written to the store
@@ -243,44 +241,9 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		return nil, err
 	}
 	defer release()
-	source, err := src.argument(req.Tag)
+	ev, err := b.evaluate(ctx, src, expr, req)
 	if err != nil {
 		return nil, err
-	}
-	pkgJSON, err := json.Marshal(req.Packages)
-	if err != nil {
-		return nil, err
-	}
-	eval, err := b.evalArgs(src, expr, req.Tag,
-		"--argstr", "source", source,
-		"--argstr", "packages", string(pkgJSON),
-		"--argstr", "system", req.System,
-		"--argstr", "settings", b.settings)
-	if err != nil {
-		return nil, err
-	}
-	log.G(ctx).WithFields(log.Fields{"packages": req.Packages, "system": req.System, "source": b.source.String()}).Info("evaluating packages")
-	env := b.evalEnv(src, req.Tag)
-	out, err := b.runEnv(ctx, env, "evaluate", "nix-instantiate", append([]string{"--eval", "--strict", "--json", "-A", "result"}, eval...)...)
-	var be *BuildError
-	if lookup := b.source.lookup(); errors.As(err, &be) && lookup != "" && strings.Contains(be.Log, "'"+lookup+"' was not found in the Nix search path") {
-		return nil, &NoSourceError{Lookup: lookup}
-	}
-	if err != nil {
-		return nil, err
-	}
-	var found evaluation
-	if err := json.Unmarshal(out, &found); err != nil {
-		return nil, &BuildError{Stage: "evaluate", Err: fmt.Errorf("reading evaluation result: %w", err)}
-	}
-	if len(found.Missing) > 0 {
-		return nil, &NotFoundError{Packages: found.Missing}
-	}
-	if len(found.NotPackages) > 0 {
-		return nil, &NotPackageError{Attributes: found.NotPackages}
-	}
-	if len(found.Refused) > 0 {
-		return nil, b.refusal(ctx, env, eval, found.Refused)
 	}
 
 	res := &Result{}
@@ -292,8 +255,82 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 			res.Release()
 		}
 	}()
+	outs, err := res.addPackages(ev.found.Packages)
+	if err != nil {
+		return nil, err
+	}
+	rooted, err := b.rootIfValid(ctx, res.roots.dir, outs)
+	if err != nil {
+		return nil, err
+	}
+	if !rooted {
+		if err := b.realisePackages(ctx, res.roots.dir, ev.env, ev.args, outs); err != nil {
+			return nil, err
+		}
+	}
+	if res.Closure, err = b.closure(ctx, outs); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// evaluated is a request's packages as the package set has them, and how
+// it was asked (which realising them and asking why it refuses some reuse).
+type evaluated struct {
+	found evaluation
+	env   []string
+	args  []string
+}
+
+// evaluate looks req's packages up in the package set src, read-only:
+// those it lacks, those that are no packages and those it refuses are
+// errors naming every one of them.
+func (b *Builder) evaluate(ctx context.Context, src Source, expr string, req Request) (evaluated, error) {
+	source, err := src.argument(req.Tag)
+	if err != nil {
+		return evaluated{}, err
+	}
+	pkgJSON, err := json.Marshal(req.Packages)
+	if err != nil {
+		return evaluated{}, err
+	}
+	ev := evaluated{env: b.evalEnv(src, req.Tag)}
+	ev.args, err = b.evalArgs(src, expr, req.Tag,
+		"--argstr", "source", source,
+		"--argstr", "packages", string(pkgJSON),
+		"--argstr", "system", req.System,
+		"--argstr", "settings", b.settings)
+	if err != nil {
+		return evaluated{}, err
+	}
+	log.G(ctx).WithFields(log.Fields{"packages": req.Packages, "system": req.System, "source": b.source.String()}).Info("evaluating packages")
+	out, err := b.runEnv(ctx, ev.env, "evaluate", "nix-instantiate", append([]string{"--eval", "--strict", "--json", "-A", "result"}, ev.args...)...)
+	var be *BuildError
+	if lookup := b.source.lookup(); errors.As(err, &be) && lookup != "" && strings.Contains(be.Log, "'"+lookup+"' was not found in the Nix search path") {
+		return evaluated{}, &NoSourceError{Lookup: lookup}
+	}
+	if err != nil {
+		return evaluated{}, err
+	}
+	if err := json.Unmarshal(out, &ev.found); err != nil {
+		return evaluated{}, &BuildError{Stage: "evaluate", Err: fmt.Errorf("reading evaluation result: %w", err)}
+	}
+	switch found := ev.found; {
+	case len(found.Missing) > 0:
+		return evaluated{}, &NotFoundError{Packages: found.Missing}
+	case len(found.NotPackages) > 0:
+		return evaluated{}, &NotPackageError{Attributes: found.NotPackages}
+	case len(found.Refused) > 0:
+		return evaluated{}, b.refusal(ctx, ev.env, ev.args, found.Refused)
+	}
+	return ev, nil
+}
+
+// addPackages adds the packages evaluation found to res, checking that
+// their outputs are store paths, and returns those outputs, sorted.
+func (res *Result) addPackages(found []evaluatedPackage) ([]string, error) {
 	var outs []string
-	for _, p := range found.Packages {
+	for _, p := range found {
 		if len(p.Outs) == 0 {
 			return nil, &BuildError{Stage: "evaluate", Err: fmt.Errorf("package %s has none of the outputs it says to install", p.Name)}
 		}
@@ -303,28 +340,22 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		res.Packages = append(res.Packages, Package{Name: p.Name, Outs: p.Outs, Out: p.Outs[0], MainProgram: p.MainProgram})
 		outs = append(outs, p.Outs...)
 	}
-	outs = slices.Compact(slices.Sorted(slices.Values(outs)))
+	return slices.Compact(slices.Sorted(slices.Values(outs))), nil
+}
 
-	rooted, err := b.rootIfValid(ctx, res.roots.dir, outs)
-	if err != nil {
-		return nil, err
-	}
-	if !rooted {
-		if err := b.realisePackages(ctx, res.roots.dir, env, eval, outs); err != nil {
-			return nil, err
-		}
-	}
-
+// closure is the closure of outs, every path with its references and NAR
+// hash and size.
+func (b *Builder) closure(ctx context.Context, outs []string) ([]StorePath, error) {
 	query := append([]string{"--extra-experimental-features", "nix-command", "path-info", "--json"}, b.pathInfoFormat(ctx)...)
 	info, err := b.run(ctx, "query", "nix", b.args(append(append(query, "--recursive", "--"), outs...)...)...)
 	if err != nil {
 		return nil, err
 	}
-	res.Closure, err = parsePathInfo(info)
+	closure, err := parsePathInfo(info)
 	if err != nil {
 		return nil, &BuildError{Stage: "query", Err: err}
 	}
-	return res, nil
+	return closure, nil
 }
 
 // refusal asks the package set why it refuses each of packages (one

@@ -13,6 +13,7 @@ import (
 
 	"github.com/containerd/errdefs"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
 
@@ -458,13 +459,14 @@ func TestBuildNoSource(t *testing.T) {
 	}
 }
 
-// With a person watching Nix's log (WithProgress), the error does not
+// With a person watching Nix's log (a progress sink), the error does not
 // print its end again.
 func TestBuildErrorShownLog(t *testing.T) {
 	dir := writePkgs(t, `bad = abort "this package was removed";`)
 	var lines []string
-	b := newTestBuilder(t, dir, WithProgress(func(l string) { lines = append(lines, l) }))
-	_, err := b.Build(context.Background(), Request{Packages: []string{"bad"}, System: "x86_64-linux"})
+	b := newTestBuilder(t, dir)
+	ctx := progress.WithSink(context.Background(), progress.SinkFunc(func(e progress.Event) { lines = append(lines, e.Text) }))
+	_, err := b.Build(ctx, Request{Packages: []string{"bad"}, System: "x86_64-linux"})
 	if err == nil || strings.Contains(err.Error(), "this package was removed") || !strings.Contains(err.Error(), "log is above") {
 		t.Errorf("error: %v", err)
 	}

@@ -58,7 +58,7 @@ type BuildError struct {
 	Stage string // "fetch", "evaluate", "build" or "query"
 	Log   string // the last lines Nix wrote to stderr
 	// Shown says every line of the log went to a person already (the
-	// Builder's progress): the message does not repeat them.
+	// request's progress sink): the message does not repeat them.
 	Shown bool
 	Err   error
 }

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
 )
 
 // killGrace is how long Nix gets to stop its builders after SIGTERM before
@@ -73,9 +75,7 @@ func (b *Builder) runEnv(ctx context.Context, env []string, stage, name string, 
 			line := scanner.Text()
 			tail.add(line)
 			logger.Debug(line)
-			if b.progress != nil {
-				b.progress(line)
-			}
+			progress.Nix(ctx, line)
 		}
 		_, _ = io.Copy(io.Discard, stderr)
 	}()
@@ -92,7 +92,7 @@ func (b *Builder) runEnv(ctx context.Context, env []string, stage, name string, 
 		if ctxErr := ctx.Err(); ctxErr != nil {
 			err = ctxErr
 		}
-		return nil, &BuildError{Stage: stage, Log: tail.String(), Shown: b.progress != nil, Err: fmt.Errorf("%s: %w", name, err)}
+		return nil, &BuildError{Stage: stage, Log: tail.String(), Shown: progress.Watched(ctx), Err: fmt.Errorf("%s: %w", name, err)}
 	}
 	return stdout.Bytes(), nil
 }

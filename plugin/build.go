@@ -21,8 +21,10 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
@@ -33,10 +35,6 @@ const DefaultMaxLayers = layering.DefaultBudget + 1
 
 // DefaultMaxBuilds is how many different images are built at once.
 const DefaultMaxBuilds = 2
-
-// DefaultRootGrace is how long the daemon keeps a build's store paths
-// alive for the clients it answered.
-const DefaultRootGrace = time.Minute
 
 // DefaultMaxQueued is how many builds of different images may wait.
 const DefaultMaxQueued = 64
@@ -55,9 +53,6 @@ type Layer struct {
 	// Blob is the layer's content when it is small and kept in memory (a
 	// reference layer).
 	Blob []byte
-	// hold, if set, keeps the layer's store paths from Nix's garbage
-	// collector before they are read (those of a build that is over).
-	hold func() error
 }
 
 // Key identifies the layer's content independent of its encoding.
@@ -69,13 +64,9 @@ func (l *Layer) Key() string {
 	return "nixery-" + kind + "-" + digest.FromString(strings.Join(l.Paths, "\n")).Encoded()
 }
 
-// identity keys the layer's descriptor in the cache.
-func (l *Layer) identity() []byte {
-	kind := "layer"
-	if l.Symlinks {
-		kind = "symlinks"
-	}
-	return cacheKey(kind, strings.Join(l.Paths, "\n"), strings.Join(l.Hashes, "\n"))
+// cacheKey keys the layer's descriptor in the cache.
+func (l *Layer) cacheKey() cache.LayerKey {
+	return cache.LayerKey{Symlinks: l.Symlinks, Paths: l.Paths, Hashes: l.Hashes}
 }
 
 // WriteTar writes the layer's tar.
@@ -84,11 +75,6 @@ func (l *Layer) WriteTar(w io.Writer) error { return l.WriteTarFrom(w, 0) }
 // WriteTarFrom writes the layer's tar from byte offset on, without reading
 // the files before it.
 func (l *Layer) WriteTarFrom(w io.Writer, offset int64) error {
-	if l.hold != nil {
-		if err := l.hold(); err != nil {
-			return err
-		}
-	}
 	if l.Symlinks {
 		return tarstream.WriteSymlinkForest(w, l.Paths, tarstream.Skip(offset))
 	}
@@ -103,6 +89,10 @@ type Describer interface {
 	Describe(ctx context.Context, parent digest.Digest, l *Layer) error
 	// Key says how layers are described and where they are stored.
 	Key() DescriberKey
+	// Finish is called once the image's layers are described, before the
+	// image is registered: what the caller must keep of what was
+	// described, it holds from then on.
+	Finish(ctx context.Context) error
 }
 
 // DescriberKey says what a Describer does, as the keys of shared and
@@ -142,7 +132,7 @@ func (img *Image) Paths() []string {
 	return paths
 }
 
-// Nix is what the Builder needs of Nix: the prepare step of one package
+// Nix is what the ImageBuilder needs of Nix: the prepare step of one package
 // source (a *nixbuild.Builder).
 type Nix interface {
 	// Build realises packages and returns their closure, held until the
@@ -158,91 +148,84 @@ type Nix interface {
 	Timeout() time.Duration
 }
 
-// Builder turns image references into images: the reference's packages
+// ImageBuilder turns image references into images: the reference's packages
 // are realised by Nix, grouped into layers and described.
-type Builder struct {
+type ImageBuilder struct {
 	nix       Nix
 	host      string
 	maxLayers int
-	progress  io.Writer
 	sem       chan struct{}
 	flight    singleflight.Group
 	plansMu   sync.Mutex
 	plans     map[string]*planCall
-	cache     *Cache
+	cache     *cache.Cache
 	claims    *snapshot.Claims
 	layering  []layering.Opt
 	allow     []string
 	maxQueued int64
 	queued    atomic.Int64
+	// watchers of the builds under way, by flight and by plan: everyone
+	// waiting for a build sees its progress.
+	watchers progress.Shared
 
 	pinnedSource bool
-	rootGrace    time.Duration
 }
 
-// BuildOpt configures a Builder.
-type BuildOpt func(*Builder)
+// BuildOpt configures an ImageBuilder.
+type BuildOpt func(*ImageBuilder)
 
 // WithHost sets the registry host of references (default nix.local).
-func WithHost(host string) BuildOpt { return func(b *Builder) { b.host = host } }
+func WithHost(host string) BuildOpt { return func(b *ImageBuilder) { b.host = host } }
 
 // WithMaxLayers bounds the layers of an image, the symlink layer included.
-func WithMaxLayers(n int) BuildOpt { return func(b *Builder) { b.maxLayers = n } }
+func WithMaxLayers(n int) BuildOpt { return func(b *ImageBuilder) { b.maxLayers = n } }
 
 // WithMaxBuilds bounds how many different images are built at once.
 func WithMaxBuilds(n int) BuildOpt {
-	return func(b *Builder) { b.sem = make(chan struct{}, max(1, n)) }
+	return func(b *ImageBuilder) { b.sem = make(chan struct{}, max(1, n)) }
 }
-
-// WithProgress writes one line per step for a person to read.
-func WithProgress(w io.Writer) BuildOpt { return func(b *Builder) { b.progress = w } }
 
 // WithLayering passes options (algorithm, popularity) to the grouping.
 func WithLayering(opts ...layering.Opt) BuildOpt {
-	return func(b *Builder) { b.layering = append(b.layering, opts...) }
+	return func(b *ImageBuilder) { b.layering = append(b.layering, opts...) }
 }
 
 // WithAllow restricts the packages a reference may ask for to those
 // matching one of patterns (path.Match syntax, e.g. "python3Packages.*");
 // nil allows all.
-func WithAllow(patterns []string) BuildOpt { return func(b *Builder) { b.allow = patterns } }
+func WithAllow(patterns []string) BuildOpt { return func(b *ImageBuilder) { b.allow = patterns } }
 
 // WithMaxQueued bounds how many builds of different images wait for a
 // build slot; more are refused as busy instead of piling up.
-func WithMaxQueued(n int) BuildOpt { return func(b *Builder) { b.maxQueued = int64(n) } }
+func WithMaxQueued(n int) BuildOpt { return func(b *ImageBuilder) { b.maxQueued = int64(n) } }
 
 // WithClaims records the layers of the images built, so that the nix
 // snapshotter and later pulls believe their labels (snapshot.Claims).
-func WithClaims(c *snapshot.Claims) BuildOpt { return func(b *Builder) { b.claims = c } }
+func WithClaims(c *snapshot.Claims) BuildOpt { return func(b *ImageBuilder) { b.claims = c } }
 
 // WithCache remembers layer descriptors (and images of pinned sources) in c.
-func WithCache(c *Cache) BuildOpt { return func(b *Builder) { b.cache = c } }
-
-// WithRootGrace keeps a build's store paths GC roots for d after the
-// build is answered: a daemon's clients read them next (layer blobs, pulls
-// that unpack them), and take their own roots first.
-func WithRootGrace(d time.Duration) BuildOpt { return func(b *Builder) { b.rootGrace = d } }
+func WithCache(c *cache.Cache) BuildOpt { return func(b *ImageBuilder) { b.cache = c } }
 
 // WithPinnedSource treats the package source as pinned whatever the tag
 // (a path whose content the operator controls): its images are cached, and
 // a repeated request starts no Nix.
-func WithPinnedSource(on bool) BuildOpt { return func(b *Builder) { b.pinnedSource = on } }
+func WithPinnedSource(on bool) BuildOpt { return func(b *ImageBuilder) { b.pinnedSource = on } }
 
-func (b *Builder) pinned(img resolver.Image) bool {
+func (b *ImageBuilder) pinned(img resolver.Image) bool {
 	return b.cache != nil && (b.pinnedSource || b.nix.Source().Pinned(img.Tag))
 }
 
 // cachedImage returns the remembered image for key if every store path it
 // holds is still present and every layer still describes as recorded.
-func (b *Builder) cachedImage(ctx context.Context, key []byte, img resolver.Image, describe Describer) (*Image, bool) {
-	rec, ok := b.cache.image(key)
+func (b *ImageBuilder) cachedImage(ctx context.Context, key cache.ImageKey, img resolver.Image, describe Describer) (*Image, bool) {
+	rec, ok := b.cache.Image(key)
 	if !ok {
 		return nil, false
 	}
 	built := &Image{Image: img, Manifest: rec.Manifest, Config: rec.Config, Blobs: map[digest.Digest][]byte{
 		rec.Manifest.Digest: rec.ManifestBytes, rec.Config.Digest: rec.ConfigBytes,
 	}}
-	var chain digest.Digest
+	var recorded []ocispec.Descriptor
 	for _, rl := range rec.Layers {
 		for _, p := range rl.Paths {
 			if _, err := os.Lstat(p); err != nil {
@@ -250,25 +233,47 @@ func (b *Builder) cachedImage(ctx context.Context, key []byte, img resolver.Imag
 				return nil, false
 			}
 		}
-		l := &Layer{Paths: rl.Paths, Hashes: rl.Hashes, Symlinks: rl.Symlinks}
-		if err := describe.Describe(ctx, chain, l); err != nil || l.Desc.Digest != rl.Desc.Digest {
-			log.G(ctx).WithError(err).Info("cached image no longer matches its layers: building")
-			return nil, false
-		}
-		l.Desc = rl.Desc
-		chain = chainID(chain, l.Desc.Digest)
+		built.Layers = append(built.Layers, &Layer{Paths: rl.Paths, Hashes: rl.Hashes, Symlinks: rl.Symlinks})
+		recorded = append(recorded, rl.Desc)
+	}
+	progress.Step(ctx, "%s: cached (pinned package source)", img.Ref())
+	if err := describeLayers(ctx, img, built.Layers, describe, recorded); err != nil {
+		log.G(ctx).WithError(err).Info("cached image no longer matches its layers: building")
+		return nil, false
+	}
+	for i, l := range built.Layers {
+		l.Desc = recorded[i] // with the image's annotations
 		if l.Blob != nil {
 			built.Blobs[l.Desc.Digest] = l.Blob
 		}
-		built.Layers = append(built.Layers, l)
 	}
-	b.say("%s: cached (pinned package source)", img.Ref())
 	return built, true
 }
 
-// NewBuilder returns a Builder that realises packages with nix.
-func NewBuilder(nix Nix, opts ...BuildOpt) *Builder {
-	b := &Builder{nix: nix, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers, maxQueued: DefaultMaxQueued, plans: map[string]*planCall{}}
+// errNotAsRecorded says a layer described otherwise than its record.
+var errNotAsRecorded = errors.New("the layer is not as recorded")
+
+// describeLayers describes layers in order, base first, each on the chain
+// of those below it, and shows each. With recorded descriptors, a layer
+// that describes otherwise stops it (errNotAsRecorded).
+func describeLayers(ctx context.Context, img resolver.Image, layers []*Layer, describe Describer, recorded []ocispec.Descriptor) error {
+	var chain digest.Digest
+	for i, l := range layers {
+		if err := describe.Describe(ctx, chain, l); err != nil {
+			return fmt.Errorf("layer %d of %s: %w", i+1, img.Ref(), err)
+		}
+		if recorded != nil && l.Desc.Digest != recorded[i].Digest {
+			return fmt.Errorf("layer %d of %s is %s, recorded as %s: %w", i+1, img.Ref(), l.Desc.Digest, recorded[i].Digest, errNotAsRecorded)
+		}
+		chain = chainID(chain, l.Desc.Digest)
+		layerMade(ctx, img, i, len(layers), l)
+	}
+	return nil
+}
+
+// NewImageBuilder returns an ImageBuilder that realises packages with nix.
+func NewImageBuilder(nix Nix, opts ...BuildOpt) *ImageBuilder {
+	b := &ImageBuilder{nix: nix, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers, maxQueued: DefaultMaxQueued, plans: map[string]*planCall{}}
 	WithMaxBuilds(DefaultMaxBuilds)(b)
 	for _, opt := range opts {
 		opt(b)
@@ -276,29 +281,19 @@ func NewBuilder(nix Nix, opts ...BuildOpt) *Builder {
 	return b
 }
 
-// Nix is the prepare step the Builder asks.
-func (b *Builder) Nix() Nix { return b.nix }
+// Nix is the prepare step the ImageBuilder asks.
+func (b *ImageBuilder) Nix() Nix { return b.nix }
 
-// Host is the image host of the references the Builder builds.
-func (b *Builder) Host() string { return b.host }
+// Host is the image host of the references the ImageBuilder builds.
+func (b *ImageBuilder) Host() string { return b.host }
 
 // DigestDescriber describes tar layers by their digests alone, storing
-// nothing (each read once, then remembered in the Builder's cache).
-func (b *Builder) DigestDescriber() Describer { return hashDescriber{b.cache} }
+// nothing (each read once, then remembered in the ImageBuilder's cache).
+func (b *ImageBuilder) DigestDescriber() Describer { return hashDescriber{b.cache} }
 
-// ReferenceDescriber describes store-path layers as references, for the
-// nix snapshotter, and the symlink layer as next does.
-func ReferenceDescriber(next Describer) Describer { return referenceDescriber{next: next} }
-
-func (b *Builder) say(format string, args ...any) {
-	if b.progress != nil {
-		fmt.Fprintf(b.progress, format+"\n", args...)
-	}
-}
-
-// Parse reads a reference as this Builder does, allow-list and served
+// Parse reads a reference as this ImageBuilder does, allow-list and served
 // revisions included.
-func (b *Builder) Parse(ref string) (resolver.Image, error) {
+func (b *ImageBuilder) Parse(ref string) (resolver.Image, error) {
 	img, err := b.ParseName(ref)
 	if err != nil {
 		return img, err
@@ -307,7 +302,7 @@ func (b *Builder) Parse(ref string) (resolver.Image, error) {
 }
 
 // ParseName reads a reference, allow-list included, whatever its tag.
-func (b *Builder) ParseName(ref string) (resolver.Image, error) {
+func (b *ImageBuilder) ParseName(ref string) (resolver.Image, error) {
 	img, err := resolver.Parse(ref, resolver.WithHost(b.host))
 	if err != nil || b.allow == nil {
 		return img, err
@@ -330,11 +325,12 @@ func (b *Builder) ParseName(ref string) (resolver.Image, error) {
 // Build builds the image for ref. Concurrent calls for the same image (in
 // whatever spelling: `git/htop` is `htop/git`) share one Nix build, and
 // those that describe layers alike one description of each layer;
-// describe decides how layers are described. The image's store paths are
-// kept from Nix's garbage collector while Build runs (and WithRootGrace
-// after): callers that read them later make them roots of their own
-// (nixbuild.Hold), or rely on those of whatever holds them (snapshots).
-func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*Image, error) {
+// describe decides how layers are described. Every caller sees the
+// progress of the build it waits for (progress.Shared). The image's store
+// paths are kept from Nix's garbage collector while Build runs: callers
+// that read them later make them roots of their own (nixbuild.Hold), or
+// rely on those of whatever holds them (snapshots).
+func (b *ImageBuilder) Build(ctx context.Context, ref string, describe Describer) (*Image, error) {
 	if b.maxLayers < 2 {
 		return nil, fmt.Errorf("max layers %d: need at least 2 (store paths and symlinks): %w", b.maxLayers, errdefs.ErrInvalidArgument)
 	}
@@ -350,12 +346,17 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 	ns, _ := namespaces.Namespace(ctx)
 	flight := fmt.Sprintf("%s %q %q", described, ns, dk.Scope)
 	cached := false
+	shared, leave := b.watchers.Join(ctx, "flight "+flight)
+	defer leave()
 	v, err, _ := b.flight.Do(flight, func() (any, error) {
+		ctx := shared
 		start := time.Now()
 		defer func() { buildSeconds.Observe(time.Since(start).Seconds()) }()
-		var ikey []byte
-		if b.pinned(img) {
-			ikey = cacheKey("image", b.nix.Source().String(), described, strconv.Itoa(b.maxLayers))
+		pinned := b.pinned(img)
+		ikey := cache.ImageKey{Source: b.nix.Source().String(), System: img.Platform.NixSystem, Tag: img.Tag,
+			Packages: img.Packages, Requested: img.Requested, Describer: dk.Kind, MaxLayers: b.maxLayers,
+			Layering: layering.Identity(b.layering...)}
+		if pinned {
 			// Shared by every caller: not cancelled with the first of them.
 			if hit, ok := b.cachedImage(context.WithoutCancel(ctx), ikey, img, describe); ok {
 				cached = true
@@ -366,16 +367,10 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 		if err != nil {
 			return nil, err
 		}
-		defer func() {
-			if b.rootGrace > 0 {
-				time.AfterFunc(b.rootGrace, release)
-			} else {
-				release()
-			}
-		}()
+		defer release()
 		built, err := b.describe(context.WithoutCancel(ctx), img, p, describe)
-		if err == nil && ikey != nil {
-			if err := b.cache.putImage(ikey, built); err != nil {
+		if err == nil && pinned {
+			if err := b.cache.PutImage(ikey, imageRecord(built)); err != nil {
 				log.G(ctx).WithError(err).Warn("caching image")
 			}
 		}
@@ -384,6 +379,7 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 	if errors.Is(err, context.Canceled) && ctx.Err() == nil {
 		// The client whose request led the shared build went away, not
 		// this one's: build again.
+		leave()
 		return b.Build(ctx, ref, describe)
 	}
 	result := buildResult(err)
@@ -404,7 +400,7 @@ func (b *Builder) Build(ctx context.Context, ref string, describe Describer) (*I
 
 // claim records the layers of img as made by this node, each as the layer
 // of its chain.
-func (b *Builder) claim(img *Image) error {
+func (b *ImageBuilder) claim(img *Image) error {
 	if b.claims == nil {
 		return nil
 	}
@@ -437,7 +433,9 @@ type planCall struct {
 // prepare evaluates, realises and groups img, or joins a preparation of it
 // under way, whatever the builds that share it describe. The plan's store
 // paths are GC roots until the last of them calls release.
-func (b *Builder) prepare(ctx context.Context, img resolver.Image, key string) (*plan, func(), error) {
+func (b *ImageBuilder) prepare(ctx context.Context, img resolver.Image, key string) (*plan, func(), error) {
+	// Watching before waiting: a build that joins sees what comes next.
+	ctx, leave := b.watchers.Join(ctx, "plan "+key)
 	b.plansMu.Lock()
 	c, joined := b.plans[key]
 	if joined {
@@ -448,6 +446,7 @@ func (b *Builder) prepare(ctx context.Context, img resolver.Image, key string) (
 	}
 	b.plansMu.Unlock()
 	release := sync.OnceFunc(func() {
+		leave()
 		b.plansMu.Lock()
 		defer b.plansMu.Unlock()
 		if c.refs--; c.refs == 0 && c.plan != nil {
@@ -470,7 +469,7 @@ func (b *Builder) prepare(ctx context.Context, img resolver.Image, key string) (
 }
 
 // queuedPlan makes img's plan once a build slot is free.
-func (b *Builder) queuedPlan(ctx context.Context, img resolver.Image) (*plan, error) {
+func (b *ImageBuilder) queuedPlan(ctx context.Context, img resolver.Image) (*plan, error) {
 	if b.queued.Add(1) > b.maxQueued+int64(cap(b.sem)) {
 		b.queued.Add(-1)
 		return nil, fmt.Errorf("%d image builds are running or waiting: try again later: %w", b.maxQueued+int64(cap(b.sem)), errdefs.ErrResourceExhausted)
@@ -485,7 +484,7 @@ func (b *Builder) queuedPlan(ctx context.Context, img resolver.Image) (*plan, er
 	// Shared by every build: not cancelled with the first of them.
 	ctx = log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("ref", img.Ref()))
 	start := time.Now()
-	b.say("%s: packages %v for %s", img.Ref(), img.Packages, img.Platform.NixSystem)
+	progress.Step(ctx, "%s: packages %v for %s", img.Ref(), img.Packages, img.Platform.NixSystem)
 	res, err := b.nix.Build(ctx, nixbuild.Request{Packages: img.Packages, System: img.Platform.NixSystem, Tag: img.Tag})
 	if err != nil {
 		return nil, fmt.Errorf("build %s: %w", img.Ref(), err)
@@ -504,8 +503,8 @@ func (b *Builder) queuedPlan(ctx context.Context, img resolver.Image) (*plan, er
 		res.Release()
 		return nil, fmt.Errorf("group layers of %s: %w", img.Ref(), err)
 	}
-	b.say("%s: closure of %d store paths, %s, in %d layers + symlinks (built in %s)",
-		img.Ref(), len(res.Closure), humanBytes(closureSize), len(groups), time.Since(start).Round(time.Millisecond))
+	progress.Step(ctx, "%s: closure of %d store paths, %s, in %d layers + symlinks (built in %s)",
+		img.Ref(), len(res.Closure), progress.Bytes(closureSize), len(groups), time.Since(start).Round(time.Millisecond))
 
 	narHash := map[string]string{}
 	for _, sp := range res.Closure {
@@ -528,22 +527,15 @@ func (b *Builder) queuedPlan(ctx context.Context, img resolver.Image) (*plan, er
 
 // describe describes the layers of plan p in order, base first, and makes
 // the image.
-func (b *Builder) describe(ctx context.Context, img resolver.Image, p *plan, describe Describer) (*Image, error) {
+func (b *ImageBuilder) describe(ctx context.Context, img resolver.Image, p *plan, describe Describer) (*Image, error) {
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("ref", img.Ref()))
 	layers := make([]*Layer, len(p.layers))
-	var chain digest.Digest
 	for i, pl := range p.layers {
 		l := *pl // the plan's layers are shared, their descriptors are not
-		if err := describe.Describe(ctx, chain, &l); err != nil {
-			return nil, fmt.Errorf("layer %d of %s: %w", i+1, img.Ref(), err)
-		}
 		layers[i] = &l
-		chain = chainID(chain, l.Desc.Digest)
-		if l.Symlinks {
-			b.say("%s: layer %d/%d %s %s (symlinks)", img.Ref(), i+1, len(layers), l.Desc.Digest.Encoded()[:12], humanBytes(l.Desc.Size))
-		} else {
-			b.say("%s: layer %d/%d %s %s (%d store paths)", img.Ref(), i+1, len(layers), l.Desc.Digest.Encoded()[:12], humanBytes(l.Desc.Size), len(l.Paths))
-		}
+	}
+	if err := describeLayers(ctx, img, layers, describe, nil); err != nil {
+		return nil, err
 	}
 	return newImage(img, imageConfig(img, p.packages), layers)
 }
@@ -551,12 +543,15 @@ func (b *Builder) describe(ctx context.Context, img resolver.Image, p *plan, des
 // hashDescriber describes tar layers by streaming them once through
 // sha256 and remembering the result in the cache, so that no layer is read
 // twice to be described; content is streamed again when a blob is fetched.
-type hashDescriber struct{ cache *Cache }
+type hashDescriber struct{ cache *cache.Cache }
 
 func (hashDescriber) Key() DescriberKey { return DescriberKey{Kind: "digest/1"} }
 
+// Finish implements Describer: nothing is stored.
+func (hashDescriber) Finish(context.Context) error { return nil }
+
 func (h hashDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) error {
-	if desc, ok := h.cache.layer(l.identity()); ok {
+	if desc, ok := h.cache.Layer(l.cacheKey()); ok {
 		l.Desc = desc
 		return nil
 	}
@@ -568,12 +563,15 @@ func (h hashDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) 
 	layersPacked.Inc()
 	bytesStreamed.Add(float64(m.Size()))
 	log.G(ctx).WithFields(log.Fields{"digest": l.Desc.Digest, "size": l.Desc.Size}).Debug("packed layer")
-	return h.cache.putLayer(l.identity(), l.Desc)
+	return h.cache.PutLayer(l.cacheKey(), l.Desc)
 }
 
 // referenceDescriber describes store-path layers by identity, for the nix
 // snapshotter, and leaves the symlink layer to next.
 type referenceDescriber struct{ next Describer }
+
+// Finish implements Describer.
+func (r referenceDescriber) Finish(ctx context.Context) error { return r.next.Finish(ctx) }
 
 func (r referenceDescriber) Key() DescriberKey {
 	next := r.next.Key()
@@ -587,4 +585,29 @@ func (r referenceDescriber) Describe(ctx context.Context, parent digest.Digest, 
 	desc, blob, err := referenceLayer(l.Paths)
 	l.Desc, l.Blob = desc, blob
 	return err
+}
+
+// layerMade sends the progress event of the index-th of count layers of img.
+func layerMade(ctx context.Context, img resolver.Image, index, count int, l *Layer) {
+	e := progress.Layer{Index: index + 1, Count: count, Digest: l.Desc.Digest.String(), Size: l.Desc.Size}
+	text := fmt.Sprintf("%s: layer %d/%d %s %s", img.Ref(), e.Index, count, l.Desc.Digest.Encoded()[:12], progress.Bytes(l.Desc.Size))
+	if l.Symlinks {
+		text += " (symlinks)"
+	} else {
+		e.Paths = len(l.Paths)
+		text += fmt.Sprintf(" (%d store paths)", e.Paths)
+	}
+	progress.Send(ctx, progress.Event{Kind: progress.KindLayer, Text: text, Layer: &e})
+}
+
+// imageRecord is the cache's record of img.
+func imageRecord(img *Image) cache.Image {
+	rec := cache.Image{
+		Manifest: img.Manifest, ManifestBytes: img.Blobs[img.Manifest.Digest],
+		Config: img.Config, ConfigBytes: img.Blobs[img.Config.Digest],
+	}
+	for _, l := range img.Layers {
+		rec.Layers = append(rec.Layers, cache.Layer{Desc: l.Desc, LayerKey: l.cacheKey()})
+	}
+	return rec
 }

@@ -22,7 +22,7 @@ func TestBuildSharedPlan(t *testing.T) {
 	}
 	nix := nixbuild.New(src, nixbuild.WithOptions(testutil.NixOptions()))
 	defer nix.Close()
-	b := NewBuilder(nix, WithMaxBuilds(1))
+	b := NewImageBuilder(nix, WithMaxBuilds(1))
 
 	// Hold the only build slot, so that both wait in the same plan.
 	b.sem <- struct{}{}
@@ -77,7 +77,7 @@ func TestBuildSharedPlan(t *testing.T) {
 }
 
 // waitForPlanCallers waits until n callers wait for b's one plan.
-func waitForPlanCallers(t *testing.T, b *Builder, n int) {
+func waitForPlanCallers(t *testing.T, b *ImageBuilder, n int) {
 	t.Helper()
 	waitFor(t, func() bool {
 		b.plansMu.Lock()

@@ -14,6 +14,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 )
 
@@ -23,6 +24,7 @@ type fakeNix struct {
 	builds atomic.Int64
 	gate   chan struct{}
 	fail   error
+	log    string // a line of Nix's log each build shows
 }
 
 func (f *fakeNix) Build(ctx context.Context, req nixbuild.Request) (*nixbuild.Result, error) {
@@ -33,6 +35,9 @@ func (f *fakeNix) Build(ctx context.Context, req nixbuild.Request) (*nixbuild.Re
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
+	}
+	if f.log != "" {
+		progress.Nix(ctx, f.log)
 	}
 	if f.fail != nil {
 		return nil, f.fail
@@ -69,18 +74,20 @@ func (f *fakeNix) Timeout() time.Duration { return time.Minute }
 // pathsDescriber describes a layer by its paths alone, reading nothing.
 type pathsDescriber struct{ kind string }
 
+func (pathsDescriber) Finish(context.Context) error { return nil }
+
 func (d pathsDescriber) Key() DescriberKey { return DescriberKey{Kind: "test-paths/1" + d.kind} }
 func (pathsDescriber) Describe(_ context.Context, _ digest.Digest, l *Layer) error {
 	l.Desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: digest.FromString(strings.Join(l.Paths, " ")), Size: int64(len(l.Paths))}
 	return nil
 }
 
-// The Builder without Nix: what it asks of Nix, what it makes of the
+// The ImageBuilder without Nix: what it asks of Nix, what it makes of the
 // answer, and what it refuses before asking.
 func TestBuilderWithoutNix(t *testing.T) {
 	ctx := context.Background()
 	nix := &fakeNix{gate: make(chan struct{})}
-	b := NewBuilder(nix, WithAllow([]string{"htop", "git", "shell"}))
+	b := NewImageBuilder(nix, WithAllow([]string{"htop", "git", "shell"}))
 
 	// Two spellings of one image, asked at once by callers that describe
 	// layers apart (so that they share the plan, not the whole build):
@@ -153,12 +160,69 @@ func TestBuilderWithoutNix(t *testing.T) {
 func TestBuilderQueueFull(t *testing.T) {
 	nix := &fakeNix{gate: make(chan struct{})}
 	defer close(nix.gate)
-	b := NewBuilder(nix, WithMaxBuilds(1), WithMaxQueued(0))
+	b := NewImageBuilder(nix, WithMaxBuilds(1), WithMaxQueued(0))
 	go b.Build(context.Background(), "nix.local/htop", pathsDescriber{})
 	waitFor(t, func() bool { return nix.builds.Load() == 1 })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if _, err := b.Build(ctx, "nix.local/git", pathsDescriber{}); !errdefs.IsResourceExhausted(err) {
 		t.Errorf("a second image with every slot taken and no queue: %v", err)
+	}
+}
+
+// Every build waiting for one Nix build sees its log, and then its own
+// layers, as they come.
+func TestBuilderProgressToEveryCaller(t *testing.T) {
+	nix := &fakeNix{gate: make(chan struct{}), log: "building htop"}
+	b := NewImageBuilder(nix)
+	type watcher struct {
+		mu     sync.Mutex
+		events []progress.Event
+	}
+	watch := func(w *watcher) context.Context {
+		return progress.WithSink(context.Background(), progress.SinkFunc(func(e progress.Event) {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			w.events = append(w.events, e)
+		}))
+	}
+	var a, c watcher
+	done := make(chan error, 2)
+	var layerCount atomic.Int64
+	for _, call := range []struct {
+		w *watcher
+		d Describer
+	}{{&a, pathsDescriber{kind: "a"}}, {&c, pathsDescriber{kind: "c"}}} {
+		go func() {
+			img, err := b.Build(watch(call.w), "nix.local/htop", call.d)
+			if err == nil {
+				layerCount.Store(int64(len(img.Layers)))
+			}
+			done <- err
+		}()
+	}
+	waitForPlanCallers(t, b, 2) // both watch the one Nix build
+	close(nix.gate)
+	for range 2 {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for name, w := range map[string]*watcher{"leader": &a, "joined": &c} {
+		var nixLines, layers int
+		for _, e := range w.events {
+			switch {
+			case e.Kind == progress.KindNix && e.Text == "building htop":
+				nixLines++
+			case e.Kind == progress.KindLayer && e.Layer != nil:
+				if nixLines == 0 {
+					t.Errorf("%s: a layer before Nix's log", name)
+				}
+				layers++
+			}
+		}
+		if nixLines != 1 || int64(layers) != layerCount.Load() {
+			t.Errorf("%s saw %d Nix lines and %d layers of %d: %+v", name, nixLines, layers, layerCount.Load(), w.events)
+		}
 	}
 }

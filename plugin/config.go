@@ -1,6 +1,7 @@
 package plugin
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,8 +10,12 @@ import (
 	"strings"
 	"time"
 
+	containerd "github.com/containerd/containerd/v2/client"
+
 	"github.com/containerd/errdefs"
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/containerd/log"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering"
@@ -28,7 +33,16 @@ type Config struct {
 	Image       ImageConfig       `toml:"image"`
 	Snapshotter SnapshotterConfig `toml:"snapshotter"`
 	Registry    RegistryConfig    `toml:"registry"`
+	API         APIConfig         `toml:"api"`
 	Metrics     MetricsConfig     `toml:"metrics"`
+}
+
+// APIConfig is where the `serve` daemon answers the CLI (plugin/api).
+type APIConfig struct {
+	// Socket is a unix socket (0660, in a 0700 directory): no user but
+	// root can listen there, so what answers is the daemon. Empty disables
+	// it (the CLI then builds alone).
+	Socket string `toml:"socket"`
 }
 
 // MetricsConfig is where `serve` exposes /metrics and /healthz.
@@ -42,10 +56,6 @@ type RegistryConfig struct {
 	// Address is the TCP address to listen on, for containerd: loopback,
 	// or any other with TLS and client certificates. Empty disables it.
 	Address string `toml:"address"`
-	// Socket is the same endpoint on a unix socket (0660, in a 0700
-	// directory): the CLI talks to the daemon only there, where no user
-	// but root can listen. Empty disables it (the CLI then builds alone).
-	Socket string `toml:"socket"`
 	// TLSCert and TLSKey make Address HTTPS; ClientCA makes clients
 	// present a certificate it signed (containerd: hosts.toml `client`).
 	TLSCert  string `toml:"tls_cert"`
@@ -169,8 +179,8 @@ func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d)
 // DefaultRegistryAddress is where the distribution endpoint listens: loopback only.
 const DefaultRegistryAddress = "127.0.0.1:8484"
 
-// DefaultRegistrySocket is where the CLI finds the daemon.
-const DefaultRegistrySocket = "/run/nixery-snapshotter/registry.sock"
+// DefaultAPISocket is where the CLI finds the daemon.
+const DefaultAPISocket = "/run/nixery-snapshotter/api.sock"
 
 // DefaultEarlyHeaders is how long a manifest request waits for its build
 // before answering with headers alone: containerd gives up on a response
@@ -194,7 +204,8 @@ func DefaultConfig() Config {
 			Root:       "/var/lib/nixery-snapshotter",
 			GCRootsDir: snapshot.DefaultGCRootsDir,
 		},
-		Registry: RegistryConfig{Address: DefaultRegistryAddress, Socket: DefaultRegistrySocket, EarlyHeaders: Duration(DefaultEarlyHeaders)},
+		Registry: RegistryConfig{Address: DefaultRegistryAddress, EarlyHeaders: Duration(DefaultEarlyHeaders)},
+		API:      APIConfig{Socket: DefaultAPISocket},
 		Metrics:  MetricsConfig{Address: DefaultMetricsAddress},
 	}
 }
@@ -213,10 +224,15 @@ func LoadConfig(path string) (Config, error) {
 		var strict *toml.StrictMissingError
 		if errors.As(err, &strict) {
 			var keys []string
+			hint := ""
 			for _, e := range strict.Errors {
-				keys = append(keys, strings.Join(e.Key(), "."))
+				key := strings.Join(e.Key(), ".")
+				keys = append(keys, key)
+				if key == "registry.socket" {
+					hint = " ([registry] socket is now [api] socket: the CLI talks to the daemon through its API)"
+				}
 			}
-			return cfg, fmt.Errorf("config %s: unknown keys %s: %w", path, strings.Join(keys, ", "), errdefs.ErrInvalidArgument)
+			return cfg, fmt.Errorf("config %s: unknown keys %s%s: %w", path, strings.Join(keys, ", "), hint, errdefs.ErrInvalidArgument)
 		}
 		return cfg, fmt.Errorf("config %s: %w: %w", path, err, errdefs.ErrInvalidArgument)
 	}
@@ -271,8 +287,8 @@ func (c NixConfig) Builder(opts ...nixbuild.Opt) (*nixbuild.Builder, error) {
 	}, opts...)...), nil
 }
 
-// ImageBuilder returns an image Builder for this configuration.
-func (c Config) ImageBuilder(nix Nix, opts ...BuildOpt) (*Builder, error) {
+// ImageBuilder returns the image builder for this configuration.
+func (c Config) ImageBuilder(nix Nix, opts ...BuildOpt) (*ImageBuilder, error) {
 	lopts := []layering.Opt{layering.WithAlgorithm(layering.Algorithm(c.Image.Layering))}
 	if c.Image.PopularityFile != "" {
 		b, err := os.ReadFile(c.Image.PopularityFile)
@@ -285,7 +301,7 @@ func (c Config) ImageBuilder(nix Nix, opts ...BuildOpt) (*Builder, error) {
 		}
 		lopts = append(lopts, layering.WithPopularity(pop))
 	}
-	return NewBuilder(nix, append([]BuildOpt{
+	return NewImageBuilder(nix, append([]BuildOpt{
 		WithHost(c.Image.Host),
 		WithMaxLayers(c.Image.MaxLayers),
 		WithMaxBuilds(c.Nix.MaxBuilds),
@@ -309,3 +325,20 @@ func (c Config) WorkDir() string { return filepath.Join(c.Snapshotter.Root, "wor
 
 // CacheDir is where the layer and image cache lives.
 func (c Config) CacheDir() string { return filepath.Join(c.Snapshotter.Root, "cache") }
+
+// Connect returns a client of the containerd at c.Address, or a clear
+// error if none answers there.
+func (c ContainerdConfig) Connect(ctx context.Context) (*containerd.Client, error) {
+	client, err := containerd.New(c.Address, containerd.WithDefaultNamespace(c.Namespace))
+	if err != nil {
+		return nil, fmt.Errorf("containerd at %s: %w", c.Address, err)
+	}
+	vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := client.Version(vctx); err != nil {
+		client.Close()
+		return nil, fmt.Errorf("containerd at %s does not answer: %w", c.Address, err)
+	}
+	log.G(ctx).WithField("address", c.Address).Debug("connected to containerd")
+	return client, nil
+}

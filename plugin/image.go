@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"slices"
-	"sync"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/errdefs"
@@ -15,8 +14,10 @@ import (
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/pipelined"
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
 
@@ -63,7 +64,7 @@ func writeLayer(ctx context.Context, cs content.Store, ref string, write func(io
 	// packing the next chunk overlaps containerd storing the last.
 	// containerd digests what it stores and says so with every answer:
 	// the layer is not hashed twice.
-	pw := newPipelined(w, 1<<20)
+	pw := pipelined.New(w, 1<<20)
 	if err := write(pw); err != nil {
 		pw.Close()
 		return ocispec.Descriptor{}, err
@@ -104,21 +105,25 @@ func referenceLayer(paths []string) (ocispec.Descriptor, []byte, error) {
 // its record is checked against the bytes written.
 type contentDescriber struct {
 	cs    content.Store
-	cache *Cache
+	cache *cache.Cache
 	scope string
 }
 
-func newContentDescriber(cs content.Store, cache *Cache) contentDescriber {
-	return contentDescriber{cs: cs, cache: cache, scope: callerScope()}
+func newContentDescriber(cs content.Store, c *cache.Cache) contentDescriber {
+	return contentDescriber{cs: cs, cache: c, scope: callerScope()}
 }
 
 // Key implements Describer: the blobs are held by the caller's lease.
+// Finish implements Describer: the blobs are held by the caller's lease
+// as they are written.
+func (contentDescriber) Finish(context.Context) error { return nil }
+
 func (c contentDescriber) Key() DescriberKey {
 	return DescriberKey{Kind: "content/1", Scope: c.scope}
 }
 
 func (c contentDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) error {
-	known, ok := c.cache.layer(l.identity())
+	known, ok := c.cache.Layer(l.cacheKey())
 	if ok {
 		if _, err := c.cs.Info(ctx, known.Digest); err == nil {
 			l.Desc = known
@@ -144,7 +149,7 @@ func (c contentDescriber) Describe(ctx context.Context, _ digest.Digest, l *Laye
 	bytesStreamed.Add(float64(desc.Size))
 	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("packed layer")
 	l.Desc = desc
-	return c.cache.putLayer(l.identity(), desc)
+	return c.cache.PutLayer(l.cacheKey(), desc)
 }
 
 // command is an image's default command: bash when it holds bash (as
@@ -214,73 +219,4 @@ func newImage(img resolver.Image, cfg ocispec.Image, layers []*Layer) (*Image, e
 	blobs[mDesc.Digest] = mBytes
 	blobs[cfgDesc.Digest] = cfgBytes
 	return &Image{Image: img, Manifest: mDesc, Config: cfgDesc, Layers: layers, Blobs: blobs}, nil
-}
-
-// pipelined buffers writes into chunks that a goroutine hands to w, at
-// most three chunks in memory: the writer producing bytes and w consuming
-// them work at the same time.
-type pipelined struct {
-	chunk int
-	cur   []byte
-	full  chan []byte
-	free  chan []byte
-	done  chan struct{}
-	mu    sync.Mutex
-	err   error
-}
-
-func newPipelined(w io.Writer, chunk int) *pipelined {
-	p := &pipelined{chunk: chunk, full: make(chan []byte, 2), free: make(chan []byte, 3), done: make(chan struct{})}
-	for i := 0; i < 2; i++ {
-		p.free <- make([]byte, 0, chunk)
-	}
-	p.cur = make([]byte, 0, chunk)
-	go func() {
-		defer close(p.done)
-		for b := range p.full {
-			if p.failed() == nil {
-				if _, err := w.Write(b); err != nil {
-					p.mu.Lock()
-					p.err = err
-					p.mu.Unlock()
-				}
-			}
-			p.free <- b[:0]
-		}
-	}()
-	return p
-}
-
-func (p *pipelined) failed() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.err
-}
-
-func (p *pipelined) Write(b []byte) (int, error) {
-	n := len(b)
-	for len(b) > 0 {
-		if err := p.failed(); err != nil {
-			return 0, err
-		}
-		take := min(p.chunk-len(p.cur), len(b))
-		p.cur = append(p.cur, b[:take]...)
-		b = b[take:]
-		if len(p.cur) == p.chunk {
-			p.full <- p.cur
-			p.cur = <-p.free
-		}
-	}
-	return n, nil
-}
-
-// Close sends what is left and waits until w has it all.
-func (p *pipelined) Close() error {
-	if len(p.cur) > 0 {
-		p.full <- p.cur
-		p.cur = nil
-	}
-	close(p.full)
-	<-p.done
-	return p.failed()
 }

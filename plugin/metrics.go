@@ -13,6 +13,7 @@ import (
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/errkind"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/version"
 )
 
 // DefaultMetricsAddress is where metrics and health are served: loopback.
@@ -29,10 +30,6 @@ var (
 		Help:    "Time to build an image (Nix, grouping, describing layers).",
 		Buckets: prometheus.ExponentialBuckets(0.05, 2, 14),
 	})
-	cacheLookups = promauto.NewCounterVec(prometheus.CounterOpts{
-		Namespace: "nixery", Name: "cache_lookups_total",
-		Help: "Cache lookups by kind (layer, image) and result (hit, miss).",
-	}, []string{"kind", "result"})
 	layersPacked = promauto.NewCounter(prometheus.CounterOpts{
 		Namespace: "nixery", Name: "layers_packed_total",
 		Help: "Layers read from the store and hashed to be described.",
@@ -61,7 +58,7 @@ func buildResult(err error) string {
 // ServeMetrics serves /metrics (Prometheus) and /healthz on address until
 // ctx ends. healthy reports whether the daemon can serve.
 func ServeMetrics(ctx context.Context, address string, healthy func() error) error {
-	buildInfo.WithLabelValues(Version()).Set(1)
+	buildInfo.WithLabelValues(version.Version()).Set(1)
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.Handler())
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {

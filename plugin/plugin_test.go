@@ -68,14 +68,6 @@ func TestNixSource(t *testing.T) {
 	}
 }
 
-func TestHumanBytes(t *testing.T) {
-	for n, want := range map[int64]string{0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 1536: "1.5 KiB", 5 << 30: "5.0 GiB"} {
-		if got := humanBytes(n); got != want {
-			t.Errorf("humanBytes(%d) = %s, want %s", n, got, want)
-		}
-	}
-}
-
 // The example configuration documents the defaults: it must load and say
 // exactly what DefaultConfig does.
 func TestConfigExample(t *testing.T) {

@@ -1,26 +1,24 @@
-// Package plugin builds images from Nix packages, registers and unpacks
-// them in containerd, and serves the nix snapshotter (the distribution
-// endpoint is plugin/registry).
+// Package plugin builds images from Nix packages (ImageBuilder), and
+// registers and unpacks them in containerd (Provisioner). Below it are the
+// parts it uses (plugin/cache, plugin/fixed, plugin/snapshot); above it
+// those that serve it (plugin/registry, the distribution endpoint;
+// plugin/service, the daemon and the CLI's pull).
 package plugin
 
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/leases"
-	"github.com/containerd/containerd/v2/core/remotes"
 	"github.com/containerd/containerd/v2/defaults"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
-	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
@@ -28,7 +26,8 @@ import (
 	grpcstatus "google.golang.org/grpc/status"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/fixed"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
 
@@ -48,11 +47,10 @@ const criVisibleTimeout = 10 * time.Second
 // Provisioner builds images and registers them in containerd.
 type Provisioner struct {
 	client      *containerd.Client
-	builder     *Builder
+	builder     *ImageBuilder
 	snapshotter string
 	nixSnapshot string
 	layerBlobs  bool
-	daemon      *daemonClient
 	workDir     string
 }
 
@@ -81,19 +79,9 @@ func WithLayerBlobs(on bool) ProvisionerOpt { return func(p *Provisioner) { p.la
 // process cleans up after it if it dies.
 func WithWorkDir(dir string) ProvisionerOpt { return func(p *Provisioner) { p.workDir = dir } }
 
-// WithDaemon builds in the `serve` daemon whose endpoint's unix socket is
-// socket, when it runs and serves the same package source.
-func WithDaemon(socket string) ProvisionerOpt {
-	return func(p *Provisioner) {
-		if socket != "" {
-			p.daemon = newDaemonClient(socket)
-		}
-	}
-}
-
 // NewProvisioner returns a Provisioner that builds with builder and
 // registers images through client (whose namespace comes from the context).
-func NewProvisioner(client *containerd.Client, builder *Builder, opts ...ProvisionerOpt) *Provisioner {
+func NewProvisioner(client *containerd.Client, builder *ImageBuilder, opts ...ProvisionerOpt) *Provisioner {
 	p := &Provisioner{client: client, builder: builder, nixSnapshot: "nix"}
 	for _, opt := range opts {
 		opt(p)
@@ -113,48 +101,88 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	if err != nil {
 		return images.Image{}, err
 	}
-
-	ls := p.client.LeasesService()
-	lease, err := createLease(ctx, p.client, p.workDir, p.builder.nix.Timeout()+leaseBackstop)
-	if err != nil {
-		return images.Image{}, fmt.Errorf("create lease: %w", err)
-	}
-	ctx = leases.WithLease(ctx, lease.ID)
-	var created []string
-	defer func() {
-		cleanupCtx := context.WithoutCancel(ctx)
-		opts := []leases.DeleteOpt{}
-		if retErr != nil {
-			for _, name := range created {
-				_ = p.client.ImageService().Delete(cleanupCtx, name)
-			}
-			// Collect now what only this provisioning referenced.
-			opts = append(opts, leases.SynchronousDelete)
-		}
-		if derr := ls.Delete(cleanupCtx, lease, opts...); derr != nil {
-			log.G(ctx).WithError(derr).Warn("deleting lease")
-		}
-	}()
-
-	describe := p.describer(ctx, snapshotter)
-	img, fetcher, err := p.build(ctx, ref, describe)
+	ctx, done, err := p.lease(ctx)
 	if err != nil {
 		return images.Image{}, err
 	}
-	if sd, ok := describe.(*snapshotDescriber); ok {
-		if err := sd.holdFound(ctx); err != nil {
+	var created []string
+	defer func() { done(retErr != nil, created) }()
+
+	describe := p.describer(ctx, snapshotter)
+	img, err := p.builder.Build(ctx, ref, describe)
+	if err != nil {
+		return images.Image{}, err
+	}
+	if err := describe.Finish(ctx); err != nil {
+		return images.Image{}, err
+	}
+	record, created, err := p.register(ctx, img, snapshotter)
+	if err != nil {
+		return images.Image{}, err
+	}
+	if ns, _ := namespaces.Namespace(ctx); ns == CRINamespace {
+		if err := p.waitCRI(ctx, img.Ref()); err != nil {
 			return images.Image{}, err
 		}
 	}
+	progress.Step(ctx, "%s: done in %s", img.Ref(), time.Since(start).Round(time.Millisecond))
+	return record, nil
+}
 
-	// Register and unpack through the client's Pull with a resolver that
-	// knows only this image: containerd's machinery then writes manifest
-	// and config with their GC labels, unpacks with the remote-snapshotter
-	// labels the `nix` snapshotter reads, and creates or updates the record.
-	// The layers are unpacked or stored already, so nothing is copied.
-	fixed := resolver.NewFixed(img.Ref(), img.Manifest, img.Blobs, fetcher)
+// lease returns ctx under a new lease of this process, which done deletes:
+// when the provisioning failed, synchronously, with the image records it
+// created, so that what only it referenced is collected at once.
+func (p *Provisioner) lease(ctx context.Context) (context.Context, func(failed bool, created []string), error) {
+	lease, err := createLease(ctx, p.client, p.workDir, p.builder.nix.Timeout()+leaseBackstop)
+	if err != nil {
+		return nil, nil, fmt.Errorf("create lease: %w", err)
+	}
+	done := func(failed bool, created []string) {
+		cleanupCtx := context.WithoutCancel(ctx)
+		var opts []leases.DeleteOpt
+		if failed {
+			for _, name := range created {
+				_ = p.client.ImageService().Delete(cleanupCtx, name)
+			}
+			opts = append(opts, leases.SynchronousDelete)
+		}
+		if err := p.client.LeasesService().Delete(cleanupCtx, lease, opts...); err != nil {
+			log.G(ctx).WithError(err).Warn("deleting lease")
+		}
+	}
+	return leases.WithLease(ctx, lease.ID), done, nil
+}
+
+// register registers img, its layers unpacked into snapshotter, under its
+// names (recordNames), unless the records are current already. It returns
+// the names it created records of, also when it fails.
+//
+// It registers and unpacks through the client's Pull with a resolver that
+// knows only this image: containerd's machinery then writes manifest and
+// config with their GC labels, unpacks with the remote-snapshotter labels
+// the `nix` snapshotter reads, and creates or updates the record. The
+// layers are unpacked or stored already, so nothing is copied.
+func (p *Provisioner) register(ctx context.Context, img *Image, snapshotter string) (images.Image, []string, error) {
+	ns, _ := namespaces.Namespace(ctx)
+	cri := ns == CRINamespace
+	names := recordNames(img, cri)
+	var records []images.Image
+	var created []string
+	for _, name := range names {
+		rec, err := p.client.ImageService().Get(ctx, name)
+		if errdefs.IsNotFound(err) {
+			created = append(created, name)
+		}
+		records = append(records, rec)
+	}
+	if p.current(ctx, records, img, snapshotter, cri) {
+		progress.Step(ctx, "%s: registered and unpacked into %s already", img.Ref(), snapshotter)
+		return records[0], created, nil
+	}
+
+	progress.Step(ctx, "%s: registering and unpacking into %s", img.Ref(), snapshotter)
 	pullOpts := []containerd.RemoteOpt{
-		containerd.WithResolver(fixed),
+		containerd.WithResolver(fixed.New(img.Ref(), img.Manifest, img.Blobs, p.client.ContentStore())),
 		containerd.WithPullUnpack,
 		containerd.WithPlatformMatcher(platforms.Only(ocispec.Platform{OS: img.Platform.OS, Architecture: img.Platform.Architecture})),
 		containerd.WithPullSnapshotter(snapshotter),
@@ -164,50 +192,36 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 		// full layers is to have them, for export or other snapshotters.
 		pullOpts = append(pullOpts, containerd.WithUnpackOpts([]containerd.UnpackOpt{containerd.WithUnpackFetchAllContent()}))
 	}
-	ns, _ := namespaces.Namespace(ctx)
+	if cri {
+		pullOpts = append(pullOpts, containerd.WithPullLabels(criLabels))
+	}
+	pulled, err := p.client.Pull(ctx, img.Ref(), pullOpts...)
+	if err != nil {
+		return images.Image{}, created, fmt.Errorf("register %s: %w", img.Ref(), err)
+	}
+	record := pulled.Metadata()
+	for _, name := range names[1:] {
+		alias := images.Image{Name: name, Target: record.Target, Labels: record.Labels}
+		if err = putImage(ctx, p.client.ImageService(), alias); err != nil {
+			return images.Image{}, created, fmt.Errorf("register %s: %w", name, err)
+		}
+	}
+	return record, created, nil
+}
+
+// recordNames are the names img is registered under, its reference first:
+// for CRI those a CRI pull makes (by tag, by digest, by image ID); else,
+// for the default tag, the name without it too, as ctr and other clients
+// look names up as typed (`ctr run nix.local/shell/htop`).
+func recordNames(img *Image, cri bool) []string {
 	names := []string{img.Ref()}
 	switch {
-	case ns == CRINamespace:
-		// The records a CRI pull makes: by tag, by digest, by image ID.
+	case cri:
 		names = append(names, img.Name+"@"+img.Manifest.Digest.String(), img.Config.Digest.String())
-		pullOpts = append(pullOpts, containerd.WithPullLabels(criLabels))
 	case img.Tag == resolver.DefaultTag:
-		// ctr and other clients look names up as typed: `ctr run
-		// nix.local/shell/htop` needs a record without the tag.
 		names = append(names, img.Name)
 	}
-	var records []images.Image
-	for _, name := range names {
-		rec, gerr := p.client.ImageService().Get(ctx, name)
-		if errdefs.IsNotFound(gerr) {
-			created = append(created, name)
-		}
-		records = append(records, rec)
-	}
-	record, current := records[0], p.current(ctx, records, img, snapshotter, ns == CRINamespace)
-	if current {
-		p.builder.say("%s: registered and unpacked into %s already", img.Ref(), snapshotter)
-	} else {
-		p.builder.say("%s: registering and unpacking into %s", img.Ref(), snapshotter)
-		pulled, err := p.client.Pull(ctx, img.Ref(), pullOpts...)
-		if err != nil {
-			return images.Image{}, fmt.Errorf("register %s: %w", img.Ref(), err)
-		}
-		record = pulled.Metadata()
-		for _, name := range names[1:] {
-			alias := images.Image{Name: name, Target: record.Target, Labels: record.Labels}
-			if err = putImage(ctx, p.client.ImageService(), alias); err != nil {
-				return images.Image{}, fmt.Errorf("register %s: %w", name, err)
-			}
-		}
-	}
-	if ns == CRINamespace {
-		if err := p.waitCRI(ctx, img.Ref()); err != nil {
-			return images.Image{}, err
-		}
-	}
-	p.builder.say("%s: done in %s", img.Ref(), time.Since(start).Round(time.Millisecond))
-	return record, nil
+	return names
 }
 
 // current reports whether the image records are img already, unpacked into
@@ -289,89 +303,6 @@ func (p *Provisioner) describer(ctx context.Context, snapshotter string) Describ
 	}
 }
 
-// build builds ref in the daemon, when one serves the same package source,
-// so that every client of this node shares its builds; else here. Either
-// way tar layers are streamed from the store here, straight to where
-// describe stores them.
-func (p *Provisioner) build(ctx context.Context, ref string, describe Describer) (*Image, remotes.Fetcher, error) {
-	if p.daemon == nil || !p.daemon.serves(ctx, p.builder) {
-		img, err := p.builder.Build(ctx, ref, describe)
-		return img, resolver.ProviderFetcher{Provider: p.client.ContentStore()}, err
-	}
-
-	p.builder.say("%s: building in the daemon at %s", ref, p.daemon.socket)
-	img, fetcher, err := p.fromDaemon(ctx, ref, describe)
-	if errors.Is(err, errPathsGone) {
-		// Store paths of an image the daemon had cached went since.
-		log.G(ctx).WithError(err).Warn("building in the daemon again")
-		img, fetcher, err = p.fromDaemon(ctx, ref, describe)
-	}
-	return img, fetcher, err
-}
-
-// errPathsGone says store paths the daemon described are gone.
-var errPathsGone = errors.New("store paths gone since the daemon built the image")
-
-// fromDaemon has the daemon build ref, and describes and stores its layers
-// here.
-func (p *Provisioner) fromDaemon(ctx context.Context, ref string, describe Describer) (*Image, remotes.Fetcher, error) {
-	blobs, asBlobs := describe.(contentDescriber)
-	_, references := describe.(referenceDescriber)
-	// Blobs must match the daemon's descriptors, which it keeps; anything
-	// else needs only the layers' store paths (and the daemon reads none).
-	img, fetcher, err := p.daemon.build(ctx, ref, !asBlobs)
-	if err != nil || references {
-		// The nix snapshotter makes every layer from the store itself.
-		return img, fetcher, err
-	}
-	// The daemon keeps the store paths of what it builds alive a while
-	// after it answers; before the first is read here, they all become
-	// roots of this process too. (A layer that is there already is not
-	// read: a warm pull starts no Nix.)
-	var held *nixbuild.Roots
-	hold := sync.OnceValue(func() error {
-		var err error
-		held, err = p.builder.nix.Hold(ctx, img.Paths())
-		if errdefs.IsNotFound(err) {
-			err = fmt.Errorf("%w: %w", errPathsGone, err)
-		}
-		return err
-	})
-	defer func() {
-		for _, l := range img.Layers {
-			l.hold = nil // held no more
-		}
-		held.Release()
-	}()
-	var chain digest.Digest
-	for i, l := range img.Layers {
-		l.hold = hold
-		if asBlobs {
-			_, err = writeLayer(ctx, blobs.cs, l.Key(), l.WriteTar, &l.Desc)
-		} else {
-			err = describe.Describe(ctx, chain, l)
-		}
-		if err != nil {
-			return nil, nil, fmt.Errorf("layer %d of %s: %w", i+1, img.Ref(), err)
-		}
-		chain = chainID(chain, l.Desc.Digest)
-		p.builder.say("%s: layer %d/%d %s %s", img.Ref(), i+1, len(img.Layers), l.Desc.Digest.Encoded()[:12], humanBytes(l.Desc.Size))
-	}
-	if asBlobs {
-		return img, fetcher, nil
-	}
-	// The daemon's image had reference layers: the same image with tar
-	// layers has their digests.
-	var cfg ocispec.Image
-	if err := json.Unmarshal(img.Blobs[img.Config.Digest], &cfg); err != nil {
-		return nil, nil, fmt.Errorf("config of %s from the daemon: %w", img.Ref(), err)
-	}
-	if img, err = newImage(img.Image, cfg, img.Layers); err != nil {
-		return nil, nil, err
-	}
-	return img, fetcher, p.builder.claim(img)
-}
-
 // resolveSnapshotter names the snapshotter images are unpacked into: the
 // configured one, else the namespace's default, else the platform's.
 func (p *Provisioner) resolveSnapshotter(ctx context.Context) (string, error) {
@@ -406,17 +337,4 @@ func putImage(ctx context.Context, is images.Store, img images.Image) error {
 		}
 		// Deleted in between: create it again.
 	}
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

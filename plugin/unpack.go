@@ -22,6 +22,7 @@ import (
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/pipelined"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/snapmount"
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
@@ -121,10 +122,13 @@ func (s *snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, 
 	return nil
 }
 
+// Finish implements Describer: it holds the snapshot last found.
+func (s *snapshotDescriber) Finish(ctx context.Context) error { return s.holdFound(ctx) }
+
 // holdFound holds the snapshot last found, and with it the chain below:
-// called before the image is registered, and before a layer is unpacked on
-// top of it. (Holding each snapshot found would cost containerd a
-// metadata write per layer.)
+// before the image is registered, and before a layer is unpacked on top of
+// it. (Holding each snapshot found would cost containerd a metadata write
+// per layer.)
 func (s *snapshotDescriber) holdFound(ctx context.Context) error {
 	f := s.found
 	if f == nil {
@@ -248,7 +252,7 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 	var m *tarstream.Measurer // set by the writer
 	written := make(chan error, 1)
 	go func() {
-		chunks := newPipelined(pw, 1<<20)
+		chunks := pipelined.New(pw, 1<<20)
 		m = tarstream.Measure(chunks)
 		err := l.WriteTar(m)
 		if cerr := chunks.Close(); err == nil {

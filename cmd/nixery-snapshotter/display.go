@@ -7,6 +7,8 @@ import (
 	"sync"
 
 	"golang.org/x/term"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
 )
 
 // display shows a pull's progress. On a terminal, Nix's build log runs on
@@ -14,10 +16,10 @@ import (
 // (packages, layers with digest and size, time), which stay; elsewhere
 // (a log file, CI) every line is printed as it comes.
 type display struct {
-	mu     sync.Mutex
-	w      io.Writer
-	width  int // terminal columns; 0 when not a terminal
-	status bool
+	mu       sync.Mutex
+	w        io.Writer
+	width    int  // terminal columns; 0 when not a terminal
+	onStatus bool // the cursor is on the status line
 }
 
 func newDisplay(w io.Writer) *display {
@@ -30,10 +32,21 @@ func newDisplay(w io.Writer) *display {
 	return d
 }
 
-// nix shows one line of Nix's log.
-func (d *display) nix(line string) {
+// Event implements progress.Sink: Nix's log on the status line, steps
+// and layers on lines of their own.
+func (d *display) Event(e progress.Event) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if e.Kind == progress.KindNix {
+		d.status(e.Text)
+		return
+	}
+	d.clear()
+	fmt.Fprintln(d.w, e.Text)
+}
+
+// status shows one line of Nix's log.
+func (d *display) status(line string) {
 	if d.width == 0 {
 		fmt.Fprintln(d.w, "  nix:", line)
 		return
@@ -43,26 +56,20 @@ func (d *display) nix(line string) {
 		line = string(r[:d.width-2]) + "…"
 	}
 	fmt.Fprint(d.w, "\r\033[K"+line)
-	d.status = true
+	d.onStatus = true
 }
 
-// Write prints whole lines of progress, clearing the status line first.
-func (d *display) Write(p []byte) (int, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.status {
+// clear clears the status line.
+func (d *display) clear() {
+	if d.onStatus {
 		fmt.Fprint(d.w, "\r\033[K")
-		d.status = false
+		d.onStatus = false
 	}
-	return d.w.Write(p)
 }
 
 // done clears the status line.
 func (d *display) done() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.status {
-		fmt.Fprint(d.w, "\r\033[K")
-		d.status = false
-	}
+	d.clear()
 }

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/version"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 )
 
@@ -52,7 +54,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "serve":
 		return serve(ctx, args[1:], stderr)
 	case "--version", "-version", "version":
-		fmt.Fprintln(stdout, "nixery-snapshotter", plugin.Version())
+		fmt.Fprintln(stdout, "nixery-snapshotter", version.Version())
 		return nil
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)

@@ -4,10 +4,11 @@ import (
 	"bytes"
 	"context"
 	"flag"
-	"fmt"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
 )
 
 func TestParseInterspersed(t *testing.T) {
@@ -56,18 +57,18 @@ func TestVersion(t *testing.T) {
 func TestDisplay(t *testing.T) {
 	var plain bytes.Buffer
 	d := newDisplay(&plain)
-	d.nix("building htop")
-	fmt.Fprintln(d, "layer 1/2")
+	d.Event(progress.Event{Kind: progress.KindNix, Text: "building htop"})
+	d.Event(progress.Event{Kind: progress.KindLayer, Text: "layer 1/2"})
 	d.done()
 	if got := plain.String(); got != "  nix: building htop\nlayer 1/2\n" {
 		t.Errorf("plain: %q", got)
 	}
 	var tty bytes.Buffer
 	d = &display{w: &tty, width: 20}
-	d.nix("building a derivation with a long name")
-	d.nix("done")
-	fmt.Fprintln(d, "layer 1/2")
-	d.nix("x")
+	d.Event(progress.Event{Kind: progress.KindNix, Text: "building a derivation with a long name"})
+	d.Event(progress.Event{Kind: progress.KindNix, Text: "done"})
+	d.Event(progress.Event{Kind: progress.KindStep, Text: "layer 1/2"})
+	d.Event(progress.Event{Kind: progress.KindNix, Text: "x"})
 	d.done()
 	want := "\r\033[K  nix: building a …\r\033[K  nix: done\r\033[Klayer 1/2\n\r\033[K  nix: x\r\033[K"
 	if got := tty.String(); got != want {

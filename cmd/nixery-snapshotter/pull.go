@@ -5,14 +5,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"time"
 
-	containerd "github.com/containerd/containerd/v2/client"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/log"
-
-	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/service"
 )
 
 func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -50,63 +45,15 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 	})
 
-	progress := newDisplay(stderr)
-	defer progress.done()
-	builder, err := cfg.Nix.Builder(nixbuild.WithProgress(progress.nix), nixbuild.WithWorkDir(cfg.WorkDir()))
-	if err != nil {
-		return err
-	}
-	defer builder.Close()
+	ref := positional[0]
+	display := newDisplay(stderr)
+	defer display.done()
+	ctx = progress.WithSink(ctx, display)
 
-	client, err := connect(ctx, cfg.Containerd)
+	name, dgst, err := service.Pull(ctx, cfg, ref)
 	if err != nil {
 		return err
 	}
-	defer client.Close()
-	ctx = namespaces.WithNamespace(ctx, cfg.Containerd.Namespace)
-
-	// The daemon holds the cache while it runs (and then builds for us);
-	// without it, use the cache here, or do without if it is elsewhere busy.
-	cache, err := plugin.OpenCache(cfg.CacheDir(), time.Millisecond) // one try: busy means the daemon has it
-	if err != nil {
-		log.G(ctx).WithError(err).Debug("building without the cache")
-	}
-	defer cache.Close()
-	claims, err := cfg.Claims()
-	if err != nil {
-		return fmt.Errorf("%w (pull runs as root, as containerd does)", err)
-	}
-	images, err := cfg.ImageBuilder(builder, plugin.WithProgress(progress), plugin.WithCache(cache), plugin.WithClaims(claims))
-	if err != nil {
-		return err
-	}
-	p := plugin.NewProvisioner(client, images,
-		plugin.WithSnapshotter(cfg.Containerd.Snapshotter),
-		plugin.WithNixSnapshotter(cfg.Containerd.NixSnapshotter),
-		plugin.WithLayerBlobs(cfg.Image.WithLayers),
-		plugin.WithDaemon(cfg.Registry.Socket),
-		plugin.WithWorkDir(cfg.WorkDir()))
-	img, err := p.Provision(ctx, positional[0])
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(stdout, "%s %s\n", img.Name, img.Target.Digest)
+	fmt.Fprintf(stdout, "%s %s\n", name, dgst)
 	return nil
-}
-
-// connect returns a client of the containerd at cfg.Address, or a clear
-// error if none answers there.
-func connect(ctx context.Context, cfg plugin.ContainerdConfig) (*containerd.Client, error) {
-	client, err := containerd.New(cfg.Address, containerd.WithDefaultNamespace(cfg.Namespace))
-	if err != nil {
-		return nil, fmt.Errorf("containerd at %s: %w", cfg.Address, err)
-	}
-	vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if _, err := client.Version(vctx); err != nil {
-		client.Close()
-		return nil, fmt.Errorf("containerd at %s does not answer: %w", cfg.Address, err)
-	}
-	log.G(ctx).WithField("address", cfg.Address).Debug("connected to containerd")
-	return client, nil
 }

@@ -1,7 +1,7 @@
 // Package errkind is the one table of what a failed image request was, as
 // each boundary tells it: the builds_total metric's result, the
-// distribution endpoint's HTTP status and error code, and the errdefs kind
-// a client reads back from that code.
+// distribution endpoint's HTTP status and error code. (Across the daemon's
+// API, errors keep their errdefs kind through containerd's errgrpc.)
 package errkind
 
 import (
@@ -62,25 +62,4 @@ func Of(err error) Kind {
 		}
 	}
 	return failed
-}
-
-// codes are the errdefs kinds of distribution error codes, read back by
-// a client: those of the table and those of the endpoint's own paths.
-var codes = map[string]error{
-	"MANIFEST_UNKNOWN": errdefs.ErrNotFound,
-	"BLOB_UNKNOWN":     errdefs.ErrNotFound,
-	"NAME_UNKNOWN":     errdefs.ErrNotFound,
-	"NAME_INVALID":     errdefs.ErrInvalidArgument,
-	"DIGEST_INVALID":   errdefs.ErrInvalidArgument,
-	"DENIED":           errdefs.ErrPermissionDenied,
-	"TOOMANYREQUESTS":  errdefs.ErrResourceExhausted,
-	"UNSUPPORTED":      errdefs.ErrNotImplemented,
-}
-
-// FromCode is the errdefs kind of a distribution error code.
-func FromCode(code string) error {
-	if err, ok := codes[code]; ok {
-		return err
-	}
-	return errdefs.ErrUnknown
 }

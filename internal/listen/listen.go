@@ -19,6 +19,8 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+
+	"google.golang.org/grpc"
 )
 
 const (
@@ -267,4 +269,25 @@ func NewStallWriter(w http.ResponseWriter, stall time.Duration) *StallWriter {
 func (w *StallWriter) Write(b []byte) (int, error) {
 	_ = w.rc.SetWriteDeadline(time.Now().Add(w.stall))
 	return w.ResponseWriter.Write(b)
+}
+
+// ServeGRPC serves srv on l until ctx ends, then stops it, letting calls
+// under way end for StopGrace.
+func ServeGRPC(ctx context.Context, what string, srv *grpc.Server, l net.Listener) error {
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	log.G(ctx).WithField("address", l.Addr().String()).Info("serving " + what)
+	select {
+	case err := <-served:
+		return fmt.Errorf("serving %s on %s: %w", what, l.Addr(), err)
+	case <-ctx.Done():
+	}
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(StopGrace):
+		srv.Stop()
+	}
+	return nil
 }

@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -24,6 +23,7 @@ import (
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/errkind"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/version"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 )
@@ -37,7 +37,7 @@ const maxLogInError = 4096
 // A manifest request by tag builds the image; blobs are served by digest,
 // layers streamed from the store on demand.
 type Registry struct {
-	builder      *plugin.Builder
+	builder      *plugin.ImageBuilder
 	describe     plugin.Describer
 	earlyHeaders time.Duration
 
@@ -140,7 +140,7 @@ func WithEarlyHeaders(d time.Duration) Opt {
 }
 
 // New serves images built by builder.
-func New(builder *plugin.Builder, opts ...Opt) *Registry {
+func New(builder *plugin.ImageBuilder, opts ...Opt) *Registry {
 	r := &Registry{builder: builder, describe: builder.DigestDescriber(), blobs: map[digest.Digest]servedBlob{}, earlyHeaders: plugin.DefaultEarlyHeaders}
 	for _, opt := range opts {
 		opt(r)
@@ -148,37 +148,15 @@ func New(builder *plugin.Builder, opts ...Opt) *Registry {
 	return r
 }
 
-// Serve serves r until ctx ends: on cfg's TCP address, for
-// containerd (loopback, or TLS with client certificates), and on its unix
-// socket, for this project's CLI (root's only: what answers there is the
-// daemon).
+// Serve serves r on cfg's TCP address until ctx ends, for containerd and
+// other registry clients: loopback, or TLS with client certificates.
 func Serve(ctx context.Context, r *Registry, cfg plugin.RegistryConfig) error {
 	const what = "the distribution endpoint"
-	var listeners []net.Listener
-	closeAll := func() {
-		for _, l := range listeners {
-			l.Close()
-		}
+	l, err := listen.TCP(what, cfg.Address, cfg.TLS())
+	if err != nil {
+		return err
 	}
-	if cfg.Address != "" {
-		l, err := listen.TCP(what, cfg.Address, cfg.TLS())
-		if err != nil {
-			return err
-		}
-		listeners = append(listeners, l)
-	}
-	if cfg.Socket != "" {
-		l, err := listen.Unix(cfg.Socket)
-		if err != nil {
-			closeAll()
-			return fmt.Errorf("%s: %w", what, err)
-		}
-		listeners = append(listeners, l)
-	}
-	if len(listeners) == 0 {
-		return nil
-	}
-	return listen.Serve(ctx, what, r, listeners...)
+	return listen.Serve(ctx, what, r, l)
 }
 
 // ServeHTTP implements http.Handler.
@@ -196,7 +174,7 @@ func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 		}).Debug("registry request")
 	}()
 	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
-	w.Header().Set("Nixery-Version", plugin.Version())
+	w.Header().Set("Nixery-Version", version.Version())
 	if req.Method != http.MethodGet && req.Method != http.MethodHead {
 		writeError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "this registry is read-only: "+req.Method+" is not supported")
 		return
@@ -210,8 +188,6 @@ func (r *Registry) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	// Route on the path: containerd adds ?ns=HOST to mirror requests.
 	path := req.URL.Path
 	if path == "/v2/" || path == "/v2" {
-		w.Header().Set(plugin.SourceHeader, r.builder.Nix().Source().String())
-		w.Header().Set(plugin.HostHeader, r.builder.Host())
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = io.WriteString(w, "{}")
 		return
@@ -294,13 +270,9 @@ func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref 
 		img *plugin.Image
 		err error
 	}
-	describe := r.describe
-	if req.URL.Query().Get(plugin.LayersParam) == "reference" {
-		describe = plugin.ReferenceDescriber(r.describe)
-	}
 	built := make(chan result, 1)
 	go func() {
-		img, err := r.builder.Build(ctx, r.builder.Host()+"/"+name+":"+ref, describe)
+		img, err := r.builder.Build(ctx, r.builder.Host()+"/"+name+":"+ref, r.describe)
 		built <- result{img, err}
 	}()
 	var res result

@@ -19,7 +19,7 @@ func newTestRegistry(t testing.TB) *Registry {
 	}
 	nix := nixbuild.New(src, nixbuild.WithBinDir(t.TempDir()))
 	t.Cleanup(func() { nix.Close() })
-	return New(plugin.NewBuilder(nix))
+	return New(plugin.NewImageBuilder(nix))
 }
 
 func FuzzRegistryRoutes(f *testing.F) {

@@ -1,9 +1,7 @@
-package plugin
+package snapshot
 
 import (
 	"context"
-	"fmt"
-	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
@@ -15,10 +13,11 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
 )
 
-// ServeSnapshotter serves sn as containerd's snapshots gRPC API on the unix
+// Serve serves sn as containerd's snapshots gRPC API on the unix
 // socket at address until ctx ends, then stops gracefully. It tells systemd
-// (Type=notify) when it is ready.
-func ServeSnapshotter(ctx context.Context, sn snapshots.Snapshotter, address string) error {
+// (Type=notify) when it is ready: the socket accepts connections from
+// then on.
+func Serve(ctx context.Context, sn snapshots.Snapshotter, address string) error {
 	l, err := listen.Unix(address)
 	if err != nil {
 		return err
@@ -26,26 +25,13 @@ func ServeSnapshotter(ctx context.Context, sn snapshots.Snapshotter, address str
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
 
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
-	log.G(ctx).WithField("address", address).Info("serving the nix snapshotter")
 	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 		log.G(ctx).WithError(err).Warn("notifying systemd")
 	}
-
-	select {
-	case err := <-served:
-		return fmt.Errorf("serving %s: %w", address, err)
-	case <-ctx.Done():
-	}
-	_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
-	log.G(ctx).Info("stopping")
-	stopped := make(chan struct{})
-	go func() { srv.GracefulStop(); close(stopped) }()
-	select {
-	case <-stopped:
-	case <-time.After(listen.StopGrace):
-		srv.Stop()
-	}
-	return nil
+	go func() {
+		<-ctx.Done()
+		_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
+		log.G(ctx).Info("stopping")
+	}()
+	return listen.ServeGRPC(ctx, "the nix snapshotter", srv, l)
 }

@@ -1,4 +1,5 @@
-package plugin
+// Package version is this program's version.
+package version
 
 import (
 	"runtime/debug"

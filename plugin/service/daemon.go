@@ -1,0 +1,89 @@
+package service
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/version"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/api"
+)
+
+// daemonAPI is what the daemon does for its CLI (api.Daemon): it
+// builds images with the daemon's ImageBuilder, which the distribution endpoint
+// shares, and registers them in the daemon's containerd, as `pull` would.
+// So every client of a node shares its builds and its cache, and no store
+// path has to be handed from the daemon to another process.
+type daemonAPI struct {
+	builder *plugin.ImageBuilder
+	ctd     plugin.ContainerdConfig
+	workDir string
+
+	mu     sync.Mutex
+	client *containerd.Client // once containerd answered
+}
+
+// newDaemonAPI provisions with builder into the containerd of cfg.
+func newDaemonAPI(cfg plugin.Config, builder *plugin.ImageBuilder) *daemonAPI {
+	return &daemonAPI{builder: builder, ctd: cfg.Containerd, workDir: cfg.WorkDir()}
+}
+
+// Info implements api.Daemon.
+func (s *daemonAPI) Info(context.Context) (api.Info, error) {
+	return api.Info{Version: version.Version(), PackageSource: s.builder.Nix().Source().String(), Host: s.builder.Host(), Containerd: s.ctd.Address}, nil
+}
+
+// Build implements api.Daemon.
+func (s *daemonAPI) Build(ctx context.Context, req api.BuildRequest) (api.BuildResult, error) {
+	if req.Namespace == "" {
+		return api.BuildResult{}, fmt.Errorf("a build request needs a containerd namespace: %w", errdefs.ErrInvalidArgument)
+	}
+	ctx = log.WithLogger(ctx, log.G(ctx).WithFields(log.Fields{"ref": req.Ref, "namespace": req.Namespace}))
+	log.G(ctx).Info("building for the CLI")
+	client, err := s.containerd(ctx)
+	if err != nil {
+		return api.BuildResult{}, err
+	}
+	ctx = namespaces.WithNamespace(ctx, req.Namespace)
+	p := plugin.NewProvisioner(client, s.builder,
+		plugin.WithSnapshotter(req.Snapshotter),
+		plugin.WithNixSnapshotter(s.ctd.NixSnapshotter),
+		plugin.WithLayerBlobs(req.WithLayers),
+		plugin.WithWorkDir(s.workDir))
+	img, err := p.Provision(ctx, req.Ref)
+	if err != nil {
+		return api.BuildResult{}, err
+	}
+	return api.BuildResult{Name: img.Name, Digest: img.Target.Digest.String()}, nil
+}
+
+// containerd is the client of the daemon's containerd, connected at the
+// first request that finds it up (the daemon starts before containerd).
+func (s *daemonAPI) containerd(ctx context.Context) (*containerd.Client, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.client == nil {
+		client, err := s.ctd.Connect(ctx)
+		if err != nil {
+			return nil, err
+		}
+		s.client = client
+	}
+	return s.client, nil
+}
+
+// Close closes the connection to containerd.
+func (s *daemonAPI) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.client == nil {
+		return nil
+	}
+	return s.client.Close()
+}

@@ -1,0 +1,81 @@
+package service
+
+import (
+	"context"
+	"net"
+	"time"
+
+	"github.com/containerd/log"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/api"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/registry"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
+)
+
+// Serve runs the node daemon of cfg until ctx ends: the nix snapshotter,
+// the distribution endpoint, the API for the CLI and the metrics, the
+// last three as configured.
+func Serve(ctx context.Context, cfg plugin.Config) error {
+	// Serving needs neither Nix nor containerd to be up, since the daemon
+	// starts before both: Nix runs for requests only.
+	builder, err := cfg.Nix.Builder(nixbuild.WithWorkDir(cfg.WorkDir()))
+	if err != nil {
+		return err
+	}
+	defer builder.Close()
+	claims, err := cfg.Claims()
+	if err != nil {
+		return err
+	}
+	sn, err := snapshot.New(cfg.Snapshotter.Root,
+		snapshot.WithGCRootsDir(cfg.Snapshotter.GCRootsDir),
+		snapshot.WithStore(builder),
+		snapshot.WithClaims(claims),
+		snapshot.WithTrustOtherImages(cfg.Snapshotter.TrustOtherImages))
+	if err != nil {
+		return err
+	}
+	defer sn.Close()
+	log.G(ctx).WithField("root", cfg.Snapshotter.Root).Info("nix snapshotter ready")
+
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return snapshot.Serve(ctx, sn, cfg.Snapshotter.Address) })
+	if cfg.Metrics.Address != "" {
+		g.Go(func() error {
+			return plugin.ServeMetrics(ctx, cfg.Metrics.Address, func() error {
+				// Healthy while the snapshotter answers on its socket.
+				c, err := net.DialTimeout("unix", cfg.Snapshotter.Address, time.Second)
+				if err == nil {
+					c.Close()
+				}
+				return err
+			})
+		})
+	}
+	if cfg.Registry.Address != "" || cfg.API.Socket != "" {
+		// The endpoint and the CLI's builds share one builder and cache.
+		layers, err := cache.Open(cfg.CacheDir(), 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer layers.Close()
+		images, err := cfg.ImageBuilder(builder, plugin.WithCache(layers), plugin.WithClaims(claims))
+		if err != nil {
+			return err
+		}
+		if cfg.Registry.Address != "" {
+			endpoint := registry.New(images, registry.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders)))
+			g.Go(func() error { return registry.Serve(ctx, endpoint, cfg.Registry) })
+		}
+		if cfg.API.Socket != "" {
+			daemon := newDaemonAPI(cfg, images)
+			defer daemon.Close()
+			g.Go(func() error { return api.Serve(ctx, daemon, cfg.API.Socket) })
+		}
+	}
+	return g.Wait()
+}
