@@ -345,37 +345,21 @@ func (b *ImageBuilder) Build(ctx context.Context, ref string, describe Describer
 	// place: describers and namespaces alike.
 	ns, _ := namespaces.Namespace(ctx)
 	flight := fmt.Sprintf("%s %q %q", described, ns, dk.Scope)
-	cached := false
 	shared, leave := b.watchers.Join(ctx, "flight "+flight)
 	defer leave()
-	v, err, _ := b.flight.Do(flight, func() (any, error) {
-		ctx := shared
-		start := time.Now()
-		defer func() { buildSeconds.Observe(time.Since(start).Seconds()) }()
-		pinned := b.pinned(img)
-		ikey := cache.ImageKey{Source: b.nix.Source().String(), System: img.Platform.NixSystem, Tag: img.Tag,
-			Packages: img.Packages, Requested: img.Requested, Describer: dk.Kind, MaxLayers: b.maxLayers,
-			Layering: layering.Identity(b.layering...)}
-		if pinned {
-			// Shared by every caller: not cancelled with the first of them.
-			if hit, ok := b.cachedImage(context.WithoutCancel(ctx), ikey, img, describe); ok {
-				cached = true
-				return hit, nil
-			}
-		}
-		p, release, err := b.prepare(ctx, img, key)
-		if err != nil {
-			return nil, err
-		}
-		defer release()
-		built, err := b.describe(context.WithoutCancel(ctx), img, p, describe)
-		if err == nil && pinned {
-			if err := b.cache.PutImage(ikey, imageRecord(built)); err != nil {
-				log.G(ctx).WithError(err).Warn("caching image")
-			}
-		}
-		return built, err
+	done := b.flight.DoChan(flight, func() (any, error) {
+		built, hit, err := b.build(shared, img, key, describe)
+		return flightResult{built, hit}, err
 	})
+	var res flightResult
+	select {
+	case r := <-done:
+		err = r.Err
+		res, _ = r.Val.(flightResult)
+	case <-ctx.Done():
+		// This caller left; the build goes on for any others.
+		err = ctx.Err()
+	}
 	if errors.Is(err, context.Canceled) && ctx.Err() == nil {
 		// The client whose request led the shared build went away, not
 		// this one's: build again.
@@ -383,19 +367,61 @@ func (b *ImageBuilder) Build(ctx context.Context, ref string, describe Describer
 		return b.Build(ctx, ref, describe)
 	}
 	result := buildResult(err)
-	if cached {
+	if res.cached {
 		result = "cached"
 	}
 	buildsTotal.WithLabelValues(result).Inc()
 	if err != nil {
 		return nil, err
 	}
-	if err := b.claim(v.(*Image)); err != nil {
+	if err := b.claim(res.img); err != nil {
 		return nil, err
 	}
-	built := *v.(*Image)
+	built := *res.img
 	built.Image = img // the caller's own name for it
 	return &built, nil
+}
+
+// flightResult is what a shared build gives each of its callers.
+type flightResult struct {
+	img    *Image
+	cached bool
+}
+
+// build builds img, the work Build shares: from the cache when its source
+// is pinned, else from its plan (prepare), its layers described by
+// describe. hit says the image came from the cache.
+func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string, describe Describer) (_ *Image, hit bool, _ error) {
+	dk := describe.Key()
+	// Work stored for this caller alone stops when it leaves; work that
+	// others may share goes on without it.
+	work := context.WithoutCancel(ctx)
+	if dk.Scope != "" {
+		work = ctx
+	}
+	start := time.Now()
+	defer func() { buildSeconds.Observe(time.Since(start).Seconds()) }()
+	pinned := b.pinned(img)
+	ikey := cache.ImageKey{Source: b.nix.Source().String(), System: img.Platform.NixSystem, Tag: img.Tag,
+		Packages: img.Packages, Requested: img.Requested, Describer: dk.Kind, MaxLayers: b.maxLayers,
+		Layering: layering.Identity(b.layering...)}
+	if pinned {
+		if cached, ok := b.cachedImage(work, ikey, img, describe); ok {
+			return cached, true, nil
+		}
+	}
+	p, release, err := b.prepare(ctx, img, key)
+	if err != nil {
+		return nil, false, err
+	}
+	defer release()
+	built, err := b.describe(work, img, p, describe)
+	if err == nil && pinned {
+		if err := b.cache.PutImage(ikey, imageRecord(built)); err != nil {
+			log.G(ctx).WithError(err).Warn("caching image")
+		}
+	}
+	return built, false, err
 }
 
 // claim records the layers of img as made by this node, each as the layer
@@ -446,7 +472,6 @@ func (b *ImageBuilder) prepare(ctx context.Context, img resolver.Image, key stri
 	}
 	b.plansMu.Unlock()
 	release := sync.OnceFunc(func() {
-		leave()
 		b.plansMu.Lock()
 		defer b.plansMu.Unlock()
 		if c.refs--; c.refs == 0 && c.plan != nil {
@@ -460,7 +485,15 @@ func (b *ImageBuilder) prepare(ctx context.Context, img resolver.Image, key stri
 		b.plansMu.Unlock()
 		close(c.done)
 	}
-	<-c.done
+	select {
+	case <-c.done:
+	case <-ctx.Done():
+		// This build left; the plan goes on for any others.
+		leave()
+		release()
+		return nil, nil, ctx.Err()
+	}
+	leave() // what comes next (describing) is each build's own
 	if c.err != nil {
 		release()
 		return nil, nil, c.err

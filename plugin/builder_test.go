@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -224,5 +225,40 @@ func TestBuilderProgressToEveryCaller(t *testing.T) {
 		if nixLines != 1 || int64(layers) != layerCount.Load() {
 			t.Errorf("%s saw %d Nix lines and %d layers of %d: %+v", name, nixLines, layers, layerCount.Load(), w.events)
 		}
+	}
+}
+
+// A caller that leaves stops waiting at once, whether it shares the build
+// of another caller or only its Nix build; the others get their image.
+func TestBuilderCallerLeaves(t *testing.T) {
+	nix := &fakeNix{gate: make(chan struct{})}
+	b := NewImageBuilder(nix)
+	first := make(chan error, 1)
+	go func() {
+		_, err := b.Build(context.Background(), "nix.local/htop", pathsDescriber{kind: "a"})
+		first <- err
+	}()
+	waitFor(t, func() bool { return nix.builds.Load() == 1 })
+	for _, d := range []Describer{pathsDescriber{kind: "a"}, pathsDescriber{kind: "b"}} {
+		ctx, cancel := context.WithCancel(context.Background())
+		left := make(chan error, 1)
+		go func() {
+			_, err := b.Build(ctx, "nix.local/htop", d)
+			left <- err
+		}()
+		if d.(pathsDescriber).kind == "b" {
+			waitForPlanCallers(t, b, 2)
+		}
+		cancel()
+		if err := <-left; !errors.Is(err, context.Canceled) {
+			t.Errorf("a caller (%s) that left got %v", d.Key().Kind, err)
+		}
+	}
+	close(nix.gate)
+	if err := <-first; err != nil {
+		t.Errorf("the caller that stayed: %v", err)
+	}
+	if n := nix.builds.Load(); n != 1 {
+		t.Errorf("%d Nix builds", n)
 	}
 }

@@ -30,6 +30,10 @@ var (
 		Help:    "Time to build an image (Nix, grouping, describing layers).",
 		Buckets: prometheus.ExponentialBuckets(0.05, 2, 14),
 	})
+	registerRetries = promauto.NewCounter(prometheus.CounterOpts{
+		Namespace: "nixery", Name: "register_retries_total",
+		Help: "Registrations tried again because containerd could not reach the snapshotter (redialling one that restarted).",
+	})
 	layersPacked = promauto.NewCounter(prometheus.CounterOpts{
 		Namespace: "nixery", Name: "layers_packed_total",
 		Help: "Layers read from the store and hashed to be described.",

@@ -195,7 +195,7 @@ func (p *Provisioner) register(ctx context.Context, img *Image, snapshotter stri
 	if cri {
 		pullOpts = append(pullOpts, containerd.WithPullLabels(criLabels))
 	}
-	pulled, err := p.client.Pull(ctx, img.Ref(), pullOpts...)
+	pulled, err := p.pull(ctx, img.Ref(), snapshotter, pullOpts)
 	if err != nil {
 		return images.Image{}, created, fmt.Errorf("register %s: %w", img.Ref(), err)
 	}
@@ -207,6 +207,32 @@ func (p *Provisioner) register(ctx context.Context, img *Image, snapshotter stri
 		}
 	}
 	return record, created, nil
+}
+
+// reachRetry bounds how long a registration waits for containerd to reach
+// the snapshotter again: containerd redials a proxy snapshotter that
+// restarted (the daemon's own, `nix`) with a backoff of up to 3 s, and
+// fails every call to it meanwhile.
+const reachRetry = 10 * time.Second
+
+// pull is the client's Pull, tried again while containerd cannot reach
+// the snapshotter.
+func (p *Provisioner) pull(ctx context.Context, ref, snapshotter string, opts []containerd.RemoteOpt) (containerd.Image, error) {
+	deadline := time.Now().Add(reachRetry)
+	for {
+		pulled, err := p.client.Pull(ctx, ref, opts...)
+		if err == nil || !errdefs.IsUnavailable(err) || time.Now().After(deadline) {
+			return pulled, err
+		}
+		registerRetries.Inc()
+		log.G(ctx).WithError(err).Warn("containerd cannot reach the snapshotter: registering again")
+		progress.Step(ctx, "%s: containerd cannot reach snapshotter %s yet (it redials one that restarted within seconds): trying again", ref, snapshotter)
+		select {
+		case <-time.After(500 * time.Millisecond):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
 }
 
 // recordNames are the names img is registered under, its reference first:

@@ -41,6 +41,7 @@ var tiers = map[string]int{
 	"internal/errkind":       4, // what a failed request was, at every boundary
 	"tarstream":              5, // layers → tar
 	"plugin/cache":           5, // what was expensive to find out, remembered
+	"plugin/snapshot/remote": 5, // snapshots some of whose layers are made, not unpacked
 	"plugin/snapshot":        6, // tar / store → snapshots
 	"plugin/fixed":           6, // a built image, as containerd's pull finds images
 	"plugin":                 7, // → image → containerd

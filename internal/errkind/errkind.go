@@ -24,6 +24,9 @@ type Kind struct {
 	// Internal says the request failed on this side: logged as a warning
 	// and its message (which may carry Nix's log) shortened for clients.
 	Internal bool
+	// Errdefs is the kind an error of this row has for a client of the
+	// daemon's API (nil: whatever kind the error itself has).
+	Errdefs error
 }
 
 // table is matched in order: the first row whose test holds is the kind.
@@ -36,19 +39,19 @@ var table = []struct {
 	// Not a package: the image names something that is not one, as a tag
 	// a registry does not have.
 	{func(err error) bool { return errors.As(err, new(*nixbuild.NotPackageError)) },
-		Kind{Result: "invalid", Status: http.StatusNotFound, Code: "MANIFEST_UNKNOWN"}},
+		Kind{Result: "invalid", Status: http.StatusNotFound, Code: "MANIFEST_UNKNOWN", Errdefs: errdefs.ErrNotFound}},
 	{errdefs.IsNotFound,
-		Kind{Result: "not_found", Status: http.StatusNotFound, Code: "MANIFEST_UNKNOWN"}},
+		Kind{Result: "not_found", Status: http.StatusNotFound, Code: "MANIFEST_UNKNOWN", Errdefs: errdefs.ErrNotFound}},
 	{func(err error) bool { return errors.As(err, new(*nixbuild.RefusedError)) },
-		Kind{Result: "refused", Status: http.StatusForbidden, Code: "DENIED"}},
+		Kind{Result: "refused", Status: http.StatusForbidden, Code: "DENIED", Errdefs: errdefs.ErrPermissionDenied}},
 	{errdefs.IsInvalidArgument,
-		Kind{Result: "invalid", Status: http.StatusBadRequest, Code: "NAME_INVALID"}},
+		Kind{Result: "invalid", Status: http.StatusBadRequest, Code: "NAME_INVALID", Errdefs: errdefs.ErrInvalidArgument}},
 	{errdefs.IsPermissionDenied,
-		Kind{Result: "invalid", Status: http.StatusForbidden, Code: "DENIED"}},
+		Kind{Result: "invalid", Status: http.StatusForbidden, Code: "DENIED", Errdefs: errdefs.ErrPermissionDenied}},
 	{errdefs.IsResourceExhausted,
-		Kind{Result: "busy", Status: http.StatusTooManyRequests, Code: "TOOMANYREQUESTS", Retry: true}},
+		Kind{Result: "busy", Status: http.StatusTooManyRequests, Code: "TOOMANYREQUESTS", Retry: true, Errdefs: errdefs.ErrResourceExhausted}},
 	{func(err error) bool { return errors.Is(err, context.DeadlineExceeded) },
-		Kind{Result: "timeout", Status: http.StatusInternalServerError, Code: "UNKNOWN", Internal: true}},
+		Kind{Result: "timeout", Status: http.StatusInternalServerError, Code: "UNKNOWN", Internal: true, Errdefs: context.DeadlineExceeded}},
 }
 
 // failed is every other error's kind.
@@ -63,3 +66,26 @@ func Of(err error) Kind {
 	}
 	return failed
 }
+
+// Carried is err as it crosses the daemon's API: its message, with the
+// errdefs kind of its row, so that what the table decides (an answer that
+// came as the deadline passed is that answer; a revision the source lacks
+// is not found) is what the client reads, whatever else err wraps.
+func Carried(err error) error {
+	if err == nil {
+		return nil
+	}
+	if kind := Of(err).Errdefs; kind != nil {
+		return kinded{msg: err.Error(), kind: kind}
+	}
+	return err
+}
+
+// kinded is a message of a kind.
+type kinded struct {
+	msg  string
+	kind error
+}
+
+func (k kinded) Error() string { return k.msg }
+func (k kinded) Unwrap() error { return k.kind }

@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/containerd/errdefs/pkg/errgrpc"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 )
@@ -35,6 +38,12 @@ func TestOf(t *testing.T) {
 		k := Of(tc.err)
 		if k.Result != tc.result || k.Code != tc.code || k.Status != tc.status || k.Retry != tc.retry || k.Internal != tc.logIt {
 			t.Errorf("Of(%v) = %+v", tc.err, k)
+		}
+		// Across the daemon's API (errgrpc), the error is of the same
+		// kind, with the same message.
+		back := errgrpc.ToNative(errgrpc.ToGRPC(Carried(tc.err)))
+		if Of(back).Code != k.Code || !strings.HasPrefix(back.Error(), tc.err.Error()) {
+			t.Errorf("%v came across the API as %v (code %s, want %s)", tc.err, back, Of(back).Code, k.Code)
 		}
 	}
 }

@@ -164,6 +164,60 @@ func (s *Shared) Join(ctx context.Context, key string) (work context.Context, le
 	})
 }
 
+// Buffered is a Sink that never blocks: events wait, at most a given
+// number, for a goroutine that hands them to the sink behind it; more are
+// dropped. A watcher that does not read (a client stopped with Ctrl-Z, a
+// pipe nobody drains) misses events instead of stalling the work it
+// watches, which others may share.
+type Buffered struct {
+	mu      sync.Mutex
+	queue   chan Event
+	closed  bool
+	dropped int
+	done    chan struct{}
+}
+
+// NewBuffered returns a Buffered sink of to that holds up to n events.
+func NewBuffered(to Sink, n int) *Buffered {
+	b := &Buffered{queue: make(chan Event, n), done: make(chan struct{})}
+	go func() {
+		defer close(b.done)
+		for e := range b.queue {
+			to.Event(e)
+		}
+	}()
+	return b
+}
+
+// Event implements Sink.
+func (b *Buffered) Event(e Event) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return // the watcher is done: the work outlives it
+	}
+	select {
+	case b.queue <- e:
+	default:
+		b.dropped++
+	}
+}
+
+// Close delivers the events that wait, drops any that come later, and
+// returns how many were dropped.
+func (b *Buffered) Close() int {
+	b.mu.Lock()
+	if !b.closed {
+		b.closed = true
+		close(b.queue)
+	}
+	b.mu.Unlock()
+	<-b.done
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.dropped
+}
+
 // Bytes writes a size for a person: 4.2 MiB.
 func Bytes(n int64) string {
 	const unit = 1024

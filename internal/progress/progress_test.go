@@ -2,6 +2,7 @@ package progress
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"sync"
 	"testing"
@@ -121,5 +122,30 @@ func TestBytes(t *testing.T) {
 		if got := Bytes(n); got != want {
 			t.Errorf("Bytes(%d) = %s, want %s", n, got, want)
 		}
+	}
+}
+
+// A watcher that does not read stalls nothing: events beyond what waits
+// are dropped and counted, and none arrive after Close.
+func TestBuffered(t *testing.T) {
+	release := make(chan struct{})
+	var r recorder
+	slow := SinkFunc(func(e Event) {
+		<-release
+		r.Event(e)
+	})
+	b := NewBuffered(slow, 2)
+	for i := range 10 {
+		b.Event(Event{Kind: KindNix, Text: fmt.Sprint(i)}) // never blocks
+	}
+	close(release)
+	dropped := b.Close()
+	b.Event(Event{Kind: KindNix, Text: "late"})
+	got := r.got()
+	if dropped+len(got) != 10 || dropped < 7 || slices.Contains(got, "nix late") {
+		t.Errorf("delivered %q, dropped %d", got, dropped)
+	}
+	if b.Close() != dropped {
+		t.Error("Close twice counts again")
 	}
 }

@@ -9,6 +9,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 
 	"google.golang.org/grpc"
 
@@ -34,7 +37,7 @@ func (i Info) Differs(want Info) string {
 		return fmt.Sprintf("it builds from %s, not %s", i.PackageSource, want.PackageSource)
 	case i.Host != want.Host:
 		return fmt.Sprintf("its image host is %s, not %s", i.Host, want.Host)
-	case i.Containerd != want.Containerd:
+	case !sameSocket(i.Containerd, want.Containerd):
 		return fmt.Sprintf("it registers images in the containerd at %s, not %s", i.Containerd, want.Containerd)
 	}
 	return ""
@@ -111,3 +114,15 @@ type codec struct{}
 func (codec) Marshal(v any) ([]byte, error)      { return json.Marshal(v) }
 func (codec) Unmarshal(data []byte, v any) error { return json.Unmarshal(data, v) }
 func (codec) Name() string                       { return "json" }
+
+// sameSocket reports whether two addresses of unix sockets name one
+// socket, however they are written ("unix://", "/var/run" for "/run").
+func sameSocket(a, b string) bool {
+	a, b = strings.TrimPrefix(a, "unix://"), strings.TrimPrefix(b, "unix://")
+	if filepath.Clean(a) == filepath.Clean(b) {
+		return true
+	}
+	ai, aerr := os.Stat(a)
+	bi, berr := os.Stat(b)
+	return aerr == nil && berr == nil && os.SameFile(ai, bi)
+}

@@ -44,7 +44,7 @@ func (f *fakeDaemon) Build(ctx context.Context, req BuildRequest) (BuildResult, 
 	return BuildResult{Name: req.Ref, Digest: "sha256:def"}, nil
 }
 
-func serveFake(t *testing.T, f *fakeDaemon) string {
+func serveFake(t *testing.T, f Daemon) string {
 	t.Helper()
 	socket := filepath.Join(t.TempDir(), "run", "api.sock")
 	ctx, cancel := context.WithCancel(context.Background())
@@ -172,5 +172,59 @@ func TestDialRefuses(t *testing.T) {
 	}
 	if _, err := Dial(other); !errors.Is(err, ErrUntrusted) || !strings.Contains(err.Error(), "uid 65534") {
 		t.Errorf("a socket of uid 65534: %v", err)
+	}
+}
+
+// floodDaemon sends more progress than any client buffers, then returns.
+type floodDaemon struct{ returned chan struct{} }
+
+func (floodDaemon) Info(context.Context) (Info, error) { return Info{}, nil }
+
+func (f floodDaemon) Build(ctx context.Context, req BuildRequest) (BuildResult, error) {
+	for i := range 20000 {
+		progress.Nix(ctx, fmt.Sprintf("line %d of a long build log", i))
+	}
+	close(f.returned)
+	return BuildResult{Name: req.Ref}, nil
+}
+
+// A client that stops reading (Ctrl-Z) does not stall the build it
+// watches, which others may share: its events are dropped instead.
+func TestBuildStalledClient(t *testing.T) {
+	f := floodDaemon{returned: make(chan struct{})}
+	c := dial(t, serveFake(t, f))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	stalled := true
+	ctx = progress.WithSink(ctx, progress.SinkFunc(func(progress.Event) {
+		if stalled {
+			stalled = false
+			select {
+			case <-f.returned:
+			case <-ctx.Done():
+				t.Error("the daemon's build waited for a client that did not read")
+			}
+		}
+	}))
+	if res, err := c.Build(ctx, BuildRequest{Ref: "nix.local/htop"}); err != nil || res.Name != "nix.local/htop" {
+		t.Errorf("Build: %+v, %v", res, err)
+	}
+}
+
+func TestSameSocket(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "containerd.sock")
+	if err := os.WriteFile(sock, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "link")
+	os.Symlink(dir, link)
+	for _, same := range []string{sock, "unix://" + sock, filepath.Join(link, "containerd.sock"), dir + "//containerd.sock"} {
+		if !sameSocket(sock, same) {
+			t.Errorf("%s is not %s", same, sock)
+		}
+	}
+	if sameSocket(sock, filepath.Join(dir, "other.sock")) {
+		t.Error("two sockets are one")
 	}
 }

@@ -37,10 +37,21 @@ func Dial(socket string) (*Client, error) {
 	if _, err := os.Stat(socket); err != nil {
 		return nil, fmt.Errorf("%w on %s: %w", ErrNoDaemon, socket, err)
 	}
-	if err := privdir.Check(socket); err != nil {
-		return nil, fmt.Errorf("%w: %s: %w", ErrUntrusted, socket, err)
+	trusted := func() error {
+		if err := privdir.Check(socket); err != nil {
+			return fmt.Errorf("%w: %s: %w", ErrUntrusted, socket, err)
+		}
+		return nil
 	}
+	if err := trusted(); err != nil {
+		return nil, err
+	}
+	// Checked again whenever gRPC dials (again): the socket may be
+	// replaced while the daemon restarts.
 	dial := func(ctx context.Context, _ string) (net.Conn, error) {
+		if err := trusted(); err != nil {
+			return nil, err
+		}
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", socket)
 	}

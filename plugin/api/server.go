@@ -3,11 +3,11 @@ package api
 import (
 	"context"
 	"fmt"
-	"sync"
 
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
@@ -23,30 +23,41 @@ func Serve(ctx context.Context, d Daemon, address string) error {
 	srv := grpc.NewServer(grpc.ForceServerCodec(codec{}),
 		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 			resp, err := handler(ctx, req)
-			return resp, errgrpc.ToGRPC(err)
+			if err != nil {
+				return nil, statusOf(err)
+			}
+			return resp, nil
 		}))
 	srv.RegisterService(&serviceDesc, d)
 	return listen.ServeGRPC(ctx, "the daemon's API", srv, l)
 }
 
+// progressQueue is how many events wait for a client that reads slowly;
+// more are dropped rather than stall the build, which others may share.
+const progressQueue = 1024
+
 // serveBuild runs one Build, streaming its progress as it comes and its
 // result last.
 func serveBuild(stream grpc.ServerStream, d Daemon, req BuildRequest) error {
 	ctx := stream.Context()
-	var mu sync.Mutex // one message at a time on a stream
-	send := func(e BuildEvent) error {
-		mu.Lock()
-		defer mu.Unlock()
-		return stream.SendMsg(&e)
-	}
-	sink := progress.SinkFunc(func(e progress.Event) {
-		if err := send(BuildEvent{Progress: &e}); err != nil {
+	sent := progress.NewBuffered(progress.SinkFunc(func(e progress.Event) {
+		if err := stream.SendMsg(&BuildEvent{Progress: &e}); err != nil {
 			log.G(ctx).WithError(err).Debug("progress not sent: the client left")
 		}
-	})
-	res, err := d.Build(progress.WithSink(ctx, sink), req)
-	if err != nil {
-		return errgrpc.ToGRPC(err)
+	}), progressQueue)
+	res, err := d.Build(progress.WithSink(ctx, sent), req)
+	if dropped := sent.Close(); dropped > 0 {
+		log.G(ctx).WithField("dropped", dropped).Warn("the client read its build's progress too slowly: events were dropped")
 	}
-	return send(BuildEvent{Result: &res})
+	if err != nil {
+		return statusOf(err)
+	}
+	return stream.SendMsg(&BuildEvent{Result: &res})
+}
+
+// statusOf is err as a gRPC status: the code of its errdefs kind, its
+// message, and nothing else (the message is for a person, the code for
+// the client's errgrpc.ToNative).
+func statusOf(err error) error {
+	return status.New(status.Code(errgrpc.ToGRPC(err)), err.Error()).Err()
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/errkind"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/version"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/api"
@@ -48,7 +49,8 @@ func (s *daemonAPI) Build(ctx context.Context, req api.BuildRequest) (api.BuildR
 	log.G(ctx).Info("building for the CLI")
 	client, err := s.containerd(ctx)
 	if err != nil {
-		return api.BuildResult{}, err
+		// Not Unavailable: that would read as the daemon itself gone.
+		return api.BuildResult{}, fmt.Errorf("the daemon cannot register images: %v: %w", err, errdefs.ErrFailedPrecondition)
 	}
 	ctx = namespaces.WithNamespace(ctx, req.Namespace)
 	p := plugin.NewProvisioner(client, s.builder,
@@ -58,7 +60,7 @@ func (s *daemonAPI) Build(ctx context.Context, req api.BuildRequest) (api.BuildR
 		plugin.WithWorkDir(s.workDir))
 	img, err := p.Provision(ctx, req.Ref)
 	if err != nil {
-		return api.BuildResult{}, err
+		return api.BuildResult{}, errkind.Carried(err)
 	}
 	return api.BuildResult{Name: img.Name, Digest: img.Target.Digest.String()}, nil
 }

@@ -49,7 +49,7 @@ func Pull(ctx context.Context, cfg plugin.Config, ref string) (name, dgst string
 	// other images); another pull may, for as long as it runs.
 	var layers *cache.Cache
 	if daemonRuns {
-		log.G(ctx).Info("building without the cache: the daemon holds it")
+		log.G(ctx).Warn("building without the cache, which the daemon holds: layers are read to be described")
 	} else if layers, err = cache.Open(cfg.CacheDir(), 2*time.Second); err != nil {
 		log.G(ctx).WithError(err).Warn("building without the cache: every layer is read again")
 	}
@@ -102,7 +102,7 @@ func pullInDaemon(ctx context.Context, cfg plugin.Config, ref string) (*api.Buil
 		return nil, true, err
 	}
 	if why := info.Differs(api.Info{PackageSource: src.String(), Host: cfg.Image.Host, Containerd: cfg.Containerd.Address}); why != "" {
-		log.G(ctx).WithField("socket", socket).Infof("not building in the daemon, building here: %s", why)
+		progress.Step(ctx, "%s: building here, not in the daemon on %s: %s", ref, socket, why)
 		return nil, true, nil
 	}
 	progress.Step(ctx, "%s: building in the daemon on %s", ref, socket)

@@ -20,8 +20,10 @@ import (
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/snapmount"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot/remote"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
@@ -143,7 +145,7 @@ func TestPrepareMaterialises(t *testing.T) {
 	if !errdefs.IsAlreadyExists(err) {
 		t.Fatalf("Prepare: %v, want AlreadyExists", err)
 	}
-	name := commitName("sha256:chain1", "")
+	name := remote.CommitName("sha256:chain1", "")
 	info, err := s.Stat(ctx, name)
 	if err != nil || info.Kind != snapshots.KindCommitted || info.Labels[snapshots.LabelSnapshotRef] != "sha256:chain1" {
 		t.Fatalf("committed snapshot: %+v, %v", info, err)
@@ -176,8 +178,8 @@ func TestPrepareMaterialises(t *testing.T) {
 		t.Errorf("directory mode %v", fi.Mode())
 	}
 	rootsDir := info.Labels[rootsLabel]
-	if rootsDir != s.rootsDir("extract-1") {
-		t.Errorf("the snapshot names roots %q, its Prepare made %q", rootsDir, s.rootsDir("extract-1"))
+	if rootsDir != s.filler.rootsDir("extract-1") {
+		t.Errorf("the snapshot names roots %q, its Prepare made %q", rootsDir, s.filler.rootsDir("extract-1"))
 	}
 	roots, _ := os.ReadDir(rootsDir)
 	if len(roots) != 2 {
@@ -308,14 +310,14 @@ func TestPrepareAfterInterruptedPrepare(t *testing.T) {
 	ctx := context.Background()
 	// What Prepare had done when it was killed: the active snapshot exists,
 	// half filled, and the roots are in place.
-	mounts, err := s.Snapshotter.Prepare(ctx, "extract-killed", "", snapshots.WithLabels(labels))
+	mounts, err := s.Snapshotter.Snapshotter.Prepare(ctx, "extract-killed", "", snapshots.WithLabels(labels))
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir, _ := upperDir(mounts)
+	dir, _, _ := snapmount.Writable(mounts)
 	os.MkdirAll(filepath.Join(dir, htop, "bin"), 0o755)
-	name := commitName("sha256:chain3", "")
-	if err := nix.Root(ctx, s.rootsDir("extract-killed"), []string{htop}); err != nil {
+	name := remote.CommitName("sha256:chain3", "")
+	if err := nix.Root(ctx, s.filler.rootsDir("extract-killed"), []string{htop}); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
@@ -348,13 +350,13 @@ func TestPrepareUntrustedLabels(t *testing.T) {
 	// Well-formed, but this node made no such layer; or made it as the
 	// layer of another chain (an image copying its labels to commit
 	// them as a layer of some other image).
-	s.claims.Record(labels.StorePathAnnotations([]string{htop}), "sha256:ours")
+	s.filler.claims.Record(labels.StorePathAnnotations([]string{htop}), "sha256:ours")
 	foreign := unpackLabels(labels.StorePathAnnotations([]string{htop}), "sha256:foreign")
 	mounts, err := s.Prepare(ctx, "extract-foreign", "", snapshots.WithLabels(foreign))
 	if err != nil {
 		t.Fatalf("Prepare of a foreign layer: %v", err)
 	}
-	if dir, _ := upperDir(mounts); dir == "" {
+	if dir, _, _ := snapmount.Writable(mounts); dir == "" {
 		t.Fatalf("mounts %v", mounts)
 	} else if entries, _ := os.ReadDir(dir); len(entries) != 0 {
 		t.Errorf("a foreign layer was materialised: %v", entries)
@@ -372,9 +374,9 @@ func TestPrepareUntrustedLabels(t *testing.T) {
 			{labels.SymlinksLabel + ".0": bad},
 		} {
 			// Even claimed, and even if other images are trusted.
-			s.claims.Record(annotations, "sha256:bad")
+			s.filler.claims.Record(annotations, "sha256:bad")
 			for _, trust := range []bool{false, true} {
-				s.trustOthers = trust
+				s.filler.trustOthers = trust
 				_, err := s.Prepare(ctx, "extract-bad", "", snapshots.WithLabels(unpackLabels(annotations, "sha256:bad")))
 				if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "not Nix store paths") {
 					t.Errorf("%q: %v", bad, err)
@@ -382,7 +384,7 @@ func TestPrepareUntrustedLabels(t *testing.T) {
 			}
 		}
 	}
-	s.trustOthers = false
+	s.filler.trustOthers = false
 	if after, _ := os.ReadDir(outside); len(after) != len(before) {
 		t.Errorf("files appeared outside the snapshotter: %v", after)
 	}
@@ -396,7 +398,7 @@ func TestPrepareUntrustedLabels(t *testing.T) {
 	}
 
 	// Trusted by the operator, a foreign layer is materialised.
-	s.trustOthers = true
+	s.filler.trustOthers = true
 	if _, err := s.Prepare(ctx, "extract-trusted", "", snapshots.WithLabels(foreign)); !errdefs.IsAlreadyExists(err) {
 		t.Errorf("Prepare of a trusted foreign layer: %v", err)
 	}
@@ -416,7 +418,7 @@ func TestPrepareSymlinkOutOfStore(t *testing.T) {
 	if _, err := s.Prepare(ctx, "extract", "", snapshots.WithLabels(unpackLabels(annotations, "sha256:link"))); !errdefs.IsAlreadyExists(err) {
 		t.Fatalf("Prepare: %v (Nix: %v)", err, nix.calls)
 	}
-	mounts, err := s.View(ctx, "view", commitName("sha256:link", ""))
+	mounts, err := s.View(ctx, "view", remote.CommitName("sha256:link", ""))
 	if err != nil {
 		t.Fatal(err)
 	}
