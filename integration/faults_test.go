@@ -1,7 +1,9 @@
 package integration
 
 import (
+	"bufio"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -58,20 +60,73 @@ func TestFaultDaemonKilledMidStream(t *testing.T) {
 	if out, err := pull(); err != nil {
 		t.Fatalf("pull after the restart: %v\n%s", err, out)
 	}
-	if out := e.runOn("overlayfs", ref, "big"); out != "big\n" {
-		t.Errorf("big printed %q", out)
-	}
 	// The failed pull's lease and ingests went with it.
-	ls, err := e.ctd.Client.LeasesService().List(e.ctx())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(ls) != 0 {
-		t.Errorf("leases left: %v", ls)
-	}
+	e.bigRunsAlone(ref)
 	statuses, _ := e.ctd.Client.ContentStore().ListStatuses(e.ctx())
 	if len(statuses) != 0 {
 		t.Errorf("ingests left: %v", statuses)
+	}
+}
+
+// The daemon killed while it builds for the CLI: pull fails saying so,
+// nothing is registered, and once the daemon is back the next pull works
+// and nothing of the killed one is left (its lease goes with the next).
+func TestFaultDaemonKilledBuildingForCLI(t *testing.T) {
+	e := newNixEnv(t, withPkgs(bigPackagesT(t, 256)))
+	const ref = "nix.local/shell/big"
+	if out, err := exec.Command("nix-build", append([]string{"--no-out-link", "-A", "big", e.pkgs}, nixOptionArgs()...)...).CombinedOutput(); err != nil {
+		t.Fatalf("nix-build: %v\n%s", err, out)
+	}
+	cmd := exec.Command(binary, "pull", "--config", e.config, ref)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Once the daemon has unpacked a layer for it, the big one is next.
+	var shown strings.Builder
+	lines := bufio.NewScanner(stderr)
+	for lines.Scan() {
+		fmt.Fprintln(&shown, lines.Text())
+		if strings.Contains(lines.Text(), "layer 1/") {
+			break
+		}
+	}
+	if !strings.Contains(shown.String(), "building in the daemon") {
+		t.Fatalf("the CLI did not build in the daemon:\n%s", shown.String())
+	}
+	e.daemon.stop(syscall.SIGKILL)
+	rest, _ := io.ReadAll(stderr)
+	shown.Write(rest)
+	if err := cmd.Wait(); err == nil {
+		t.Fatalf("pull succeeded although the daemon was killed under it:\n%s", shown.String())
+	}
+	if !strings.Contains(shown.String(), "stopped answering while it built "+ref) {
+		t.Errorf("pull does not say the daemon went away:\n%s", shown.String())
+	}
+	if imgs := e.images(); len(imgs) != 0 {
+		t.Errorf("images after the failed pull: %v", imgs)
+	}
+	e.daemon.start(e.config)
+	e.mustPull(ref)
+	e.bigRunsAlone(ref)
+}
+
+// bigRunsAlone checks that the image ref of the big package runs, and
+// that no lease is left of a pull that failed before.
+func (e *env) bigRunsAlone(ref string) {
+	e.t.Helper()
+	if out := e.runOn("overlayfs", ref, "big"); out != "big\n" {
+		e.t.Errorf("big printed %q", out)
+	}
+	ls, err := e.ctd.Client.LeasesService().List(e.ctx())
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if len(ls) != 0 {
+		e.t.Errorf("leases left: %v", ls)
 	}
 }
 

@@ -98,9 +98,13 @@ type Describer interface {
 // DescriberKey says what a Describer does, as the keys of shared and
 // cached work need it.
 type DescriberKey struct {
-	// Kind names how layers are described, with a version: part of the
-	// persisted image cache key, so it must change when descriptors do.
+	// Kind names how layers are described and stored, with a version.
 	Kind string
+	// Layers names what the descriptors are, with a version: equal for
+	// describers whose descriptors are equal (tar layers, however they
+	// are stored), so that they share cached images. Part of the
+	// persisted image cache key: it must change when descriptors do.
+	Layers string
 	// Scope is "" for a Describer that stores nothing of its caller's;
 	// else unique to its caller (what it stores is held by the caller's
 	// lease), so that no other caller shares its work.
@@ -403,14 +407,14 @@ func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string
 	defer func() { buildSeconds.Observe(time.Since(start).Seconds()) }()
 	pinned := b.pinned(img)
 	ikey := cache.ImageKey{Source: b.nix.Source().String(), System: img.Platform.NixSystem, Tag: img.Tag,
-		Packages: img.Packages, Requested: img.Requested, Describer: dk.Kind, MaxLayers: b.maxLayers,
+		Packages: img.Packages, Requested: img.Requested, Layers: dk.Layers, MaxLayers: b.maxLayers,
 		Layering: layering.Identity(b.layering...)}
 	if pinned {
 		if cached, ok := b.cachedImage(work, ikey, img, describe); ok {
 			return cached, true, nil
 		}
 	}
-	p, release, err := b.prepare(ctx, img, key)
+	p, release, err := b.prepare(work, img, key)
 	if err != nil {
 		return nil, false, err
 	}
@@ -578,7 +582,11 @@ func (b *ImageBuilder) describe(ctx context.Context, img resolver.Image, p *plan
 // twice to be described; content is streamed again when a blob is fetched.
 type hashDescriber struct{ cache *cache.Cache }
 
-func (hashDescriber) Key() DescriberKey { return DescriberKey{Kind: "digest/1"} }
+func (hashDescriber) Key() DescriberKey { return DescriberKey{Kind: "digest/1", Layers: tarLayers} }
+
+// tarLayers is DescriberKey.Layers of describers of uncompressed tar
+// layers, as tarstream writes them.
+const tarLayers = "tar/1"
 
 // Finish implements Describer: nothing is stored.
 func (hashDescriber) Finish(context.Context) error { return nil }
@@ -608,7 +616,7 @@ func (r referenceDescriber) Finish(ctx context.Context) error { return r.next.Fi
 
 func (r referenceDescriber) Key() DescriberKey {
 	next := r.next.Key()
-	return DescriberKey{Kind: "reference/1+" + next.Kind, Scope: next.Scope}
+	return DescriberKey{Kind: "reference/1+" + next.Kind, Layers: "reference/1+" + next.Layers, Scope: next.Scope}
 }
 
 func (r referenceDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {

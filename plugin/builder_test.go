@@ -77,7 +77,9 @@ type pathsDescriber struct{ kind string }
 
 func (pathsDescriber) Finish(context.Context) error { return nil }
 
-func (d pathsDescriber) Key() DescriberKey { return DescriberKey{Kind: "test-paths/1" + d.kind} }
+func (d pathsDescriber) Key() DescriberKey {
+	return DescriberKey{Kind: "test-paths/1" + d.kind, Layers: "test-paths/1" + d.kind}
+}
 func (pathsDescriber) Describe(_ context.Context, _ digest.Digest, l *Layer) error {
 	l.Desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: digest.FromString(strings.Join(l.Paths, " ")), Size: int64(len(l.Paths))}
 	return nil

@@ -119,7 +119,7 @@ func newContentDescriber(cs content.Store, c *cache.Cache) contentDescriber {
 func (contentDescriber) Finish(context.Context) error { return nil }
 
 func (c contentDescriber) Key() DescriberKey {
-	return DescriberKey{Kind: "content/1", Scope: c.scope}
+	return DescriberKey{Kind: "content/1", Layers: tarLayers, Scope: c.scope}
 }
 
 func (c contentDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) error {

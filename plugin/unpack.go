@@ -53,7 +53,7 @@ type snapshotDescriber struct {
 
 // Key implements Describer: the snapshots are held by the caller's lease.
 func (s *snapshotDescriber) Key() DescriberKey {
-	return DescriberKey{Kind: "snapshots/1", Scope: s.scope}
+	return DescriberKey{Kind: "snapshots/1", Layers: tarLayers, Scope: s.scope}
 }
 
 // foundSnapshot is layer l's snapshot chain, on parent.

@@ -51,8 +51,9 @@ type ImageKey struct {
 	Tag       string   `json:"tag"`
 	Packages  []string `json:"packages"`
 	Requested []string `json:"requested"`
-	// Describer is how its layers are described (with a version).
-	Describer string `json:"describer"`
+	// Layers is what its layer descriptors are (with a version): tar
+	// layers, or store-path references.
+	Layers    string `json:"layers"`
 	MaxLayers int    `json:"maxLayers"`
 	// Layering is the grouping's options (layering.Identity).
 	Layering string `json:"layering"`

@@ -82,7 +82,7 @@ func TestImageRecords(t *testing.T) {
 		Layers: []Layer{{Desc: ocispec.Descriptor{Digest: digest.FromString("l")}, LayerKey: LayerKey{Paths: []string{"/nix/store/x"}}}},
 	}
 	k := ImageKey{Source: "git:https://example.org/pkgs", System: "x86_64-linux", Tag: "abc", Packages: []string{"cacert", "htop"},
-		Requested: []string{"htop"}, Describer: "digest/1", MaxLayers: 20, Layering: "auto"}
+		Requested: []string{"htop"}, Layers: "tar/1", MaxLayers: 20, Layering: "auto"}
 	if err := cache.PutImage(k, rec); err != nil {
 		t.Fatal(err)
 	}

@@ -2,6 +2,7 @@ package service
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 
@@ -16,28 +17,29 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/api"
 )
 
-// daemonAPI is what the daemon does for its CLI (api.Daemon): it
-// builds images with the daemon's ImageBuilder, which the distribution endpoint
-// shares, and registers them in the daemon's containerd, as `pull` would.
-// So every client of a node shares its builds and its cache, and no store
-// path has to be handed from the daemon to another process.
+// daemonAPI is what the daemon does for its CLI (api.Daemon): it builds
+// images with the daemon's ImageBuilder, which the distribution endpoint
+// shares, and registers them in the containerd the CLI names (by default
+// the daemon's), as `pull` would. So every client of a node shares its
+// builds and its cache, and no store path has to be handed from the
+// daemon to another process.
 type daemonAPI struct {
 	builder *plugin.ImageBuilder
 	ctd     plugin.ContainerdConfig
 	workDir string
 
-	mu     sync.Mutex
-	client *containerd.Client // once containerd answered
+	mu      sync.Mutex
+	clients map[string]*containerd.Client // by address, once it answered
 }
 
 // newDaemonAPI provisions with builder into the containerd of cfg.
 func newDaemonAPI(cfg plugin.Config, builder *plugin.ImageBuilder) *daemonAPI {
-	return &daemonAPI{builder: builder, ctd: cfg.Containerd, workDir: cfg.WorkDir()}
+	return &daemonAPI{builder: builder, ctd: cfg.Containerd, workDir: cfg.WorkDir(), clients: map[string]*containerd.Client{}}
 }
 
 // Info implements api.Daemon.
 func (s *daemonAPI) Info(context.Context) (api.Info, error) {
-	return api.Info{Version: version.Version(), PackageSource: s.builder.Nix().Source().String(), Host: s.builder.Host(), Containerd: s.ctd.Address}, nil
+	return api.Info{Version: version.Version(), PackageSource: s.builder.Nix().Source().String(), Host: s.builder.Host()}, nil
 }
 
 // Build implements api.Daemon.
@@ -47,7 +49,11 @@ func (s *daemonAPI) Build(ctx context.Context, req api.BuildRequest) (api.BuildR
 	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithFields(log.Fields{"ref": req.Ref, "namespace": req.Namespace}))
 	log.G(ctx).Info("building for the CLI")
-	client, err := s.containerd(ctx)
+	address := req.Containerd
+	if address == "" {
+		address = s.ctd.Address
+	}
+	client, err := s.containerd(ctx, address)
 	if err != nil {
 		// Not Unavailable: that would read as the daemon itself gone.
 		return api.BuildResult{}, fmt.Errorf("the daemon cannot register images: %v: %w", err, errdefs.ErrFailedPrecondition)
@@ -65,27 +71,38 @@ func (s *daemonAPI) Build(ctx context.Context, req api.BuildRequest) (api.BuildR
 	return api.BuildResult{Name: img.Name, Digest: img.Target.Digest.String()}, nil
 }
 
-// containerd is the client of the daemon's containerd, connected at the
-// first request that finds it up (the daemon starts before containerd).
-func (s *daemonAPI) containerd(ctx context.Context) (*containerd.Client, error) {
+// containerd is the client of the containerd at address, connected at
+// the first request that finds it up (the daemon starts before its own).
+func (s *daemonAPI) containerd(ctx context.Context, address string) (*containerd.Client, error) {
+	s.mu.Lock()
+	client, ok := s.clients[address]
+	s.mu.Unlock()
+	if ok {
+		return client, nil
+	}
+	cfg := s.ctd
+	cfg.Address = address
+	client, err := cfg.Connect(ctx)
+	if err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.client == nil {
-		client, err := s.ctd.Connect(ctx)
-		if err != nil {
-			return nil, err
-		}
-		s.client = client
+	if known, ok := s.clients[address]; ok {
+		client.Close() // another request connected meanwhile
+		return known, nil
 	}
-	return s.client, nil
+	s.clients[address] = client
+	return client, nil
 }
 
-// Close closes the connection to containerd.
+// Close closes the connections to containerd.
 func (s *daemonAPI) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.client == nil {
-		return nil
+	var errs []error
+	for _, c := range s.clients {
+		errs = append(errs, c.Close())
 	}
-	return s.client.Close()
+	return errors.Join(errs...)
 }

@@ -101,13 +101,13 @@ func pullInDaemon(ctx context.Context, cfg plugin.Config, ref string) (*api.Buil
 	if err != nil {
 		return nil, true, err
 	}
-	if why := info.Differs(api.Info{PackageSource: src.String(), Host: cfg.Image.Host, Containerd: cfg.Containerd.Address}); why != "" {
+	if why := info.Differs(api.Info{PackageSource: src.String(), Host: cfg.Image.Host}); why != "" {
 		progress.Step(ctx, "%s: building here, not in the daemon on %s: %s", ref, socket, why)
 		return nil, true, nil
 	}
 	progress.Step(ctx, "%s: building in the daemon on %s", ref, socket)
 	res, err := c.Build(ctx, api.BuildRequest{Ref: ref, Namespace: cfg.Containerd.Namespace,
-		Snapshotter: cfg.Containerd.Snapshotter, WithLayers: cfg.Image.WithLayers})
+		Snapshotter: cfg.Containerd.Snapshotter, WithLayers: cfg.Image.WithLayers, Containerd: cfg.Containerd.Address})
 	if err != nil {
 		return nil, true, err
 	}
