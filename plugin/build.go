@@ -475,18 +475,28 @@ func (b *ImageBuilder) prepare(ctx context.Context, img resolver.Image, key stri
 		b.plans[key] = c
 	}
 	b.plansMu.Unlock()
+	// A plan stays to be joined while builds hold it (they describe its
+	// layers): a build of the same image asked meanwhile, described
+	// another way, needs no Nix of its own.
 	release := sync.OnceFunc(func() {
 		b.plansMu.Lock()
 		defer b.plansMu.Unlock()
-		if c.refs--; c.refs == 0 && c.plan != nil {
-			c.plan.res.Release()
+		if c.refs--; c.refs == 0 {
+			if b.plans[key] == c {
+				delete(b.plans, key)
+			}
+			if c.plan != nil {
+				c.plan.res.Release()
+			}
 		}
 	})
 	if !joined {
 		c.plan, c.err = b.queuedPlan(ctx, img)
-		b.plansMu.Lock()
-		delete(b.plans, key)
-		b.plansMu.Unlock()
+		if c.err != nil {
+			b.plansMu.Lock()
+			delete(b.plans, key) // the next build tries again
+			b.plansMu.Unlock()
+		}
 		close(c.done)
 	}
 	select {

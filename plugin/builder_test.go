@@ -264,3 +264,49 @@ func TestBuilderCallerLeaves(t *testing.T) {
 		t.Errorf("%d Nix builds", n)
 	}
 }
+
+// gatedDescriber describes as pathsDescriber once gate is closed, saying
+// on entered when it is first asked.
+type gatedDescriber struct {
+	pathsDescriber
+	entered chan struct{}
+	once    *sync.Once
+	gate    chan struct{}
+}
+
+func (d gatedDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
+	d.once.Do(func() { close(d.entered) })
+	<-d.gate
+	return d.pathsDescriber.Describe(ctx, parent, l)
+}
+
+// A build asked while another still describes the same image's layers
+// uses the plan that one holds: no second Nix build.
+func TestBuilderJoinsPlanInUse(t *testing.T) {
+	nix := &fakeNix{}
+	b := NewImageBuilder(nix)
+	slow := gatedDescriber{pathsDescriber{kind: "slow"}, make(chan struct{}), new(sync.Once), make(chan struct{})}
+	done := make(chan error, 1)
+	go func() {
+		_, err := b.Build(context.Background(), "nix.local/htop", slow)
+		done <- err
+	}()
+	<-slow.entered
+	if _, err := b.Build(context.Background(), "nix.local/htop", pathsDescriber{kind: "fast"}); err != nil {
+		t.Fatal(err)
+	}
+	close(slow.gate)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if n := nix.builds.Load(); n != 1 {
+		t.Errorf("%d Nix builds for one image described two ways, one while the other described", n)
+	}
+	// Once no build holds it, the plan is gone: a later build asks Nix.
+	if _, err := b.Build(context.Background(), "nix.local/htop", pathsDescriber{kind: "later"}); err != nil {
+		t.Fatal(err)
+	}
+	if n := nix.builds.Load(); n != 2 {
+		t.Errorf("%d Nix builds after the plan was released, want 2", n)
+	}
+}
