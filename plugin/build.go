@@ -215,8 +215,14 @@ func WithCache(c *cache.Cache) BuildOpt { return func(b *ImageBuilder) { b.cache
 // a repeated request starts no Nix.
 func WithPinnedSource(on bool) BuildOpt { return func(b *ImageBuilder) { b.pinnedSource = on } }
 
+// pinned reports whether img's images are cached: its source is pinned.
 func (b *ImageBuilder) pinned(img resolver.Image) bool {
-	return b.cache != nil && (b.pinnedSource || b.nix.Source().Pinned(img.Tag))
+	return b.cache != nil && b.sourcePinned(img)
+}
+
+// sourcePinned reports whether the source of img cannot change.
+func (b *ImageBuilder) sourcePinned(img resolver.Image) bool {
+	return b.pinnedSource || b.nix.Source().Pinned(img.Tag)
 }
 
 // cachedImage returns the remembered image for key if every store path it
@@ -352,6 +358,10 @@ func (b *ImageBuilder) Build(ctx context.Context, ref string, describe Describer
 	shared, leave := b.watchers.Join(ctx, "flight "+flight)
 	defer leave()
 	done := b.flight.DoChan(flight, func() (any, error) {
+		// The shared work stays joinable, its progress to whoever waits,
+		// after the caller that started it left.
+		_, hold := b.watchers.Join(context.Background(), "flight "+flight)
+		defer hold()
 		built, hit, err := b.build(shared, img, key, describe)
 		return flightResult{built, hit}, err
 	})
@@ -414,6 +424,9 @@ func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string
 			return cached, true, nil
 		}
 	}
+	if err := work.Err(); err != nil {
+		return nil, false, err // the caller left while the cache was tried
+	}
 	p, release, err := b.prepare(work, img, key)
 	if err != nil {
 		return nil, false, err
@@ -475,9 +488,12 @@ func (b *ImageBuilder) prepare(ctx context.Context, img resolver.Image, key stri
 		b.plans[key] = c
 	}
 	b.plansMu.Unlock()
-	// A plan stays to be joined while builds hold it (they describe its
-	// layers): a build of the same image asked meanwhile, described
-	// another way, needs no Nix of its own.
+	// A plan of a pinned source stays to be joined while builds hold it
+	// (they describe its layers): a build of the same image asked
+	// meanwhile, described another way, needs no Nix of its own. A plan of
+	// a source that may change is joined only while Nix makes it, so that
+	// a request after it sees the source as it is then.
+	keep := b.sourcePinned(img)
 	release := sync.OnceFunc(func() {
 		b.plansMu.Lock()
 		defer b.plansMu.Unlock()
@@ -492,9 +508,11 @@ func (b *ImageBuilder) prepare(ctx context.Context, img resolver.Image, key stri
 	})
 	if !joined {
 		c.plan, c.err = b.queuedPlan(ctx, img)
-		if c.err != nil {
+		if c.err != nil || !keep {
 			b.plansMu.Lock()
-			delete(b.plans, key) // the next build tries again
+			if b.plans[key] == c {
+				delete(b.plans, key) // the next build asks Nix again
+			}
 			b.plansMu.Unlock()
 		}
 		close(c.done)
@@ -522,6 +540,9 @@ func (b *ImageBuilder) queuedPlan(ctx context.Context, img resolver.Image) (*pla
 		return nil, fmt.Errorf("%d image builds are running or waiting: try again later: %w", b.maxQueued+int64(cap(b.sem)), errdefs.ErrResourceExhausted)
 	}
 	defer b.queued.Add(-1)
+	if err := ctx.Err(); err != nil {
+		return nil, err // a free slot must not win over a caller gone
+	}
 	select {
 	case b.sem <- struct{}{}:
 		defer func() { <-b.sem }()

@@ -281,10 +281,21 @@ func (d gatedDescriber) Describe(ctx context.Context, parent digest.Digest, l *L
 }
 
 // A build asked while another still describes the same image's layers
-// uses the plan that one holds: no second Nix build.
+// uses the plan that one holds, when the source cannot change: no second
+// Nix build. Of a source that can, it asks Nix again.
 func TestBuilderJoinsPlanInUse(t *testing.T) {
+	for _, pinned := range []bool{true, false} {
+		t.Run(fmt.Sprintf("pinned=%v", pinned), func(t *testing.T) { testJoinsPlanInUse(t, pinned) })
+	}
+}
+
+func testJoinsPlanInUse(t *testing.T, pinned bool) {
 	nix := &fakeNix{}
-	b := NewImageBuilder(nix)
+	b := NewImageBuilder(nix, WithPinnedSource(pinned))
+	want := int64(1)
+	if !pinned {
+		want = 2
+	}
 	slow := gatedDescriber{pathsDescriber{kind: "slow"}, make(chan struct{}), new(sync.Once), make(chan struct{})}
 	done := make(chan error, 1)
 	go func() {
@@ -299,14 +310,14 @@ func TestBuilderJoinsPlanInUse(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	if n := nix.builds.Load(); n != 1 {
-		t.Errorf("%d Nix builds for one image described two ways, one while the other described", n)
+	if n := nix.builds.Load(); n != want {
+		t.Errorf("%d Nix builds for one image described two ways, one while the other described; want %d", n, want)
 	}
 	// Once no build holds it, the plan is gone: a later build asks Nix.
 	if _, err := b.Build(context.Background(), "nix.local/htop", pathsDescriber{kind: "later"}); err != nil {
 		t.Fatal(err)
 	}
-	if n := nix.builds.Load(); n != 2 {
-		t.Errorf("%d Nix builds after the plan was released, want 2", n)
+	if n := nix.builds.Load(); n != want+1 {
+		t.Errorf("%d Nix builds after the plan was released, want %d", n, want+1)
 	}
 }
