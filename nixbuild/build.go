@@ -259,19 +259,39 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	if err != nil {
 		return nil, err
 	}
-	rooted, err := b.rootIfValid(ctx, res.roots.dir, outs)
-	if err != nil {
-		return nil, err
-	}
-	if !rooted {
-		if err := b.realisePackages(ctx, res.roots.dir, ev.env, ev.args, outs); err != nil {
+	for attempt := 1; ; attempt++ {
+		if err := b.realise(ctx, res.roots.dir, ev, outs); err != nil {
 			return nil, err
 		}
+		res.Closure, err = b.closure(ctx, outs)
+		if err == nil || attempt == realiseAttempts || !collected(err) || ctx.Err() != nil {
+			return res, err
+		}
+		// Nix 2.8's collector can take paths a build running beside it
+		// just made, roots and all (NixOS/nix#6757): build them again.
+		log.G(ctx).WithError(err).Warn("Nix's garbage collector took packages just built: building them again")
 	}
-	if res.Closure, err = b.closure(ctx, outs); err != nil {
-		return nil, err
+}
+
+// realiseAttempts bounds how often packages are built again because a
+// collection running beside the build took them.
+const realiseAttempts = 3
+
+// realise makes outs valid and GC roots in dir: rooted through Nix when
+// they are in the store, else built (or substituted) by nix-build.
+func (b *Builder) realise(ctx context.Context, dir string, ev evaluated, outs []string) error {
+	rooted, err := b.rootIfValid(ctx, dir, outs)
+	if err != nil || rooted {
+		return err
 	}
-	return res, nil
+	return b.realisePackages(ctx, dir, ev.env, ev.args, outs)
+}
+
+// collected reports whether err says store paths asked about were not
+// valid: collected between being made and being read.
+func collected(err error) bool {
+	var be *BuildError
+	return errors.As(err, &be) && be.Stage == "query" && (strings.Contains(be.Log, "is not valid") || strings.Contains(be.Err.Error(), "is not valid"))
 }
 
 // evaluated is a request's packages as the package set has them, and how
