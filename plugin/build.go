@@ -165,9 +165,13 @@ type ImageBuilder struct {
 	cache     *cache.Cache
 	claims    *snapshot.Claims
 	layering  []layering.Opt
-	allow     []string
-	maxQueued int64
-	queued    atomic.Int64
+	// layeringID is layering's identity (layering.Identity), part of
+	// cached images' keys: computed once, as a popularity file can be
+	// large.
+	layeringID string
+	allow      []string
+	maxQueued  int64
+	queued     atomic.Int64
 	// watchers of the builds under way, by flight and by plan: everyone
 	// waiting for a build sees its progress.
 	watchers progress.Shared
@@ -288,6 +292,7 @@ func NewImageBuilder(nix Nix, opts ...BuildOpt) *ImageBuilder {
 	for _, opt := range opts {
 		opt(b)
 	}
+	b.layeringID = layering.Identity(b.layering...)
 	return b
 }
 
@@ -418,7 +423,7 @@ func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string
 	pinned := b.pinned(img)
 	ikey := cache.ImageKey{Source: b.nix.Source().String(), System: img.Platform.NixSystem, Tag: img.Tag,
 		Packages: img.Packages, Requested: img.Requested, Layers: dk.Layers, MaxLayers: b.maxLayers,
-		Layering: layering.Identity(b.layering...)}
+		Layering: b.layeringID}
 	if pinned {
 		if cached, ok := b.cachedImage(work, ikey, img, describe); ok {
 			return cached, true, nil

@@ -65,9 +65,6 @@ func Dial(socket string) (*Client, error) {
 	return &Client{socket: socket, conn: conn}, nil
 }
 
-// Socket is where the client calls the daemon.
-func (c *Client) Socket() string { return c.socket }
-
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }
 
