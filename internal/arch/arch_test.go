@@ -34,20 +34,21 @@ var tiers = map[string]int{
 	"internal/procdir":   1,
 	"plugin/api":         1, // the daemon's API: a contract, below what serves it
 	// The data flow.
-	"resolver":               2, // ref
-	"nixbuild":               3, // packages → closure
-	"layering":               4, // closure → layers
-	"layering/labels":        4, // how layers and snapshots say what they hold
-	"internal/errkind":       4, // what a failed request was, at every boundary
-	"tarstream":              5, // layers → tar
-	"plugin/cache":           5, // what was expensive to find out, remembered
-	"plugin/snapshot/remote": 5, // snapshots some of whose layers are made, not unpacked
-	"plugin/snapshot":        6, // tar / store → snapshots
-	"plugin/fixed":           6, // a built image, as containerd's pull finds images
-	"plugin":                 7, // → image → containerd
-	"plugin/registry":        8, // the distribution endpoint
-	"plugin/service":         9, // the configuration wired into the parts
-	"cmd/nixery-snapshotter": 10,
+	"resolver":               2,  // ref
+	"nixbuild":               3,  // packages → closure
+	"layering":               4,  // closure → layers
+	"layering/labels":        4,  // how layers and snapshots say what they hold
+	"internal/errkind":       4,  // what a failed request was, at every boundary
+	"tarstream":              5,  // layers → tar
+	"plugin/cache":           5,  // what was expensive to find out, remembered
+	"plugin/snapshot/remote": 5,  // snapshots some of whose layers are made, not unpacked
+	"tarstream/linked":       6,  // layers → directories of links to the store
+	"plugin/snapshot":        7,  // tar / store → snapshots
+	"plugin/fixed":           7,  // a built image, as containerd's pull finds images
+	"plugin":                 8,  // → image → containerd
+	"plugin/registry":        9,  // the distribution endpoint
+	"plugin/service":         10, // the configuration wired into the parts
+	"cmd/nixery-snapshotter": 11,
 }
 
 // notPlaced are packages of tests, outside the product's flow.

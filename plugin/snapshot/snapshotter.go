@@ -23,6 +23,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot/remote"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream/linked"
 )
 
 // DefaultGCRootsDir holds the Nix GC roots of store paths in snapshots.
@@ -62,7 +63,7 @@ type storeFiller struct {
 	store       Store
 	claims      *Claims
 	trustOthers bool
-	mat         *materializer
+	layers      *linked.Writer
 }
 
 type options struct {
@@ -107,13 +108,13 @@ func New(root string, opts ...Opt) (*Snapshotter, error) {
 		return nil, err
 	}
 	// Made in root, which remote.New makes.
-	f.mat = newMaterializer(context.Background(), o.storeRoot, root)
+	f.layers = linked.New(context.Background(), "nix", root, linked.WithStoreRoot(o.storeRoot))
 	return &Snapshotter{Snapshotter: rs, filler: f}, nil
 }
 
 // Close implements snapshots.Snapshotter.
 func (s *Snapshotter) Close() error {
-	return errors.Join(s.Snapshotter.Close(), s.filler.mat.close())
+	return errors.Join(s.Snapshotter.Close(), s.filler.layers.Close())
 }
 
 // Fills implements remote.Filler: layers naming store paths this node
@@ -154,7 +155,7 @@ func (f *storeFiller) Fill(ctx context.Context, key, dir string, layer map[strin
 	if forest {
 		err = f.writeForest(ctx, dir, paths)
 	} else {
-		err = f.mat.materialize(ctx, dir, paths)
+		err = f.layers.Write(ctx, dir, paths)
 	}
 	if err != nil {
 		return nil, err
@@ -177,7 +178,7 @@ func (f *storeFiller) Release(_ context.Context, key string, labels map[string]s
 func (f *storeFiller) writeForest(ctx context.Context, dir string, packages []string) error {
 	pr, pw := io.Pipe()
 	go func() {
-		pw.CloseWithError(tarstream.WriteSymlinkForest(pw, packages, tarstream.WithRoot(f.mat.root)))
+		pw.CloseWithError(tarstream.WriteSymlinkForest(pw, packages, tarstream.WithRoot(f.layers.StoreRoot())))
 	}()
 	_, err := archive.Apply(ctx, dir, pr)
 	pr.CloseWithError(err)

@@ -3,8 +3,6 @@ package snapshot
 import (
 	"context"
 	"fmt"
-	"io"
-	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -15,16 +13,12 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
-	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/errdefs"
-	promtest "github.com/prometheus/client_golang/prometheus/testutil"
-	"golang.org/x/sys/unix"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/snapmount"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot/remote"
-	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // containerd's conformance suite: without store-path labels the snapshotter
@@ -44,33 +38,11 @@ func TestSnapshotterSuite(t *testing.T) {
 }
 
 const (
-	glibc = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-glibc-2.36"
-	htop  = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-htop-3.2.2"
+	glibc = testutil.FakeGlibc
+	htop  = testutil.FakeHtop
 )
 
-func fakeStore(t *testing.T) string {
-	t.Helper()
-	root := t.TempDir()
-	for name, content := range map[string]string{
-		glibc + "/lib/libc.so.6":   "libc",
-		htop + "/bin/htop":         "htop",
-		htop + "/share/doc/README": "readme",
-	} {
-		p := filepath.Join(root, name)
-		os.MkdirAll(filepath.Dir(p), 0o755)
-		os.WriteFile(p, []byte(content), 0o444)
-	}
-	os.Chmod(filepath.Join(root, htop, "bin/htop"), 0o555)
-	os.Symlink("libc.so.6", filepath.Join(root, glibc, "lib/libc.so"))
-	// Nix's canonical times.
-	filepath.WalkDir(filepath.Join(root, "nix", "store"), func(p string, d fs.DirEntry, err error) error {
-		if err == nil {
-			unix.Lutimes(p, []unix.Timeval{{Sec: 1}, {Sec: 1}})
-		}
-		return nil
-	})
-	return root
-}
+func fakeStore(t *testing.T) string { return testutil.FakeStore(t) }
 
 // fakeNix roots the paths of a fake store, as Nix would: present paths
 // are linked from dir, missing ones are an error naming them.
@@ -234,60 +206,6 @@ func TestPrepareMissingStorePath(t *testing.T) {
 	}
 }
 
-func TestMaterialiseAcrossFilesystems(t *testing.T) {
-	testutil.RequireRoot(t)
-	store := fakeStore(t)
-	// A tmpfs cannot hold links to the store's inodes.
-	dir := t.TempDir()
-	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=16m"); err != nil {
-		testutil.Skip(t, "cannot mount tmpfs: "+err.Error())
-	}
-	defer syscall.Unmount(dir, syscall.MNT_DETACH)
-	// Said at start: links cannot be made there, but can beside the store.
-	if m := newMaterializer(context.Background(), store, filepath.Dir(store)); m.copyOnly.Load() || promtest.ToFloat64(storeLinkable) != 1 {
-		t.Errorf("beside the store: copyOnly %v, linkable %v", m.copyOnly.Load(), promtest.ToFloat64(storeLinkable))
-	}
-	m := newMaterializer(context.Background(), store, dir)
-	if !m.copyOnly.Load() || promtest.ToFloat64(storeLinkable) != 0 {
-		t.Errorf("across filesystems: copyOnly %v, linkable %v", m.copyOnly.Load(), promtest.ToFloat64(storeLinkable))
-	}
-	if err := m.materialize(context.Background(), dir, []string{htop, glibc}); err != nil {
-		t.Fatal(err)
-	}
-	b, err := os.ReadFile(filepath.Join(dir, htop, "bin/htop"))
-	if err != nil || string(b) != "htop" {
-		t.Fatalf("copied file reads %q, %v", b, err)
-	}
-	if fi, _ := os.Stat(filepath.Join(dir, htop, "bin/htop")); fi.Mode().Perm() != 0o555 {
-		t.Errorf("mode %v", fi.Mode())
-	}
-	if !m.copyOnly.Load() || m.copied.Load() != 3 {
-		t.Errorf("copyOnly %v, copied %d", m.copyOnly.Load(), m.copied.Load())
-	}
-}
-
-// On a fresh node the daemon may start before Nix made its store: how to
-// link is found at the first layer, not decided (as "copy") at start.
-func TestMaterialiseStoreMadeAfterStart(t *testing.T) {
-	root := t.TempDir()
-	m := newMaterializer(context.Background(), root, root)
-	store := fakeStore(t)
-	if err := os.Rename(filepath.Join(store, "nix"), filepath.Join(root, "nix")); err != nil {
-		t.Fatal(err)
-	}
-	layer := filepath.Join(root, "layer")
-	if err := m.materialize(context.Background(), layer, []string{htop}); err != nil {
-		t.Fatal(err)
-	}
-	var st syscall.Stat_t
-	if err := syscall.Stat(filepath.Join(layer, htop, "bin/htop"), &st); err != nil || st.Nlink != 2 {
-		t.Errorf("layer file: %d links, %v", st.Nlink, err)
-	}
-	if m.copyOnly.Load() || m.copied.Load() != 0 {
-		t.Errorf("copyOnly %v, copied %d", m.copyOnly.Load(), m.copied.Load())
-	}
-}
-
 // A daemon killed mid-prepare leaves an active snapshot (and maybe roots)
 // behind; a restarted snapshotter still prepares the same layer.
 func TestPrepareAfterInterruptedPrepare(t *testing.T) {
@@ -444,70 +362,4 @@ func TestPrepareWhiteoutName(t *testing.T) {
 	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), ".wh.README") {
 		t.Errorf("Prepare of a layer with a .wh. file: %v", err)
 	}
-}
-
-// The one rule of what a store file becomes in an image: a materialised
-// layer and the same store paths' tar, unpacked, hold the same tree
-// (types, permissions, owners, mtimes, symlink targets, contents).
-func TestMaterialisedLayerIsTheTar(t *testing.T) {
-	testutil.RequireRoot(t)
-	store := fakeStore(t)
-	paths := []string{glibc, htop}
-	linked, copied := t.TempDir(), t.TempDir()
-	m := newMaterializer(context.Background(), store, linked)
-	if err := m.materialize(context.Background(), linked, paths); err != nil {
-		t.Fatal(err)
-	}
-	m.copyOnly.Store(true)
-	if err := m.materialize(context.Background(), copied, paths); err != nil {
-		t.Fatal(err)
-	}
-	unpacked := t.TempDir()
-	pr, pw := io.Pipe()
-	go func() { pw.CloseWithError(tarstream.WriteStorePaths(pw, paths, tarstream.WithRoot(store))) }()
-	if _, err := archive.Apply(context.Background(), unpacked, pr); err != nil {
-		t.Fatal(err)
-	}
-	a, b, c := describeTree(t, linked), describeTree(t, unpacked), describeTree(t, copied)
-	if !maps.Equal(a, b) {
-		t.Errorf("materialised:\n%v\nunpacked tar:\n%v", a, b)
-	}
-	if !maps.Equal(c, b) {
-		t.Errorf("materialised by copies:\n%v\nunpacked tar:\n%v", c, b)
-	}
-	if len(a) < 8 {
-		t.Errorf("compared only %d entries", len(a))
-	}
-}
-
-// describeTree says what each entry below dir is, as an image sees it.
-func describeTree(t *testing.T, dir string) map[string]string {
-	t.Helper()
-	out := map[string]string{}
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || p == dir {
-			return err
-		}
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		st := info.Sys().(*syscall.Stat_t)
-		desc := fmt.Sprintf("%v uid=%d gid=%d mtime=%d", info.Mode(), st.Uid, st.Gid, info.ModTime().Unix())
-		switch {
-		case info.Mode()&fs.ModeSymlink != 0:
-			target, _ := os.Readlink(p)
-			desc += " -> " + target
-		case info.Mode().IsRegular():
-			b, _ := os.ReadFile(p)
-			desc += fmt.Sprintf(" %q", b)
-		}
-		rel, _ := filepath.Rel(dir, p)
-		out[rel] = desc
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
 }

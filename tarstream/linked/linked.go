@@ -1,4 +1,13 @@
-package snapshot
+// Package linked writes store-path layers into directories as unpacking
+// their tar would, without copying file data: files are hard links to the
+// store's own inodes, which Nix keeps read-only (0444/0555, root-owned,
+// mtime 1), exactly what the layer's tar would hold. A directory written so
+// must only ever be a read-only layer (an overlay lower directory, which
+// the kernel never writes; a copy's source): written through, it would
+// write the store. Where links cannot be made (another filesystem than the
+// store, or a file at the filesystem's link limit) a file is cloned
+// (reflink) or, failing that, copied, and the log and a metric say so.
+package linked
 
 import (
 	"context"
@@ -22,17 +31,13 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
-// materializer writes store paths into a layer directory without copying
-// file data: files are hard links to the store's own inodes, which Nix keeps
-// read-only (0444/0555, root-owned, mtime 1) — exactly what the layer's tar
-// would hold. Overlayfs never writes to a lower layer, so sharing is safe.
-// Where links cannot be made (the layer directory is on another filesystem
-// than the store, or a file reached the filesystem's link limit) the file
-// is cloned (reflink) or, failing that, copied.
-type materializer struct {
-	root     string // where store paths are read, "/" but in tests
-	dir      string // where layers are written (the snapshotter root)
-	parallel int
+// Writer writes store paths into layer directories below one directory
+// (a snapshotter's root).
+type Writer struct {
+	root        string // where store paths are read, "/" but in tests
+	dir         string // where layers are written (the snapshotter root)
+	snapshotter string // whose layers, for metrics and logs
+	parallel    int
 	// linking finds how to link, once: at start, or where the store did
 	// not exist yet (a fresh node), at the first layer.
 	linking  sync.Once
@@ -43,13 +48,14 @@ type materializer struct {
 
 // filesCopied counts store files copied into layers because they could
 // not be linked: bytes written (and disk taken) that links would not cost.
-var filesCopied = promauto.NewCounter(prometheus.CounterOpts{
+var filesCopied = promauto.NewCounterVec(prometheus.CounterOpts{
 	Namespace: "nixery", Name: "snapshot_files_copied_total",
-	Help: "Store files copied (or cloned) into nix snapshots because they could not be hard-linked.",
-})
+	Help: "Store files copied (or cloned) into snapshots because they could not be hard-linked, by snapshotter.",
+}, []string{"snapshotter"})
 
-// materialize writes paths (absolute store paths) below dir.
-func (m *materializer) materialize(ctx context.Context, dir string, paths []string) error {
+// Write writes paths (absolute store paths) below dir, a layer directory
+// below the Writer's.
+func (m *Writer) Write(ctx context.Context, dir string, paths []string) error {
 	m.linking.Do(func() { m.findLinks(ctx) })
 	// Parent directories (/nix, /nix/store) as the tar layer has them.
 	parents := map[string]bool{}
@@ -100,7 +106,7 @@ func (m *materializer) materialize(ctx context.Context, dir string, paths []stri
 	}
 	if n := m.copied.Load() - before; n > 0 {
 		// A cost the user pays without asking: say so each time.
-		log.G(ctx).WithField("files", n).Warn("copied store files into the layer instead of linking them: keep the snapshotter root on the store's filesystem (README, Install on a node)")
+		log.G(ctx).WithFields(log.Fields{"files": n, "snapshotter": m.snapshotter}).Warn("copied store files into the layer instead of linking them: keep the snapshotter root on the store's filesystem (README, Install on a node)")
 	}
 	return errors.Join(all...)
 }
@@ -108,7 +114,7 @@ func (m *materializer) materialize(ctx context.Context, dir string, paths []stri
 // tree writes store path p below the layer directory dir: files as
 // links (or copies), directories and symlinks made as the tar layer would
 // make them (tarstream.WalkStorePath).
-func (m *materializer) tree(dir, p string) error {
+func (m *Writer) tree(dir, p string) error {
 	type made struct {
 		path string
 		mode fs.FileMode
@@ -150,7 +156,7 @@ func (m *materializer) tree(dir, p string) error {
 }
 
 // file links src to dst, or copies it there with mode.
-func (m *materializer) file(src, dst string, mode fs.FileMode) error {
+func (m *Writer) file(src, dst string, mode fs.FileMode) error {
 	if !m.copyOnly.Load() {
 		err := m.linker.Link(src, dst)
 		switch {
@@ -165,7 +171,7 @@ func (m *materializer) file(src, dst string, mode fs.FileMode) error {
 		}
 	}
 	m.copied.Add(1)
-	filesCopied.Inc()
+	filesCopied.WithLabelValues(m.snapshotter).Inc()
 	return copyFile(src, dst, mode)
 }
 
@@ -196,19 +202,28 @@ func copyFile(src, dst string, mode fs.FileMode) error {
 	return os.Chtimes(dst, tarstream.Epoch, tarstream.Epoch)
 }
 
-// storeLinkable says whether store files can be linked into the snapshots
-// (1) or must be copied (0), as found when the snapshotter started.
-var storeLinkable = promauto.NewGauge(prometheus.GaugeOpts{
+// storeLinkable says whether store files can be linked into a
+// snapshotter's layers (1) or must be copied (0), as found when it started.
+var storeLinkable = promauto.NewGaugeVec(prometheus.GaugeOpts{
 	Namespace: "nixery", Name: "snapshot_store_linkable",
-	Help: "1 if store files can be hard-linked into nix snapshots, 0 if they are copied (another filesystem or mount).",
-})
+	Help: "1 if store files can be hard-linked into the snapshotter's layers, 0 if they are copied (another filesystem or mount).",
+}, []string{"snapshotter"})
 
-// newMaterializer returns a materializer of the store below storeRoot into
-// directories below dir, finding at start whether store files can be
+// Opt configures a Writer.
+type Opt func(*Writer)
+
+// WithStoreRoot reads store paths below dir instead of / (tests).
+func WithStoreRoot(dir string) Opt { return func(m *Writer) { m.root = dir } }
+
+// New returns a Writer of store paths into layer directories below dir,
+// the layers of snapshotter, finding at start whether store files can be
 // linked there (and how) or must be copied; it says which in the log and
 // the storeLinkable metric.
-func newMaterializer(ctx context.Context, storeRoot, dir string) *materializer {
-	m := &materializer{root: storeRoot, dir: dir, parallel: 4}
+func New(ctx context.Context, snapshotter, dir string, opts ...Opt) *Writer {
+	m := &Writer{root: "/", dir: dir, snapshotter: snapshotter, parallel: 4}
+	for _, opt := range opts {
+		opt(m)
+	}
 	if _, err := os.Stat(m.store()); err != nil {
 		log.G(ctx).WithError(err).Info("no Nix store yet: how store files are linked into layers is found at the first layer")
 		return m
@@ -217,27 +232,37 @@ func newMaterializer(ctx context.Context, storeRoot, dir string) *materializer {
 	return m
 }
 
-func (m *materializer) store() string { return filepath.Join(m.root, "nix", "store") }
+func (m *Writer) store() string { return filepath.Join(m.root, "nix", "store") }
+
+// StoreRoot is where the Writer reads store paths: "/" but in tests.
+func (m *Writer) StoreRoot() string { return m.root }
+
+// Links says whether store files are linked (rather than copied), as far
+// as is known yet.
+func (m *Writer) Links() bool { return !m.copyOnly.Load() }
+
+// Copied counts the files this Writer copied because it could not link.
+func (m *Writer) Copied() int64 { return m.copied.Load() }
 
 // findLinks finds how store files are linked into layers, or that they
 // cannot be, and says which.
-func (m *materializer) findLinks(ctx context.Context) {
+func (m *Writer) findLinks(ctx context.Context) {
 	l, err := storelink.New(m.store(), m.dir)
 	if err == nil {
 		err = probe(l, m.store(), m.dir)
 	}
 	if err != nil {
-		storeLinkable.Set(0)
+		storeLinkable.WithLabelValues(m.snapshotter).Set(0)
 		m.copyOnly.Store(true)
-		log.G(ctx).WithError(err).WithField("root", m.dir).Warn("store files cannot be hard-linked into this snapshotter root: layers will be copied; put the root on the store's filesystem (README, Install on a node)")
+		log.G(ctx).WithError(err).WithFields(log.Fields{"root": m.dir, "snapshotter": m.snapshotter}).Warn("store files cannot be hard-linked into this snapshotter root: layers will be copied; put the root on the store's filesystem (README, Install on a node)")
 		if l != nil {
 			l.Close()
 		}
 		return
 	}
-	storeLinkable.Set(1)
+	storeLinkable.WithLabelValues(m.snapshotter).Set(1)
 	m.linker = l
-	log.G(ctx).WithField("root", m.dir).Infof("store files are linked into layers through %s", l)
+	log.G(ctx).WithFields(log.Fields{"root": m.dir, "snapshotter": m.snapshotter}).Infof("store files are linked into layers through %s", l)
 }
 
 // linksImpossible says a link failed in a way that no other file will
@@ -265,8 +290,8 @@ func probe(l *storelink.Linker, store, dir string) error {
 	return err
 }
 
-// close releases what linking holds; layers made after it are copied.
-func (m *materializer) close() error {
+// Close releases what linking holds; layers written after it are copied.
+func (m *Writer) Close() error {
 	m.copyOnly.Store(true)
 	m.linking.Do(func() {}) // none found after this
 	if m.linker == nil {

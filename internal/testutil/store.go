@@ -1,0 +1,79 @@
+package testutil
+
+import (
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// Store paths of FakeStore.
+const (
+	FakeGlibc = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-glibc-2.36"
+	FakeHtop  = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-htop-3.2.2"
+)
+
+// FakeStore makes a root directory holding a Nix store of two paths,
+// FakeGlibc and FakeHtop, with Nix's modes and times: files, an executable,
+// a symlink.
+func FakeStore(t testing.TB) string {
+	t.Helper()
+	root := t.TempDir()
+	for name, content := range map[string]string{
+		FakeGlibc + "/lib/libc.so.6":   "libc",
+		FakeHtop + "/bin/htop":         "htop",
+		FakeHtop + "/share/doc/README": "readme",
+	} {
+		p := filepath.Join(root, name)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		os.WriteFile(p, []byte(content), 0o444)
+	}
+	os.Chmod(filepath.Join(root, FakeHtop, "bin/htop"), 0o555)
+	os.Symlink("libc.so.6", filepath.Join(root, FakeGlibc, "lib/libc.so"))
+	// Nix's canonical times.
+	filepath.WalkDir(filepath.Join(root, "nix", "store"), func(p string, d fs.DirEntry, err error) error {
+		if err == nil {
+			unix.Lutimes(p, []unix.Timeval{{Sec: 1}, {Sec: 1}})
+		}
+		return nil
+	})
+	return root
+}
+
+// DescribeTree says, for each entry below dir by relative path, its type,
+// permissions, owners, mtime, and symlink target or contents: what two
+// trees must agree on to be the same layer.
+func DescribeTree(t testing.TB, dir string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || p == dir {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		st := info.Sys().(*syscall.Stat_t)
+		desc := fmt.Sprintf("%v uid=%d gid=%d mtime=%d", info.Mode(), st.Uid, st.Gid, info.ModTime().Unix())
+		switch {
+		case info.Mode()&fs.ModeSymlink != 0:
+			target, _ := os.Readlink(p)
+			desc += " -> " + target
+		case info.Mode().IsRegular():
+			b, _ := os.ReadFile(p)
+			desc += fmt.Sprintf(" %q", b)
+		}
+		rel, _ := filepath.Rel(dir, p)
+		out[rel] = desc
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
