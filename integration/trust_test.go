@@ -19,7 +19,6 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -40,16 +39,6 @@ func markerLayer(t *testing.T, annotations map[string]string) archiveLayer {
 	return archiveLayer{data: b.Bytes(), annotations: annotations}
 }
 
-// nlink is how many names the file at p has.
-func nlink(t *testing.T, p string) uint64 {
-	t.Helper()
-	var st syscall.Stat_t
-	if err := syscall.Stat(p, &st); err != nil {
-		t.Fatal(err)
-	}
-	return uint64(st.Nlink)
-}
-
 // importImage imports an OCI archive and unpacks it into the nix snapshotter.
 func (e *env) importImage(archive string) ([]byte, error) {
 	return e.ctd.Ctr(e.t.Context(), "--namespace", "default", "images", "import", "--snapshotter", "nix", archive).CombinedOutput()
@@ -64,7 +53,7 @@ func TestHostileImageLabels(t *testing.T) {
 	e := newNixEnv(t, func(e *env) { e.daemon.nixBin = bin })
 	htop := strings.TrimSpace(e.mustNixBuild("htop"))
 	outside := t.TempDir()
-	shadowLinks := nlink(t, "/etc/shadow")
+	shadowLinks := testutil.Nlink(t, "/etc/shadow")
 	base := bashLayers(t)
 
 	for i, attack := range []struct{ name, label, value string }{
@@ -91,7 +80,7 @@ func TestHostileImageLabels(t *testing.T) {
 	if entries, _ := os.ReadDir(outside); len(entries) != 0 {
 		t.Errorf("files made outside the snapshotter: %v", entries)
 	}
-	if n := nlink(t, "/etc/shadow"); n != shadowLinks {
+	if n := testutil.Nlink(t, "/etc/shadow"); n != shadowLinks {
 		t.Errorf("/etc/shadow has %d links, had %d", n, shadowLinks)
 	}
 	if log, _ := os.ReadFile(calls); strings.Contains(string(log), "plugin-files") || strings.Contains(string(log), "/etc/shadow") {
@@ -150,7 +139,7 @@ func TestTrustedImageSymlinkOutOfStore(t *testing.T) {
 		t.Fatal(err)
 	}
 	stored := strings.TrimSpace(string(out))
-	shadowLinks := nlink(t, "/etc/shadow")
+	shadowLinks := testutil.Nlink(t, "/etc/shadow")
 	archive := ociArchive(t, "example.org/symlink:1", append(bashLayers(t), markerLayer(t, labels.StorePathAnnotations([]string{stored}))))
 	if out, err := e.importImage(archive); err != nil {
 		t.Fatalf("import: %v\n%s", err, out)
@@ -159,7 +148,7 @@ func TestTrustedImageSymlinkOutOfStore(t *testing.T) {
 	if got != "symlink\nunreadable\n" {
 		t.Errorf("container sees %q", got)
 	}
-	if n := nlink(t, "/etc/shadow"); n != shadowLinks {
+	if n := testutil.Nlink(t, "/etc/shadow"); n != shadowLinks {
 		t.Errorf("/etc/shadow has %d links, had %d", n, shadowLinks)
 	}
 }

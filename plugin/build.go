@@ -637,9 +637,7 @@ func (h hashDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) 
 		return err
 	}
 	l.Desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
-	layersPacked.Inc()
-	bytesStreamed.Add(float64(m.Size()))
-	log.G(ctx).WithFields(log.Fields{"digest": l.Desc.Digest, "size": l.Desc.Size}).Debug("packed layer")
+	packed(ctx, l.Desc)
 	return h.cache.PutLayer(l.cacheKey(), l.Desc)
 }
 

@@ -6,10 +6,11 @@ import (
 	"testing"
 	"time"
 
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // Builds of one image that describe its layers differently share one Nix

@@ -145,9 +145,7 @@ func (c contentDescriber) Describe(ctx context.Context, _ digest.Digest, l *Laye
 	if err != nil {
 		return err
 	}
-	layersPacked.Inc()
-	bytesStreamed.Add(float64(desc.Size))
-	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("packed layer")
+	packed(ctx, desc)
 	l.Desc = desc
 	return c.cache.PutLayer(l.cacheKey(), desc)
 }

@@ -29,6 +29,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/fixed"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream/linked"
 )
 
 // CRINamespace is where Kubernetes' CRI keeps its images.
@@ -52,6 +53,7 @@ type Provisioner struct {
 	nixSnapshot string
 	layerBlobs  bool
 	workDir     string
+	links       linked.Roots
 }
 
 // ProvisionerOpt configures a Provisioner.
@@ -325,7 +327,7 @@ func (p *Provisioner) describer(ctx context.Context, snapshotter string) Describ
 	case snapshotter == p.nixSnapshot:
 		return referenceDescriber{next: hashDescriber{p.builder.cache}}
 	default:
-		return newSnapshotDescriber(ctx, p.client.SnapshotService(snapshotter), p.builder.claims, p.workDir)
+		return newSnapshotDescriber(ctx, p.client.SnapshotService(snapshotter), snapshotter, &p.links, p.builder.cache, p.builder.claims, p.workDir)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"os"
 	"slices"
 	"strconv"
 	"sync"
@@ -25,8 +26,10 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/pipelined"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/snapmount"
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream/linked"
 )
 
 // snapshotDescriber unpacks tar layers straight from the Nix store into a
@@ -38,6 +41,12 @@ import (
 // One describes the layers of one image, in order.
 type snapshotDescriber struct {
 	sn snapshots.Snapshotter
+	// links writes store-path layers as links where the snapshotter's
+	// layers are plain directories; cache knows the digests of layers
+	// described before, which linking then need not read.
+	links       *linked.Roots
+	snapshotter string
+	cache       *cache.Cache
 	// claims are the layers this node made: a snapshot's labels are
 	// believed only if they are one of them, since any image can carry them.
 	claims *snapshot.Claims
@@ -62,8 +71,8 @@ type foundSnapshot struct {
 	l             *Layer
 }
 
-func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, claims *snapshot.Claims, workDir string) *snapshotDescriber {
-	return &snapshotDescriber{sn: sn, claims: claims, workDir: workDir, scope: callerScope(), labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
+func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, snapshotter string, links *linked.Roots, c *cache.Cache, claims *snapshot.Claims, workDir string) *snapshotDescriber {
+	return &snapshotDescriber{sn: sn, links: links, snapshotter: snapshotter, cache: c, claims: claims, workDir: workDir, scope: callerScope(), labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
 		byLayer := map[string][]snapshots.Info{}
 		err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
 			if info.Kind == snapshots.KindCommitted {
@@ -115,9 +124,7 @@ func (s *snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, 
 	if desc, err = s.unpack(ctx, parent, l); err != nil {
 		return err
 	}
-	layersPacked.Inc()
-	bytesStreamed.Add(float64(desc.Size))
-	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("packed layer")
+	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("unpacked layer")
 	l.Desc = desc
 	return nil
 }
@@ -246,38 +253,10 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 		}
 	}()
 
-	// Packing (reading files, hashing) and applying (writing files) run
-	// at once, a few chunks apart.
-	pr, pw := io.Pipe()
-	var m *tarstream.Measurer // set by the writer
-	written := make(chan error, 1)
-	go func() {
-		chunks := pipelined.New(pw, 1<<20)
-		m = tarstream.Measure(chunks)
-		err := l.WriteTar(m)
-		if cerr := chunks.Close(); err == nil {
-			err = cerr
-		}
-		pw.CloseWithError(err)
-		written <- err
-	}()
-	err = applyTar(ctx, mounts, pr, s.workDir)
-	if err == nil {
-		// Whatever the tar reader left (its end blocks).
-		_, err = io.Copy(io.Discard, pr)
-	}
-	pr.CloseWithError(errUnpackStopped) // stops the writer, if it still writes
-	if werr := <-written; werr != nil && !errors.Is(werr, errUnpackStopped) {
-		// Reading the store failed (the applier saw it as a broken tar).
-		return ocispec.Descriptor{}, fmt.Errorf("pack layer %s: %w", l.Key(), werr)
-	}
-	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
-		return ocispec.Descriptor{}, fmt.Errorf("unpack layer %s: %w (pull writes snapshots itself: it must run as root on containerd's host, or pass --with-layers for containerd to unpack)", l.Key(), err)
-	}
+	desc, err := s.fill(ctx, mounts, l)
 	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("unpack layer %s: %w", l.Key(), err)
+		return ocispec.Descriptor{}, err
 	}
-	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
 	chain := chainID(parent, desc.Digest)
 	labels := layerAnnotations(l, desc)
 	if err := s.claims.Record(labels, chain.String()); err != nil {
@@ -302,12 +281,115 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 	return desc, nil
 }
 
-// applyTar unpacks a layer onto a snapshot's mounts as containerd's applier
+// fill writes layer l into the active snapshot with mounts and describes
+// it. A store-path layer whose snapshot is a plain directory on the
+// store's filesystem (an overlay's upper directory, which becomes a lower
+// one when committed, or a bind-mounted one) is written as links to the
+// store: no file data is written, and none read where the cache knows the
+// layer's digest. Any other layer has its tar applied.
+func (s *snapshotDescriber) fill(ctx context.Context, mounts []mount.Mount, l *Layer) (ocispec.Descriptor, error) {
+	// In a user namespace the store's files belong to no one this process
+	// may link as, and whiteouts cannot be made (applyTar).
+	if dir, _, _ := snapmount.Writable(mounts); dir != "" && !l.Symlinks && !userns.RunningInUserNS() {
+		if w := s.links.Writer(ctx, s.snapshotter, dir); w.Links() {
+			return s.link(ctx, w, dir, l)
+		}
+	}
+	return s.applyTar(ctx, mounts, l)
+}
+
+// link writes store-path layer l into dir as links and describes it: from
+// the cache, else by hashing its tar as the links are made.
+func (s *snapshotDescriber) link(ctx context.Context, w *linked.Writer, dir string, l *Layer) (ocispec.Descriptor, error) {
+	if _, err := os.Stat(dir); err != nil {
+		return ocispec.Descriptor{}, unwritable(l, err)
+	}
+	desc, known := s.cache.Layer(l.cacheKey())
+	hashed := make(chan error, 1)
+	hashCtx, stopHash := context.WithCancel(ctx)
+	defer stopHash()
+	var m *tarstream.Measurer
+	if !known {
+		m = tarstream.Measure(ctxWriter{hashCtx})
+		go func() { hashed <- l.WriteTar(m) }()
+	}
+	if err := w.Write(ctx, dir, l.Paths); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("link layer %s: %w", l.Key(), err)
+	}
+	layersLinked.Inc()
+	if known {
+		return desc, nil
+	}
+	if err := <-hashed; err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("pack layer %s: %w", l.Key(), err)
+	}
+	desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
+	packed(ctx, desc)
+	return desc, s.cache.PutLayer(l.cacheKey(), desc)
+}
+
+// unwritable says why layer l could not be written into its snapshot, and
+// where that is because this process cannot reach the snapshot, how else
+// to pull.
+func unwritable(l *Layer, err error) error {
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
+		return fmt.Errorf("unpack layer %s: %w (pull writes snapshots itself: it must run as root on containerd's host, or pass --with-layers for containerd to unpack)", l.Key(), err)
+	}
+	return fmt.Errorf("unpack layer %s: %w", l.Key(), err)
+}
+
+// ctxWriter discards what is written until ctx ends, then fails.
+type ctxWriter struct{ ctx context.Context }
+
+func (w ctxWriter) Write(p []byte) (int, error) {
+	if err := w.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// applyTar applies layer l's tar, as it is written, onto the active
+// snapshot with mounts, and describes it.
+func (s *snapshotDescriber) applyTar(ctx context.Context, mounts []mount.Mount, l *Layer) (ocispec.Descriptor, error) {
+	// Packing (reading files, hashing) and applying (writing files) run
+	// at once, a few chunks apart.
+	pr, pw := io.Pipe()
+	var m *tarstream.Measurer // set by the writer
+	written := make(chan error, 1)
+	go func() {
+		chunks := pipelined.New(pw, 1<<20)
+		m = tarstream.Measure(chunks)
+		err := l.WriteTar(m)
+		if cerr := chunks.Close(); err == nil {
+			err = cerr
+		}
+		pw.CloseWithError(err)
+		written <- err
+	}()
+	err := applyTarTo(ctx, mounts, pr, s.workDir)
+	if err == nil {
+		// Whatever the tar reader left (its end blocks).
+		_, err = io.Copy(io.Discard, pr)
+	}
+	pr.CloseWithError(errUnpackStopped) // stops the writer, if it still writes
+	if werr := <-written; werr != nil && !errors.Is(werr, errUnpackStopped) {
+		// Reading the store failed (the applier saw it as a broken tar).
+		return ocispec.Descriptor{}, fmt.Errorf("pack layer %s: %w", l.Key(), werr)
+	}
+	if err != nil {
+		return ocispec.Descriptor{}, unwritable(l, err)
+	}
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
+	packed(ctx, desc)
+	return desc, nil
+}
+
+// applyTarTo unpacks a layer onto a snapshot's mounts as containerd's applier
 // does (which is not exported): an overlay's upper directory, or the
 // directory of a writable bind mount, is written directly; other mounts
 // are mounted for the time it takes, where a process that dies leaves
 // them to be unmounted by the next (useTempMounts).
-func applyTar(ctx context.Context, mounts []mount.Mount, r io.Reader, workDir string) error {
+func applyTarTo(ctx context.Context, mounts []mount.Mount, r io.Reader, workDir string) error {
 	switch dir, lowers, overlay := snapmount.Writable(mounts); {
 	case dir != "" && !overlay:
 		_, err := archive.Apply(ctx, dir, r)

@@ -8,6 +8,9 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/metadata"
@@ -21,8 +24,10 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream/linked"
 )
 
 // A snapshotter behind containerd's own metadata store (which gives
@@ -62,7 +67,7 @@ func TestSnapshotDescriber(t *testing.T) {
 		return leases.WithLease(ctx, lease.ID), lease
 	}
 	claims := testClaims(t)
-	d := newSnapshotDescriber(ctx, sn, claims, "")
+	d := newSnapshotDescriber(ctx, sn, "native", &linked.Roots{}, testCache(t), claims, "")
 	base, top := testLayer(t), testLayer(t)
 
 	// Unpacked: described as the tar it is, committed under its chain.
@@ -112,7 +117,7 @@ func TestSnapshotDescriber(t *testing.T) {
 	}
 	lctx, lease := withLease()
 	again := &Layer{Paths: top.Paths, Hashes: top.Hashes}
-	pull := newSnapshotDescriber(lctx, sn, claims, "")
+	pull := newSnapshotDescriber(lctx, sn, "native", &linked.Roots{}, testCache(t), claims, "")
 	if err := pull.Describe(lctx, base.Desc.Digest, again); err != nil {
 		t.Fatalf("snapshot not found: %v", err)
 	}
@@ -132,7 +137,7 @@ func TestSnapshotDescriber(t *testing.T) {
 
 	// A snapshot found and then built on is held before it is built on.
 	lctx, lease = withLease()
-	pull = newSnapshotDescriber(lctx, sn, claims, "")
+	pull = newSnapshotDescriber(lctx, sn, "native", &linked.Roots{}, testCache(t), claims, "")
 	if err := pull.Describe(lctx, "", &Layer{Paths: base.Paths, Hashes: base.Hashes}); err != nil {
 		t.Fatal(err)
 	}
@@ -151,6 +156,16 @@ func TestSnapshotDescriber(t *testing.T) {
 	if err := d.Describe(lctx, "", &Layer{Paths: top.Paths, Hashes: top.Hashes}); err == nil {
 		t.Error("a layer on another chain was described without its store paths")
 	}
+}
+
+func testCache(t *testing.T) *cache.Cache {
+	t.Helper()
+	c, err := cache.Open(t.TempDir(), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 func testClaims(t *testing.T) *snapshot.Claims {
@@ -178,7 +193,7 @@ func TestSnapshotDescriberForgedLabels(t *testing.T) {
 	if err := sn.Commit(ctx, forged.Digest.String(), "forging", snapshots.WithLabels(layerAnnotations(l, forged))); err != nil {
 		t.Fatal(err)
 	}
-	if err := newSnapshotDescriber(ctx, sn, testClaims(t), "").Describe(ctx, "", l); err != nil {
+	if err := newSnapshotDescriber(ctx, sn, "native", &linked.Roots{}, testCache(t), testClaims(t), "").Describe(ctx, "", l); err != nil {
 		t.Fatal(err)
 	}
 	if l.Desc.Digest == forged.Digest {
@@ -207,13 +222,13 @@ func TestSnapshotDescriberErrors(t *testing.T) {
 	testutil.RequireRoot(t)
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	sn, _ := testSnapshotter(t)
-	err := newSnapshotDescriber(ctx, brokenMounts{sn}, testClaims(t), "").Describe(ctx, "", testLayer(t))
+	err := newSnapshotDescriber(ctx, brokenMounts{sn}, "native", &linked.Roots{}, testCache(t), testClaims(t), "").Describe(ctx, "", testLayer(t))
 	if err == nil || !strings.Contains(err.Error(), "/nonexistent/snapshot") || !strings.Contains(err.Error(), "--with-layers") || strings.Contains(err.Error(), errUnpackStopped.Error()) {
 		t.Errorf("unwritable snapshot: %v", err)
 	}
 	gone := testLayer(t)
 	os.RemoveAll(gone.Paths[0])
-	err = newSnapshotDescriber(ctx, sn, testClaims(t), "").Describe(ctx, "", gone)
+	err = newSnapshotDescriber(ctx, sn, "native", &linked.Roots{}, testCache(t), testClaims(t), "").Describe(ctx, "", gone)
 	if err == nil || !strings.Contains(err.Error(), gone.Paths[0]) || strings.Contains(err.Error(), "--with-layers") {
 		t.Errorf("store path gone: %v", err)
 	}
@@ -221,5 +236,47 @@ func TestSnapshotDescriberErrors(t *testing.T) {
 	sn.Walk(ctx, func(context.Context, snapshots.Info) error { n++; return nil })
 	if n != 0 {
 		t.Errorf("%d snapshots left after failed unpacks", n)
+	}
+}
+
+// A store-path layer whose snapshot is a plain directory on the store's
+// filesystem is written as links to the store's files, and described as
+// its tar: by hashing the tar the first time, from the cache after that,
+// reading nothing.
+func TestSnapshotDescriberLinks(t *testing.T) {
+	testutil.RequireRoot(t)
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	l := testLayer(t)
+	c := testCache(t)
+	// The test's store is beside the snapshotter's root, on one filesystem.
+	links := &linked.Roots{Store: filepath.Dir(l.Paths[0])}
+	describe := func() (*Layer, float64, float64) {
+		t.Helper()
+		sn, _ := testSnapshotter(t)
+		got := &Layer{Paths: l.Paths, Hashes: l.Hashes}
+		packedBefore, linkedBefore, linksBefore := promtest.ToFloat64(layersPacked), promtest.ToFloat64(layersLinked), testutil.Nlink(t, filepath.Join(l.Paths[0], "bin", "pkg"))
+		if err := newSnapshotDescriber(ctx, sn, "native", links, c, testClaims(t), "").Describe(ctx, "", got); err != nil {
+			t.Fatal(err)
+		}
+		// The committed snapshot holds the store's file itself.
+		if n := testutil.Nlink(t, filepath.Join(l.Paths[0], "bin", "pkg")); n != linksBefore+1 {
+			t.Errorf("the store file has %d links, had %d: the layer did not link it", n, linksBefore)
+		}
+		return got, promtest.ToFloat64(layersPacked) - packedBefore, promtest.ToFloat64(layersLinked) - linkedBefore
+	}
+	m := tarstream.Measure(io.Discard)
+	if err := l.WriteTar(m); err != nil {
+		t.Fatal(err)
+	}
+	first, packedN, linkedN := describe()
+	if first.Desc.Digest != m.Digest() || first.Desc.Size != m.Size() {
+		t.Errorf("described %s (%d bytes), the tar is %s (%d bytes)", first.Desc.Digest, first.Desc.Size, m.Digest(), m.Size())
+	}
+	if packedN != 1 || linkedN != 1 {
+		t.Errorf("first time: %v layers packed, %v linked; want 1, 1", packedN, linkedN)
+	}
+	second, packedN, linkedN := describe()
+	if second.Desc.Digest != m.Digest() || packedN != 0 || linkedN != 1 {
+		t.Errorf("known layer: described %s, %v layers packed, %v linked; want %s, 0, 1", second.Desc.Digest, packedN, linkedN, m.Digest())
 	}
 }

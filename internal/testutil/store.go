@@ -77,3 +77,13 @@ func DescribeTree(t testing.TB, dir string) map[string]string {
 	}
 	return out
 }
+
+// Nlink is how many names the file at p has.
+func Nlink(t testing.TB, p string) uint64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(p, &st); err != nil {
+		t.Fatal(err)
+	}
+	return uint64(st.Nlink)
+}

@@ -35,6 +35,7 @@ import (
 // (a snapshotter's root).
 type Writer struct {
 	root        string // where store paths are read, "/" but in tests
+	storeDir    string // the store, which files are linked from
 	dir         string // where layers are written (the snapshotter root)
 	snapshotter string // whose layers, for metrics and logs
 	parallel    int
@@ -56,6 +57,9 @@ var filesCopied = promauto.NewCounterVec(prometheus.CounterOpts{
 // Write writes paths (absolute store paths) below dir, a layer directory
 // below the Writer's.
 func (m *Writer) Write(ctx context.Context, dir string, paths []string) error {
+	if _, err := os.Stat(dir); err != nil {
+		return err // the layer directory is made by its snapshotter
+	}
 	m.linking.Do(func() { m.findLinks(ctx) })
 	// Parent directories (/nix, /nix/store) as the tar layer has them.
 	parents := map[string]bool{}
@@ -215,6 +219,10 @@ type Opt func(*Writer)
 // WithStoreRoot reads store paths below dir instead of / (tests).
 func WithStoreRoot(dir string) Opt { return func(m *Writer) { m.root = dir } }
 
+// WithStore links from the store directory dir, not /nix/store below the
+// root (tests).
+func WithStore(dir string) Opt { return func(m *Writer) { m.storeDir = dir } }
+
 // New returns a Writer of store paths into layer directories below dir,
 // the layers of snapshotter, finding at start whether store files can be
 // linked there (and how) or must be copied; it says which in the log and
@@ -232,7 +240,12 @@ func New(ctx context.Context, snapshotter, dir string, opts ...Opt) *Writer {
 	return m
 }
 
-func (m *Writer) store() string { return filepath.Join(m.root, "nix", "store") }
+func (m *Writer) store() string {
+	if m.storeDir != "" {
+		return m.storeDir
+	}
+	return filepath.Join(m.root, "nix", "store")
+}
 
 // StoreRoot is where the Writer reads store paths: "/" but in tests.
 func (m *Writer) StoreRoot() string { return m.root }
@@ -323,4 +336,37 @@ func someStoreFile(dir string, depth int) (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// Roots hands out the Writer of each snapshotter root that layers are
+// written in, made at the first layer written there. The zero Roots is
+// ready to use.
+type Roots struct {
+	// Store is the store files are linked from, if not /nix/store (tests).
+	Store  string
+	mu     sync.Mutex
+	byRoot map[string]*Writer
+}
+
+// Writer is the Writer of layers of snapshotter into dir, one snapshot's
+// own directory.
+func (r *Roots) Writer(ctx context.Context, snapshotter, dir string) *Writer {
+	// A snapshot's directory is one of many below the snapshotter's root:
+	// <root>/snapshots/<id>/fs (overlayfs), <root>/snapshots/<id> (native).
+	root := filepath.Dir(filepath.Dir(dir))
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if w, ok := r.byRoot[root]; ok {
+		return w
+	}
+	if r.byRoot == nil {
+		r.byRoot = map[string]*Writer{}
+	}
+	var opts []Opt
+	if r.Store != "" {
+		opts = append(opts, WithStore(r.Store))
+	}
+	w := New(ctx, snapshotter, root, opts...)
+	r.byRoot[root] = w
+	return w
 }

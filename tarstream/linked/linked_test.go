@@ -58,6 +58,9 @@ func TestWriteStoreMadeAfterStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	layer := filepath.Join(root, "layer")
+	if err := os.Mkdir(layer, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	if err := m.Write(context.Background(), layer, []string{testutil.FakeHtop}); err != nil {
 		t.Fatal(err)
 	}
