@@ -92,10 +92,10 @@ func TestCachePinnedImage(t *testing.T) {
 
 var packedLine = regexp.MustCompile(`msg="packed layer" digest="?(sha256:[0-9a-f]+)`)
 
-// A layer two images share is packed (read and hashed) once as a blob.
-// Unpacked straight into snapshots, it is read once for each chain of
-// layers it lands on: no snapshot is made twice, and one that exists is
-// not read.
+// A layer two images share is packed (read and hashed) once, as a blob
+// or unpacked straight into snapshots: there, it is linked to the store on
+// each chain of layers it lands on, read only the first time, and a
+// snapshot that exists is not made again.
 func TestCacheSharedLayerPackedOnce(t *testing.T) {
 	refs := []string{"nix.local/htop", "nix.local/git", "nix.local/git/htop"}
 	pullAll := func(e *env, args ...string) map[string]int {
@@ -123,13 +123,14 @@ func TestCacheSharedLayerPackedOnce(t *testing.T) {
 	}
 
 	e := newEnv(t)
-	unpacked := 0
-	for _, n := range pullAll(e) {
-		unpacked += n
+	packed = pullAll(e)
+	for d, n := range packed {
+		if n != 1 {
+			t.Errorf("layer %s unpacked from a read %d times", d, n)
+		}
 	}
-	sns := e.snapshots("overlayfs")
-	if unpacked != len(sns) {
-		t.Errorf("%d layers unpacked into %d snapshots", unpacked, len(sns))
+	if sns := e.snapshots("overlayfs"); len(packed) >= len(sns) {
+		t.Errorf("%d layers read for %d snapshots: no layer was linked on a second chain without a read", len(packed), len(sns))
 	}
 	if again := pullAll(e); len(again) != 0 {
 		t.Errorf("pulled again, layers were unpacked again: %v", again)
@@ -161,4 +162,100 @@ func TestCacheSurvivesKilledPulls(t *testing.T) {
 	if out := e.run("nix.local/shell/htop", "htop", "--version"); !strings.Contains(out, htopVersion()) {
 		t.Errorf("htop --version printed %q", out)
 	}
+}
+
+// nixCalls counts every Nix command run (countingNix).
+func nixCalls(calls string) int {
+	b, _ := os.ReadFile(calls)
+	return strings.Count(string(b), "\n")
+}
+
+// copyPkgs copies the test package set into a directory of its own.
+func copyPkgs(t *testing.T) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "pkgs")
+	if out, err := exec.Command("cp", "-r", testutil.TestPkgs(), dir).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v\n%s", err, out)
+	}
+	return dir
+}
+
+// A package source its configuration leaves unpinned, but that cannot
+// change unseen, is cached as a pinned one is: a path whose real location
+// is in the store (as nix-channel makes channels) is keyed by that store
+// path, a path that is a clean git work tree by its commit. A repeated
+// pull runs no Nix at all; once the source moves (the channel is
+// updated, a file is edited, a commit made) the next pull evaluates it.
+func TestCacheFixedSources(t *testing.T) {
+	bin, calls := countingNix(t)
+	// pull pulls, and checks the evaluations so far; a pull from the cache
+	// runs no Nix command at all.
+	pull := func(e *env, evaluated int, cached bool, why string) {
+		t.Helper()
+		before := nixCalls(calls)
+		e.mustPull("nix.local/shell/htop")
+		if n := evaluations(t, calls); n != evaluated {
+			t.Errorf("%s: %d evaluations in all, want %d", why, n, evaluated)
+		}
+		if n := nixCalls(calls) - before; cached && n > 0 {
+			t.Errorf("%s: %d Nix commands run, want none", why, n)
+		}
+	}
+
+	// A channel: a symlink into the store, moved by an update.
+	roots := t.TempDir()
+	addToStore := func(dir string) string {
+		t.Helper()
+		out, err := exec.Command("nix-store", "--add", dir).Output()
+		if err != nil {
+			t.Fatalf("nix-store --add: %v", err)
+		}
+		p := strings.TrimSpace(string(out))
+		// Kept from the garbage collector while the test runs.
+		root := exec.Command("nix-store", "--realise", "--add-root", filepath.Join(roots, filepath.Base(p)), "--indirect", p)
+		if out, err := root.CombinedOutput(); err != nil {
+			t.Fatalf("nix-store --add-root: %v\n%s", err, out)
+		}
+		return p
+	}
+	pkgs := copyPkgs(t)
+	channel := filepath.Join(t.TempDir(), "nixpkgs")
+	if err := os.Symlink(addToStore(pkgs), channel); err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t)
+	e.extraNix = map[string]any{"bin_dir": bin}
+	e.writeConfig(channel)
+	pull(e, 1, false, "channel, first pull")
+	pull(e, 1, true, "channel, again")
+	os.WriteFile(filepath.Join(pkgs, "updated"), nil, 0o644)
+	if err := os.Remove(channel); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(addToStore(pkgs), channel); err != nil {
+		t.Fatal(err)
+	}
+	pull(e, 2, false, "channel updated")
+	pull(e, 2, true, "channel updated, again")
+
+	// A clean git work tree.
+	tree := copyPkgs(t)
+	git := func(args ...string) { testutil.Git(t, tree, args...) }
+	git("init", "-q")
+	git("add", ".")
+	git("commit", "-q", "-m", "one")
+	e.writeConfig(tree)
+	pull(e, 3, false, "work tree, first pull")
+	pull(e, 3, true, "work tree, again")
+	f, err := os.OpenFile(filepath.Join(tree, "default.nix"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString("# edited\n")
+	f.Close()
+	pull(e, 4, false, "work tree edited")
+	pull(e, 5, false, "work tree still edited")
+	git("commit", "-q", "-am", "two")
+	pull(e, 6, false, "edit committed")
+	pull(e, 6, true, "edit committed, again")
 }

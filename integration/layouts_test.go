@@ -68,7 +68,7 @@ func TestNixSnapshotterStoreLayouts(t *testing.T) {
 		if !strings.Contains(e.daemon.log(), "store files cannot be hard-linked into this snapshotter root") {
 			t.Errorf("no warning at start; daemon log:\n%s", e.daemon.log())
 		}
-		if got := e.metric(t, "nixery_snapshot_store_linkable"); got != 0 {
+		if got := e.metric(t, `nixery_snapshot_store_linkable{snapshotter="nix"}`); got != 0 {
 			t.Errorf("nixery_snapshot_store_linkable %v, want 0", got)
 		}
 		assertZeroCopy(t, e, false)
@@ -148,29 +148,14 @@ func assertZeroCopy(t *testing.T, e *env, linked bool) {
 		t.Errorf("htop --version printed %q", out)
 	}
 
-	var store, layer syscall.Stat_t
-	if err := syscall.Stat(filepath.Join(htop, "bin", "htop"), &store); err != nil {
-		t.Fatal(err)
-	}
-	found := 0
-	filepath.WalkDir(e.daemon.root, func(p string, d fs.DirEntry, err error) error {
-		if err == nil && strings.HasSuffix(p, htop+"/bin/htop") && syscall.Stat(p, &layer) == nil {
-			found++
-			if same := layer.Dev == store.Dev && layer.Ino == store.Ino; same != linked {
-				t.Errorf("%s: shares the store's inode %v, want %v", p, same, linked)
-			}
-		}
-		return nil
-	})
-	if found == 0 {
-		t.Errorf("no layer in %s holds %s/bin/htop", e.daemon.root, htop)
-	}
-	copied := e.metric(t, "nixery_snapshot_files_copied_total")
+	file := filepath.Join(htop, "bin", "htop")
+	layerFiles(t, e.daemon.root, file, linked)
+	copied := e.metric(t, `nixery_snapshot_files_copied_total{snapshotter="nix"}`)
 	if linked != (copied == 0) {
 		t.Errorf("nixery_snapshot_files_copied_total %v", copied)
 	}
-	if linked != (e.metric(t, "nixery_snapshot_store_linkable") == 1) {
-		t.Errorf("nixery_snapshot_store_linkable %v", e.metric(t, "nixery_snapshot_store_linkable"))
+	if got := e.metric(t, `nixery_snapshot_store_linkable{snapshotter="nix"}`); linked != (got == 1) {
+		t.Errorf("nixery_snapshot_store_linkable %v", got)
 	}
 	m, _ := e.manifest(t, "nix.local/shell/htop:latest")
 	var paths []string
@@ -186,6 +171,40 @@ func assertZeroCopy(t *testing.T, e *env, linked bool) {
 	}
 	if !linked && written < closure/2 {
 		t.Errorf("copied, but only %d bytes written for a %d-byte closure", written, closure)
+	}
+
+	// Pulled into overlayfs, the image's layers are linked to the store
+	// as well: containerd's root is where the snapshotter root is.
+	e.mustPull("--snapshotter", "overlayfs", "nix.local/shell/htop")
+	if out := e.runOn("overlayfs", "nix.local/shell/htop", "htop", "--version"); !strings.Contains(out, htopVersion()) {
+		t.Errorf("overlayfs: htop --version printed %q", out)
+	}
+	layerFiles(t, filepath.Join(e.ctd.Dir, "root", "io.containerd.snapshotter.v1.overlayfs"), file, linked)
+	if got := e.metric(t, `nixery_snapshot_store_linkable{snapshotter="overlayfs"}`); linked != (got == 1) {
+		t.Errorf("overlayfs: nixery_snapshot_store_linkable %v", got)
+	}
+}
+
+// layerFiles checks that the layers below dir hold file, a store file, as
+// the store's own inode (linked) or not.
+func layerFiles(t *testing.T, dir, file string, linked bool) {
+	t.Helper()
+	var store, layer syscall.Stat_t
+	if err := syscall.Stat(file, &store); err != nil {
+		t.Fatal(err)
+	}
+	found := 0
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && strings.HasSuffix(p, file) && syscall.Stat(p, &layer) == nil {
+			found++
+			if same := layer.Dev == store.Dev && layer.Ino == store.Ino; same != linked {
+				t.Errorf("%s: shares the store's inode %v, want %v", p, same, linked)
+			}
+		}
+		return nil
+	})
+	if found == 0 {
+		t.Errorf("no layer in %s holds %s", dir, file)
 	}
 }
 

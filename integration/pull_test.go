@@ -420,14 +420,7 @@ func TestPullOutputsToInstall(t *testing.T) {
 func TestPullGitSource(t *testing.T) {
 	testutil.RequireCommands(t, "git")
 	repo := t.TempDir()
-	git := func(args ...string) string {
-		t.Helper()
-		out, err := exec.Command("git", append([]string{"-C", repo, "-c", "user.email=t@example.org", "-c", "user.name=t"}, args...)...).CombinedOutput()
-		if err != nil {
-			t.Fatalf("git %v: %v\n%s", args, err, out)
-		}
-		return strings.TrimSpace(string(out))
-	}
+	git := func(args ...string) string { return testutil.Git(t, repo, args...) }
 	commit := func(set string) string {
 		if err := os.WriteFile(filepath.Join(repo, "default.nix"), []byte(set), 0o644); err != nil {
 			t.Fatal(err)

@@ -180,6 +180,13 @@ func New(source Source, opts ...Opt) *Builder {
 // Source is the package source this Builder reads.
 func (b *Builder) Source() Source { return b.source }
 
+// Pin says what fixes the package set for tag where the source's
+// configuration does not (Source.Pinned): its store path, or the commit
+// of a clean git work tree; "" when it may change unseen. It runs no Nix.
+func (b *Builder) Pin(ctx context.Context, tag string) string {
+	return b.source.pin(ctx, tag, os.Getenv("NIX_PATH"), storepath.DefaultDir)
+}
+
 // Timeout bounds one Build.
 func (b *Builder) Timeout() time.Duration { return b.timeout }
 

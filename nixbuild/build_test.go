@@ -338,15 +338,7 @@ func TestBuildTimeout(t *testing.T) {
 }
 
 // git runs git in dir.
-func git(t *testing.T, dir string, args ...string) string {
-	t.Helper()
-	cmd := exec.Command("git", append([]string{"-C", dir, "-c", "user.email=t@example.org", "-c", "user.name=t"}, args...)...)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("git %v: %v\n%s", args, err, out)
-	}
-	return strings.TrimSpace(string(out))
-}
+func git(t *testing.T, dir string, args ...string) string { return testutil.Git(t, dir, args...) }
 
 func TestBuildGitSource(t *testing.T) {
 	testutil.RequireNix(t)

@@ -1,13 +1,17 @@
 package nixbuild
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"os/exec"
 	"path"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/containerd/errdefs"
 )
@@ -65,6 +69,79 @@ func (s Source) Pinned(tag string) bool {
 		return commitHash.MatchString(s.revision(tag))
 	}
 	return false
+}
+
+// pin says what fixes the package set for tag where Pinned does not: the
+// real location of a path or search path entry (from nixPath, as
+// evaluation sees it) when it is inside storeDir — nix-channel keeps each
+// generation of a channel there, so an update is another path — or, for
+// a path that is a clean git work tree, its HEAD commit. "" when the
+// package set may change unseen: a dirty work tree, a plain directory, a
+// URL. It runs no Nix.
+func (s Source) pin(ctx context.Context, tag, nixPath, storeDir string) string {
+	arg, err := s.locate(tag)
+	if err != nil {
+		return ""
+	}
+	dir := arg["path"]
+	if lookup := arg["lookup"]; lookup != "" {
+		for _, e := range splitNixPath(s.searchPath(tag, nixPath)) {
+			if d, ok := strings.CutPrefix(e, lookup+"="); ok && !strings.Contains(d, "://") {
+				dir = d
+				break
+			}
+		}
+	}
+	if dir == "" {
+		return ""
+	}
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return ""
+	}
+	if strings.HasPrefix(real, filepath.Clean(storeDir)+"/") {
+		return "store:" + real
+	}
+	if s.kind == "path" {
+		if commit := cleanGitHead(ctx, real); commit != "" {
+			return "git:" + commit
+		}
+	}
+	return ""
+}
+
+// cleanGitHead is the HEAD commit of the git work tree dir is the top
+// of, if nothing in it differs from that commit: no change, staged or
+// not, and no untracked file (a package set may read a directory, as
+// nixpkgs' pkgs/by-name does). "" otherwise, or when git cannot tell. A
+// directory within a work tree is not one: the rest of the tree, which it
+// may import, is not its own.
+func cleanGitHead(ctx context.Context, dir string) string {
+	if _, err := os.Lstat(filepath.Join(dir, ".git")); err != nil {
+		return "" // no work tree here, and no git to run
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	// No hook or fsmonitor command of the repository runs, and status
+	// writes nothing (the index may be read-only, or in use).
+	cmd := exec.CommandContext(ctx, "git", "-c", "core.fsmonitor=false", "-C", dir, "status", "--porcelain=v2", "--branch")
+	cmd.Env = append(os.Environ(), "GIT_OPTIONAL_LOCKS=0")
+	out, err := cmd.Output()
+	if err != nil {
+		return ""
+	}
+	var head string
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if oid, ok := strings.CutPrefix(line, "# branch.oid "); ok {
+			head = oid
+		} else if !strings.HasPrefix(line, "#") && line != "" {
+			return "" // a change
+		}
+	}
+	if !commitHash.MatchString(head) {
+		return "" // no commit yet
+	}
+	return head
 }
 
 func (s Source) revision(tag string) string {
@@ -142,6 +219,11 @@ func (s Source) access(tag string) (paths, uris []string, err error) {
 	}
 	if p := arg["path"]; p != "" {
 		paths = append(paths, p)
+		// Nix checks the canonical path: a path that is a symlink (into the
+		// store, as a channel is) is allowed where it leads.
+		if real, err := filepath.EvalSymlinks(p); err == nil && real != p {
+			paths = append(paths, real)
+		}
 	}
 	if u := arg["url"]; u != "" {
 		uris = append(uris, u)

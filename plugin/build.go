@@ -145,6 +145,10 @@ type Nix interface {
 	// Hold keeps store paths from the garbage collector until released.
 	Hold(ctx context.Context, paths []string) (*nixbuild.Roots, error)
 	Source() nixbuild.Source
+	// Pin says what fixes the package set of tag where the source's
+	// configuration does not (a store path, a clean work tree's commit),
+	// without Nix; "" when it may change unseen.
+	Pin(ctx context.Context, tag string) string
 	// CheckTag refuses a tag that is not a revision served; Tags lists
 	// those that are.
 	CheckTag(tag string) error
@@ -222,6 +226,15 @@ func WithPinnedSource(on bool) BuildOpt { return func(b *ImageBuilder) { b.pinne
 // pinned reports whether img's images are cached: its source is pinned.
 func (b *ImageBuilder) pinned(img resolver.Image) bool {
 	return b.cache != nil && b.sourcePinned(img)
+}
+
+// pin is what fixes the package set of img where its configuration does
+// not (Nix.Pin), "" where it does or nothing does.
+func (b *ImageBuilder) pin(ctx context.Context, img resolver.Image) string {
+	if b.cache == nil || b.sourcePinned(img) {
+		return ""
+	}
+	return b.nix.Pin(ctx, img.Tag)
 }
 
 // sourcePinned reports whether the source of img cannot change.
@@ -420,8 +433,11 @@ func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string
 	}
 	start := time.Now()
 	defer func() { buildSeconds.Observe(time.Since(start).Seconds()) }()
-	pinned := b.pinned(img)
-	ikey := cache.ImageKey{Source: b.nix.Source().String(), System: img.Platform.NixSystem, Tag: img.Tag,
+	// A source that cannot change (its configuration says so, or it is a
+	// store path or a clean work tree's commit) has its images cached.
+	pin := b.pin(work, img)
+	pinned := b.pinned(img) || pin != ""
+	ikey := cache.ImageKey{Source: b.nix.Source().String(), Pin: pin, System: img.Platform.NixSystem, Tag: img.Tag,
 		Packages: img.Packages, Requested: img.Requested, Layers: dk.Layers, MaxLayers: b.maxLayers,
 		Layering: b.layeringID}
 	if pinned {
@@ -438,7 +454,9 @@ func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string
 	}
 	defer release()
 	built, err := b.describe(work, img, p, describe)
-	if err == nil && pinned {
+	// Not what a pin that moved meanwhile (a channel updated, a file
+	// edited) would name: Nix may have read either.
+	if err == nil && pinned && b.pin(work, img) == pin {
 		if err := b.cache.PutImage(ikey, imageRecord(built)); err != nil {
 			log.G(ctx).WithError(err).Warn("caching image")
 		}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -26,10 +28,32 @@ type fakeNix struct {
 	gate   chan struct{}
 	fail   error
 	log    string // a line of Nix's log each build shows
+	// pin is what Pin says; a build sets it to movesTo, if that is set.
+	pin, movesTo atomic.Value
+	// store, if set, is made to hold what builds return (which is below it).
+	store string
+}
+
+// path is the store path of package name.
+func (f *fakeNix) path(name string) string {
+	if f.store == "" {
+		return fakePath(name)
+	}
+	p := filepath.Join(f.store, fakePath(name))
+	os.MkdirAll(p, 0o755)
+	return p
+}
+
+func (f *fakeNix) Pin(context.Context, string) string {
+	pin, _ := f.pin.Load().(string)
+	return pin
 }
 
 func (f *fakeNix) Build(ctx context.Context, req nixbuild.Request) (*nixbuild.Result, error) {
 	f.builds.Add(1)
+	if to, _ := f.movesTo.Swap("").(string); to != "" {
+		f.pin.Store(to)
+	}
 	if f.gate != nil {
 		select {
 		case <-f.gate:
@@ -43,10 +67,10 @@ func (f *fakeNix) Build(ctx context.Context, req nixbuild.Request) (*nixbuild.Re
 	if f.fail != nil {
 		return nil, f.fail
 	}
-	glibc := fakePath("glibc-2.36")
+	glibc := f.path("glibc-2.36")
 	res := &nixbuild.Result{Closure: []nixbuild.StorePath{{Path: glibc, NarHash: "sha256-glibc", NarSize: 1 << 20}}}
 	for _, name := range req.Packages {
-		p := fakePath(name)
+		p := f.path(name)
 		res.Packages = append(res.Packages, nixbuild.Package{Name: name, Out: p, Outs: []string{p}})
 		res.Closure = append(res.Closure, nixbuild.StorePath{Path: p, NarHash: "sha256-" + name, NarSize: 1 << 16, References: []string{glibc}})
 	}
@@ -319,5 +343,41 @@ func testJoinsPlanInUse(t *testing.T, pinned bool) {
 	}
 	if n := nix.builds.Load(); n != want+1 {
 		t.Errorf("%d Nix builds after the plan was released, want %d", n, want+1)
+	}
+}
+
+// A source its configuration leaves unpinned has its images cached when
+// something fixes it (Nix.Pin: a store path, a clean work tree's commit):
+// a repeated request asks no Nix; one whose pin moved does; an image whose
+// pin moved while it was built is not cached under either.
+func TestBuilderCachesFixedSource(t *testing.T) {
+	ctx := context.Background()
+	// Cached images are of store paths that exist.
+	nix := &fakeNix{store: t.TempDir()}
+	b := NewImageBuilder(nix, WithCache(testCache(t)))
+	for i, step := range []struct {
+		pin, movesTo string
+		builds       int64
+	}{
+		{pin: "store:/nix/store/aaaa-nixpkgs", builds: 1},
+		{pin: "store:/nix/store/aaaa-nixpkgs", builds: 1},
+		{pin: "store:/nix/store/bbbb-nixpkgs", builds: 2},
+		{pin: "store:/nix/store/bbbb-nixpkgs", builds: 2},
+		{pin: "", builds: 3},
+		{pin: "", builds: 4},
+		{pin: "git:1111111111111111111111111111111111111111", movesTo: "git:2222222222222222222222222222222222222222", builds: 5},
+		{pin: "git:1111111111111111111111111111111111111111", builds: 6},
+		{pin: "git:2222222222222222222222222222222222222222", builds: 7},
+		{pin: "git:2222222222222222222222222222222222222222", builds: 7},
+		{pin: "git:1111111111111111111111111111111111111111", builds: 7},
+	} {
+		nix.pin.Store(step.pin)
+		nix.movesTo.Store(step.movesTo)
+		if _, err := b.Build(ctx, "nix.local/htop", pathsDescriber{kind: "fixed"}); err != nil {
+			t.Fatal(err)
+		}
+		if n := nix.builds.Load(); n != step.builds {
+			t.Errorf("request %d, pinned by %q: %d Nix builds in all, want %d", i+1, step.pin, n, step.builds)
+		}
 	}
 }

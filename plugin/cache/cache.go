@@ -46,7 +46,10 @@ type LayerKey struct {
 
 // ImageKey is what an image of a pinned package source depends on.
 type ImageKey struct {
-	Source    string   `json:"source"`
+	Source string `json:"source"`
+	// Pin is what fixes an unpinned source's package set (a store path, a
+	// commit), when something does.
+	Pin       string   `json:"pin,omitempty"`
 	System    string   `json:"system"`
 	Tag       string   `json:"tag"`
 	Packages  []string `json:"packages"`

@@ -1,0 +1,99 @@
+package nixbuild
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+)
+
+// What fixes a package set, found without Nix: a path or search path entry
+// that really is in the store; a clean git work tree's commit. Nothing
+// fixes a plain directory, a changed work tree, a URL, or an entry the
+// search path evaluation sees does not have.
+func TestSourcePin(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	store := filepath.Join(root, "store")
+	channel := filepath.Join(store, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixpkgs", "nixpkgs")
+	if err := os.MkdirAll(channel, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// As nix-channel makes it: a profile of symlinks into the store.
+	profile := filepath.Join(root, "channels")
+	if err := os.Symlink(filepath.Dir(channel), profile); err != nil {
+		t.Fatal(err)
+	}
+	inStore := "store:" + channel
+	plain := t.TempDir()
+
+	pathOf := func(dir string) Source {
+		s, err := PathSource(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	for _, c := range []struct {
+		name    string
+		source  Source
+		nixPath string
+		want    string
+	}{
+		{"path into the store", pathOf(filepath.Join(profile, "nixpkgs")), "", inStore},
+		{"store path", pathOf(channel), "", inStore},
+		{"plain directory", pathOf(plain), "", ""},
+		{"search path entry into the store", ChannelSource("<nixpkgs>"), "foo=/x:nixpkgs=" + filepath.Join(profile, "nixpkgs"), inStore},
+		{"search path without the entry", ChannelSource("<nixpkgs>"), "other=" + channel, ""},
+		{"search path entry of a URL", ChannelSource("<nixpkgs>"), "nixpkgs=https://example.org/nixpkgs.tar.gz", ""},
+		{"search path entry of a plain directory", ChannelSource("<nixpkgs>"), "nixpkgs=" + plain, ""},
+		{"channel by name", ChannelSource("nixos-24.05"), "", ""},
+	} {
+		if got := c.source.pin(ctx, LatestTag, c.nixPath, store); got != c.want {
+			t.Errorf("%s: pinned by %q, want %q", c.name, got, c.want)
+		}
+	}
+
+	if _, err := exec.LookPath("git"); err != nil {
+		t.Fatal("git is needed (hack/setup.sh installs it)")
+	}
+	tree := t.TempDir()
+	git := func(args ...string) string { return testutil.Git(t, tree, args...) }
+	git("init", "-q")
+	src := pathOf(tree)
+	if got := src.pin(ctx, LatestTag, "", store); got != "" {
+		t.Errorf("work tree without a commit: pinned by %q", got)
+	}
+	os.WriteFile(filepath.Join(tree, "default.nix"), []byte("{}"), 0o644)
+	git("add", "default.nix")
+	git("commit", "-q", "-m", "one")
+	first := git("rev-parse", "HEAD")
+	if got := src.pin(ctx, LatestTag, "", store); got != "git:"+first {
+		t.Errorf("clean work tree: pinned by %q, want git:%s", got, first)
+	}
+	// A directory in the tree is not pinned by its commit.
+	os.Mkdir(filepath.Join(tree, "pkgs"), 0o755)
+	os.WriteFile(filepath.Join(tree, "pkgs", "a.nix"), []byte("{}"), 0o644)
+	if got := pathOf(filepath.Join(tree, "pkgs")).pin(ctx, LatestTag, "", store); got != "" {
+		t.Errorf("directory in a work tree: pinned by %q", got)
+	}
+	if got := src.pin(ctx, LatestTag, "", store); got != "" {
+		t.Errorf("work tree with an untracked file: pinned by %q", got)
+	}
+	git("add", "pkgs")
+	if got := src.pin(ctx, LatestTag, "", store); got != "" {
+		t.Errorf("work tree with a staged change: pinned by %q", got)
+	}
+	git("commit", "-q", "-m", "two")
+	os.WriteFile(filepath.Join(tree, "default.nix"), []byte("{ x = 1; }"), 0o644)
+	if got := src.pin(ctx, LatestTag, "", store); got != "" {
+		t.Errorf("work tree with a changed file: pinned by %q", got)
+	}
+	git("commit", "-q", "-am", "three")
+	if got, head := src.pin(ctx, LatestTag, "", store), git("rev-parse", "HEAD"); got != "git:"+head || head == first {
+		t.Errorf("clean again: pinned by %q, want git:%s", got, head)
+	}
+}
