@@ -19,9 +19,12 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/log"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 )
 
 // benchMiB is the size of the synthetic package in the provisioning
@@ -294,6 +297,67 @@ func BenchmarkReuseSequence(b *testing.B) {
 			b.ReportMetric(float64(nixSnapshots)/float64(idealBytes), algo+"-nix/ideal")
 		}
 	}
+}
+
+// BenchmarkManyLayers pulls nix.local/shell/git, an image of a layer per
+// store path of its closure, cold (a fresh containerd and daemon each
+// iteration: no snapshot, blob or cache record) into overlayfs and into
+// the nix snapshotter, against the Nix prepare step alone (evaluating the
+// same packages and querying their closure, in this process) in the same
+// iterations, and reports each pull as a multiple of it and what each
+// layer costs beyond it.
+func BenchmarkManyLayers(b *testing.B) {
+	const ref = "nix.local/shell/git"
+	img, err := resolver.Parse(ref)
+	if err != nil {
+		b.Fatal(err)
+	}
+	src, err := nixbuild.PathSource(testutil.TestPkgs())
+	if err != nil {
+		b.Fatal(err)
+	}
+	nix := nixbuild.New(src, nixbuild.WithOptions(testutil.NixOptions()))
+	defer nix.Close()
+	log.SetLevel("warn") // what it says it does goes between the results
+	defer log.SetLevel("info")
+	prepare := func() {
+		res, err := nix.Build(b.Context(), nixbuild.Request{Packages: img.Packages, System: img.Platform.NixSystem})
+		if err != nil {
+			b.Fatal(err)
+		}
+		res.Release()
+	}
+	prepare() // built once, before anything is timed
+	var prepareT, overlayT, nixT time.Duration
+	layers := 0
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		e := newNixEnv(b)
+		b.StartTimer()
+		start := time.Now()
+		prepare()
+		prepareT += time.Since(start)
+		start = time.Now()
+		e.mustPull("--snapshotter", "overlayfs", ref)
+		overlayT += time.Since(start)
+		start = time.Now()
+		e.mustPull("--snapshotter", "nix", "--namespace", "nix", ref)
+		nixT += time.Since(start)
+		b.StopTimer()
+		m, _ := e.manifest(b, ref+":latest")
+		layers = len(m.Layers)
+		b.StartTimer()
+	}
+	n := float64(b.N)
+	b.ReportMetric(float64(layers), "layers")
+	b.ReportMetric(prepareT.Seconds()/n, "nix-prepare-s")
+	b.ReportMetric(overlayT.Seconds()/n, "overlayfs-s")
+	b.ReportMetric(nixT.Seconds()/n, "nix-s")
+	b.ReportMetric(float64(overlayT)/float64(prepareT), "overlayfs/prepare")
+	b.ReportMetric(float64(nixT)/float64(prepareT), "nix/prepare")
+	b.ReportMetric(float64((overlayT-prepareT).Milliseconds())/n/float64(layers), "overlayfs-ms/layer")
+	b.ReportMetric(float64((nixT-prepareT).Milliseconds())/n/float64(layers), "nix-ms/layer")
 }
 
 // BenchmarkLoad drives the daemon with a mix of requests — manifest and
