@@ -15,7 +15,7 @@ import (
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
+	nixlayer "github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
 )
 
 // nixeryStyle provisions the image whose layers m describes the way Nixery
@@ -38,9 +38,9 @@ func nixeryStyle(tb testing.TB, e *env, m ocispec.Manifest, cfg ocispec.Image) s
 	var layers []ocispec.Descriptor
 	cfg.RootFS.DiffIDs = nil
 	for _, l := range m.Layers {
-		layer := &plugin.Layer{Paths: storePaths(l.Annotations)}
+		layer := &nixlayer.Layer{Paths: storePaths(l.Annotations)}
 		if len(layer.Paths) == 0 {
-			layer = &plugin.Layer{Paths: symlinkPaths(l.Annotations), Symlinks: true}
+			layer = &nixlayer.Layer{Paths: symlinkPaths(l.Annotations), Symlinks: true}
 		}
 		f, err := os.CreateTemp(dir, "layer")
 		if err != nil {

@@ -4,11 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,9 +23,9 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
-	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // DefaultMaxLayers is the most layers an image gets, the symlink layer included.
@@ -39,90 +37,12 @@ const DefaultMaxBuilds = 2
 // DefaultMaxQueued is how many builds of different images may wait.
 const DefaultMaxQueued = 64
 
-// Layer is one layer of a built image: store paths, or the symlink forest
-// of the image's packages.
-type Layer struct {
-	Desc ocispec.Descriptor
-	// Paths are the layer's store paths, or for the symlink layer the
-	// packages' output paths in image order.
-	Paths []string
-	// Hashes are the paths' NAR hashes: with the paths, what the layer's
-	// bytes depend on (a path rebuilt differently has another hash).
-	Hashes   []string
-	Symlinks bool
-	// Blob is the layer's content when it is small and kept in memory (a
-	// reference layer).
-	Blob []byte
-}
-
-// Key identifies the layer's content independent of its encoding.
-func (l *Layer) Key() string {
-	kind := "layer"
-	if l.Symlinks {
-		kind = "symlinks"
-	}
-	return "nixery-" + kind + "-" + digest.FromString(strings.Join(l.Paths, "\n")).Encoded()
-}
-
-// cacheKey keys the layer's descriptor in the cache.
-func (l *Layer) cacheKey() cache.LayerKey {
-	return cache.LayerKey{Symlinks: l.Symlinks, Paths: l.Paths, Hashes: l.Hashes}
-}
-
-// WriteTar writes the layer's tar.
-func (l *Layer) WriteTar(w io.Writer) error { return l.WriteTarFrom(w, 0) }
-
-// WriteTarFrom writes the layer's tar from byte offset on, without reading
-// the files before it.
-func (l *Layer) WriteTarFrom(w io.Writer, offset int64) error {
-	if l.Symlinks {
-		return tarstream.WriteSymlinkForest(w, l.Paths, tarstream.Skip(offset))
-	}
-	return tarstream.WriteStorePaths(w, l.Paths, tarstream.Skip(offset))
-}
-
-// Describer gives a layer its descriptor (l.Desc, and l.Blob for layers
-// kept in memory), storing the content wherever it has to go on the way.
-// An image's layers are described in order, base first; parent is the
-// chain ID of those below l.
-type Describer interface {
-	Describe(ctx context.Context, parent digest.Digest, l *Layer) error
-	// Key says how layers are described and where they are stored.
-	Key() DescriberKey
-	// Finish is called once the image's layers are described, before the
-	// image is registered: what the caller must keep of what was
-	// described, it holds from then on.
-	Finish(ctx context.Context) error
-}
-
-// DescriberKey says what a Describer does, as the keys of shared and
-// cached work need it.
-type DescriberKey struct {
-	// Kind names how layers are described and stored, with a version.
-	Kind string
-	// Layers names what the descriptors are, with a version: equal for
-	// describers whose descriptors are equal (tar layers, however they
-	// are stored), so that they share cached images. Part of the
-	// persisted image cache key: it must change when descriptors do.
-	Layers string
-	// Scope is "" for a Describer that stores nothing of its caller's;
-	// else unique to its caller (what it stores is held by the caller's
-	// lease), so that no other caller shares its work.
-	Scope string
-}
-
-// callerScopes numbers the Describers whose work is their caller's own.
-var callerScopes atomic.Int64
-
-// callerScope is a new DescriberKey.Scope.
-func callerScope() string { return "caller-" + strconv.FormatInt(callerScopes.Add(1), 10) }
-
 // Image is a built image, ready to be registered or served.
 type Image struct {
 	resolver.Image
 	Manifest ocispec.Descriptor
 	Config   ocispec.Descriptor
-	Layers   []*Layer
+	Layers   []*layer.Layer
 	// Blobs holds manifest, config and in-memory layers by digest.
 	Blobs map[digest.Digest][]byte
 }
@@ -244,7 +164,7 @@ func (b *ImageBuilder) sourcePinned(img resolver.Image) bool {
 
 // cachedImage returns the remembered image for key if every store path it
 // holds is still present and every layer still describes as recorded.
-func (b *ImageBuilder) cachedImage(ctx context.Context, key cache.ImageKey, img resolver.Image, describe Describer) (*Image, bool) {
+func (b *ImageBuilder) cachedImage(ctx context.Context, key cache.ImageKey, img resolver.Image, describe layer.Describer) (*Image, bool) {
 	rec, ok := b.cache.Image(key)
 	if !ok {
 		return nil, false
@@ -260,7 +180,7 @@ func (b *ImageBuilder) cachedImage(ctx context.Context, key cache.ImageKey, img 
 				return nil, false
 			}
 		}
-		built.Layers = append(built.Layers, &Layer{Paths: rl.Paths, Hashes: rl.Hashes, Symlinks: rl.Symlinks})
+		built.Layers = append(built.Layers, &layer.Layer{Paths: rl.Paths, Hashes: rl.Hashes, Symlinks: rl.Symlinks})
 		recorded = append(recorded, rl.Desc)
 	}
 	progress.Step(ctx, "%s: cached (pinned package source)", img.Ref())
@@ -283,7 +203,7 @@ var errNotAsRecorded = errors.New("the layer is not as recorded")
 // describeLayers describes layers in order, base first, each on the chain
 // of those below it, and shows each. With recorded descriptors, a layer
 // that describes otherwise stops it (errNotAsRecorded).
-func describeLayers(ctx context.Context, img resolver.Image, layers []*Layer, describe Describer, recorded []ocispec.Descriptor) error {
+func describeLayers(ctx context.Context, img resolver.Image, layers []*layer.Layer, describe layer.Describer, recorded []ocispec.Descriptor) error {
 	var chain digest.Digest
 	for i, l := range layers {
 		if err := describe.Describe(ctx, chain, l); err != nil {
@@ -292,7 +212,7 @@ func describeLayers(ctx context.Context, img resolver.Image, layers []*Layer, de
 		if recorded != nil && l.Desc.Digest != recorded[i].Digest {
 			return fmt.Errorf("layer %d of %s is %s, recorded as %s: %w", i+1, img.Ref(), l.Desc.Digest, recorded[i].Digest, errNotAsRecorded)
 		}
-		chain = chainID(chain, l.Desc.Digest)
+		chain = layer.ChainID(chain, l.Desc.Digest)
 		layerMade(ctx, img, i, len(layers), l)
 	}
 	return nil
@@ -317,7 +237,7 @@ func (b *ImageBuilder) Host() string { return b.host }
 
 // DigestDescriber describes tar layers by their digests alone, storing
 // nothing (each read once, then remembered in the ImageBuilder's cache).
-func (b *ImageBuilder) DigestDescriber() Describer { return hashDescriber{b.cache} }
+func (b *ImageBuilder) DigestDescriber() layer.Describer { return layer.Digests(b.cache) }
 
 // Parse reads a reference as this ImageBuilder does, allow-list and served
 // revisions included.
@@ -358,7 +278,7 @@ func (b *ImageBuilder) ParseName(ref string) (resolver.Image, error) {
 // paths are kept from Nix's garbage collector while Build runs: callers
 // that read them later make them roots of their own (nixbuild.Hold), or
 // rely on those of whatever holds them (snapshots).
-func (b *ImageBuilder) Build(ctx context.Context, ref string, describe Describer) (*Image, error) {
+func (b *ImageBuilder) Build(ctx context.Context, ref string, describe layer.Describer) (*Image, error) {
 	if b.maxLayers < 2 {
 		return nil, fmt.Errorf("max layers %d: need at least 2 (store paths and symlinks): %w", b.maxLayers, errdefs.ErrInvalidArgument)
 	}
@@ -423,7 +343,7 @@ type flightResult struct {
 // build builds img, the work Build shares: from the cache when its source
 // is pinned, else from its plan (prepare), its layers described by
 // describe. hit says the image came from the cache.
-func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string, describe Describer) (_ *Image, hit bool, _ error) {
+func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string, describe layer.Describer) (_ *Image, hit bool, _ error) {
 	dk := describe.Key()
 	// Work stored for this caller alone stops when it leaves; work that
 	// others may share goes on without it.
@@ -472,7 +392,7 @@ func (b *ImageBuilder) claim(img *Image) error {
 	}
 	var chain digest.Digest
 	for _, l := range img.Layers {
-		chain = chainID(chain, l.Desc.Digest)
+		chain = layer.ChainID(chain, l.Desc.Digest)
 		if err := b.claims.Record(l.Desc.Annotations, chain.String()); err != nil {
 			return err
 		}
@@ -484,7 +404,7 @@ func (b *ImageBuilder) claim(img *Image) error {
 // described.
 type plan struct {
 	packages []nixbuild.Package
-	layers   []*Layer
+	layers   []*layer.Layer
 	res      *nixbuild.Result
 }
 
@@ -610,17 +530,17 @@ func (b *ImageBuilder) queuedPlan(ctx context.Context, img resolver.Image) (*pla
 	}
 	p := &plan{packages: res.Packages, res: res}
 	for _, g := range groups {
-		p.layers = append(p.layers, &Layer{Paths: g.Paths, Hashes: hashes(g.Paths)})
+		p.layers = append(p.layers, &layer.Layer{Paths: g.Paths, Hashes: hashes(g.Paths)})
 	}
-	p.layers = append(p.layers, &Layer{Paths: roots, Hashes: hashes(roots), Symlinks: true})
+	p.layers = append(p.layers, &layer.Layer{Paths: roots, Hashes: hashes(roots), Symlinks: true})
 	return p, nil
 }
 
 // describe describes the layers of plan p in order, base first, and makes
 // the image.
-func (b *ImageBuilder) describe(ctx context.Context, img resolver.Image, p *plan, describe Describer) (*Image, error) {
+func (b *ImageBuilder) describe(ctx context.Context, img resolver.Image, p *plan, describe layer.Describer) (*Image, error) {
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("ref", img.Ref()))
-	layers := make([]*Layer, len(p.layers))
+	layers := make([]*layer.Layer, len(p.layers))
 	for i, pl := range p.layers {
 		l := *pl // the plan's layers are shared, their descriptors are not
 		layers[i] = &l
@@ -631,57 +551,8 @@ func (b *ImageBuilder) describe(ctx context.Context, img resolver.Image, p *plan
 	return newImage(img, imageConfig(img, p.packages), layers)
 }
 
-// hashDescriber describes tar layers by streaming them once through
-// sha256 and remembering the result in the cache, so that no layer is read
-// twice to be described; content is streamed again when a blob is fetched.
-type hashDescriber struct{ cache *cache.Cache }
-
-func (hashDescriber) Key() DescriberKey { return DescriberKey{Kind: "digest/1", Layers: tarLayers} }
-
-// tarLayers is DescriberKey.Layers of describers of uncompressed tar
-// layers, as tarstream writes them.
-const tarLayers = "tar/1"
-
-// Finish implements Describer: nothing is stored.
-func (hashDescriber) Finish(context.Context) error { return nil }
-
-func (h hashDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) error {
-	if desc, ok := h.cache.Layer(l.cacheKey()); ok {
-		l.Desc = desc
-		return nil
-	}
-	m := tarstream.Measure(io.Discard)
-	if err := l.WriteTar(m); err != nil {
-		return err
-	}
-	l.Desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
-	packed(ctx, l.Desc)
-	return h.cache.PutLayer(l.cacheKey(), l.Desc)
-}
-
-// referenceDescriber describes store-path layers by identity, for the nix
-// snapshotter, and leaves the symlink layer to next.
-type referenceDescriber struct{ next Describer }
-
-// Finish implements Describer.
-func (r referenceDescriber) Finish(ctx context.Context) error { return r.next.Finish(ctx) }
-
-func (r referenceDescriber) Key() DescriberKey {
-	next := r.next.Key()
-	return DescriberKey{Kind: "reference/1+" + next.Kind, Layers: "reference/1+" + next.Layers, Scope: next.Scope}
-}
-
-func (r referenceDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
-	if l.Symlinks {
-		return r.next.Describe(ctx, parent, l)
-	}
-	desc, blob, err := referenceLayer(l.Paths)
-	l.Desc, l.Blob = desc, blob
-	return err
-}
-
 // layerMade sends the progress event of the index-th of count layers of img.
-func layerMade(ctx context.Context, img resolver.Image, index, count int, l *Layer) {
+func layerMade(ctx context.Context, img resolver.Image, index, count int, l *layer.Layer) {
 	e := progress.Layer{Index: index + 1, Count: count, Digest: l.Desc.Digest.String(), Size: l.Desc.Size}
 	text := fmt.Sprintf("%s: layer %d/%d %s %s", img.Ref(), e.Index, count, l.Desc.Digest.Encoded()[:12], progress.Bytes(l.Desc.Size))
 	if l.Symlinks {
@@ -700,7 +571,7 @@ func imageRecord(img *Image) cache.Image {
 		Config: img.Config, ConfigBytes: img.Blobs[img.Config.Digest],
 	}
 	for _, l := range img.Layers {
-		rec.Layers = append(rec.Layers, cache.Layer{Desc: l.Desc, LayerKey: l.cacheKey()})
+		rec.Layers = append(rec.Layers, cache.Layer{Desc: l.Desc, LayerKey: l.CacheKey()})
 	}
 	return rec
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
 )
 
 // Builds of one image that describe its layers differently share one Nix
@@ -34,12 +35,12 @@ func TestBuildSharedPlan(t *testing.T) {
 	}
 	led, joined := make(chan result, 1), make(chan result, 1)
 	go func() {
-		img, err := b.Build(leader, "nix.local/htop", hashDescriber{})
+		img, err := b.Build(leader, "nix.local/htop", layer.Digests(nil))
 		led <- result{img, err}
 	}()
 	waitFor(t, func() bool { b.plansMu.Lock(); defer b.plansMu.Unlock(); return len(b.plans) == 1 })
 	go func() {
-		img, err := b.Build(context.Background(), "nix.local/htop", referenceDescriber{next: hashDescriber{}})
+		img, err := b.Build(context.Background(), "nix.local/htop", layer.References(layer.Digests(nil)))
 		joined <- result{img, err}
 	}()
 	waitForPlanCallers(t, b, 2)
@@ -58,7 +59,7 @@ func TestBuildSharedPlan(t *testing.T) {
 
 	// Both kinds at once: one plan, each its own layers.
 	done := make(chan result, 2)
-	for _, d := range []Describer{hashDescriber{}, referenceDescriber{next: hashDescriber{}}} {
+	for _, d := range []layer.Describer{layer.Digests(nil), layer.References(layer.Digests(nil))} {
 		go func() {
 			img, err := b.Build(context.Background(), "nix.local/htop", d)
 			done <- result{img, err}

@@ -18,7 +18,9 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
 )
 
 // fakeNix "builds" any package as a store path that needs a shared glibc,
@@ -101,10 +103,10 @@ type pathsDescriber struct{ kind string }
 
 func (pathsDescriber) Finish(context.Context) error { return nil }
 
-func (d pathsDescriber) Key() DescriberKey {
-	return DescriberKey{Kind: "test-paths/1" + d.kind, Layers: "test-paths/1" + d.kind}
+func (d pathsDescriber) Key() layer.DescriberKey {
+	return layer.DescriberKey{Kind: "test-paths/1" + d.kind, Layers: "test-paths/1" + d.kind}
 }
-func (pathsDescriber) Describe(_ context.Context, _ digest.Digest, l *Layer) error {
+func (pathsDescriber) Describe(_ context.Context, _ digest.Digest, l *layer.Layer) error {
 	l.Desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: digest.FromString(strings.Join(l.Paths, " ")), Size: int64(len(l.Paths))}
 	return nil
 }
@@ -218,7 +220,7 @@ func TestBuilderProgressToEveryCaller(t *testing.T) {
 	var layerCount atomic.Int64
 	for _, call := range []struct {
 		w *watcher
-		d Describer
+		d layer.Describer
 	}{{&a, pathsDescriber{kind: "a"}}, {&c, pathsDescriber{kind: "c"}}} {
 		go func() {
 			img, err := b.Build(watch(call.w), "nix.local/htop", call.d)
@@ -265,7 +267,7 @@ func TestBuilderCallerLeaves(t *testing.T) {
 		first <- err
 	}()
 	waitFor(t, func() bool { return nix.builds.Load() == 1 })
-	for _, d := range []Describer{pathsDescriber{kind: "a"}, pathsDescriber{kind: "b"}} {
+	for _, d := range []layer.Describer{pathsDescriber{kind: "a"}, pathsDescriber{kind: "b"}} {
 		ctx, cancel := context.WithCancel(context.Background())
 		left := make(chan error, 1)
 		go func() {
@@ -298,7 +300,7 @@ type gatedDescriber struct {
 	gate    chan struct{}
 }
 
-func (d gatedDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
+func (d gatedDescriber) Describe(ctx context.Context, parent digest.Digest, l *layer.Layer) error {
 	d.once.Do(func() { close(d.entered) })
 	<-d.gate
 	return d.pathsDescriber.Describe(ctx, parent, l)
@@ -354,7 +356,7 @@ func TestBuilderCachesFixedSource(t *testing.T) {
 	ctx := context.Background()
 	// Cached images are of store paths that exist.
 	nix := &fakeNix{store: t.TempDir()}
-	b := NewImageBuilder(nix, WithCache(testCache(t)))
+	b := NewImageBuilder(nix, WithCache(testutil.Cache(t)))
 	for i, step := range []struct {
 		pin, movesTo string
 		builds       int64

@@ -28,6 +28,7 @@ import (
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/fixed"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream/linked"
 )
@@ -320,14 +321,14 @@ func (p *Provisioner) waitCRI(ctx context.Context, ref string) error {
 // on the way: into snapshots, without blobs; as blobs when they are asked
 // for; for the nix snapshotter, which makes every layer from the store
 // itself, as references (and the symlink layer by its digest alone).
-func (p *Provisioner) describer(ctx context.Context, snapshotter string) Describer {
+func (p *Provisioner) describer(ctx context.Context, snapshotter string) layer.Describer {
 	switch {
 	case p.layerBlobs:
-		return newContentDescriber(p.client.ContentStore(), p.builder.cache)
+		return layer.Content(p.client.ContentStore(), p.builder.cache)
 	case snapshotter == p.nixSnapshot:
-		return referenceDescriber{next: hashDescriber{p.builder.cache}}
+		return layer.References(layer.Digests(p.builder.cache))
 	default:
-		return newSnapshotDescriber(ctx, p.client.SnapshotService(snapshotter), snapshotter, &p.links, p.builder.cache, p.builder.claims, p.workDir)
+		return layer.Snapshots(ctx, p.client.SnapshotService(snapshotter), snapshotter, &p.links, p.builder.cache, p.builder.claims, p.workDir)
 	}
 }
 

@@ -25,13 +25,13 @@ var tiers = map[string]int{
 	// Parts with no knowledge of images.
 	"internal/listen":    0,
 	"internal/privdir":   0,
-	"internal/snapmount": 0,
 	"internal/storelink": 0,
 	"nixbuild/storepath": 0,
 	"internal/progress":  0,
 	"internal/pipelined": 0,
 	"internal/version":   0,
 	"internal/procdir":   1,
+	"internal/snapmount": 2, // where snapshots are written, and temporary mounts
 	"plugin/api":         1, // the daemon's API: a contract, below what serves it
 	// The data flow.
 	"resolver":               2,  // ref
@@ -45,10 +45,11 @@ var tiers = map[string]int{
 	"tarstream/linked":       6,  // layers → directories of links to the store
 	"plugin/snapshot":        7,  // tar / store → snapshots
 	"plugin/fixed":           7,  // a built image, as containerd's pull finds images
-	"plugin":                 8,  // → image → containerd
-	"plugin/registry":        9,  // the distribution endpoint
-	"plugin/service":         10, // the configuration wired into the parts
-	"cmd/nixery-snapshotter": 11,
+	"plugin/layer":           8,  // layers described, stored on the way
+	"plugin":                 9,  // → image → containerd
+	"plugin/registry":        10, // the distribution endpoint
+	"plugin/service":         11, // the configuration wired into the parts
+	"cmd/nixery-snapshotter": 12,
 }
 
 // notPlaced are packages of tests, outside the product's flow.

@@ -9,8 +9,11 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
 )
 
 // Store paths of FakeStore.
@@ -99,4 +102,15 @@ func Git(t testing.TB, dir string, args ...string) string {
 		t.Fatalf("git %v: %v\n%s", args, err, out)
 	}
 	return strings.TrimSpace(string(out))
+}
+
+// Cache opens a cache in a directory of the test's.
+func Cache(t testing.TB) *cache.Cache {
+	t.Helper()
+	c, err := cache.Open(t.TempDir(), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/version"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
 )
 
 // maxLogInError bounds the Nix log carried in a registry error message.
@@ -38,7 +39,7 @@ const maxLogInError = 4096
 // layers streamed from the store on demand.
 type Registry struct {
 	builder      *plugin.ImageBuilder
-	describe     plugin.Describer
+	describe     layer.Describer
 	earlyHeaders time.Duration
 
 	mu    sync.Mutex
@@ -50,7 +51,7 @@ type Registry struct {
 type servedBlob struct {
 	mediaType string
 	data      []byte
-	layer     *plugin.Layer
+	layer     *layer.Layer
 	hold      *imageHold
 }
 
@@ -395,7 +396,7 @@ func (r *Registry) layer(w http.ResponseWriter, req *http.Request, d digest.Dige
 	go func() { pw.CloseWithError(l.WriteTarFrom(pw, start)) }()
 	defer pr.Close()
 	n, err := io.CopyN(listen.NewStallWriter(w, listen.WriteStall), pr, end-start)
-	plugin.Streamed(n)
+	layer.Streamed(n)
 	if err != nil {
 		log.G(req.Context()).WithError(err).WithField("digest", d).Warn("streaming layer")
 	}

@@ -1,4 +1,4 @@
-package plugin
+package layer
 
 import (
 	"context"
@@ -8,9 +8,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
-
-	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/metadata"
@@ -21,10 +18,10 @@ import (
 	"github.com/containerd/containerd/v2/plugins/snapshots/native"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream/linked"
@@ -67,7 +64,7 @@ func TestSnapshotDescriber(t *testing.T) {
 		return leases.WithLease(ctx, lease.ID), lease
 	}
 	claims := testClaims(t)
-	d := newSnapshotDescriber(ctx, sn, "native", &linked.Roots{}, testCache(t), claims, "")
+	d := newSnapshotDescriber(ctx, sn, "native", &linked.Roots{}, testutil.Cache(t), claims, "")
 	base, top := testLayer(t), testLayer(t)
 
 	// Unpacked: described as the tar it is, committed under its chain.
@@ -85,7 +82,7 @@ func TestSnapshotDescriber(t *testing.T) {
 	if err := d.Describe(lctx, base.Desc.Digest, top); err != nil {
 		t.Fatal(err)
 	}
-	chain := chainID(base.Desc.Digest, top.Desc.Digest)
+	chain := ChainID(base.Desc.Digest, top.Desc.Digest)
 	mounts, err := sn.View(lctx, "view", chain.String())
 	if err != nil {
 		t.Fatal(err)
@@ -117,7 +114,7 @@ func TestSnapshotDescriber(t *testing.T) {
 	}
 	lctx, lease := withLease()
 	again := &Layer{Paths: top.Paths, Hashes: top.Hashes}
-	pull := newSnapshotDescriber(lctx, sn, "native", &linked.Roots{}, testCache(t), claims, "")
+	pull := newSnapshotDescriber(lctx, sn, "native", &linked.Roots{}, testutil.Cache(t), claims, "")
 	if err := pull.Describe(lctx, base.Desc.Digest, again); err != nil {
 		t.Fatalf("snapshot not found: %v", err)
 	}
@@ -137,7 +134,7 @@ func TestSnapshotDescriber(t *testing.T) {
 
 	// A snapshot found and then built on is held before it is built on.
 	lctx, lease = withLease()
-	pull = newSnapshotDescriber(lctx, sn, "native", &linked.Roots{}, testCache(t), claims, "")
+	pull = newSnapshotDescriber(lctx, sn, "native", &linked.Roots{}, testutil.Cache(t), claims, "")
 	if err := pull.Describe(lctx, "", &Layer{Paths: base.Paths, Hashes: base.Hashes}); err != nil {
 		t.Fatal(err)
 	}
@@ -156,16 +153,6 @@ func TestSnapshotDescriber(t *testing.T) {
 	if err := d.Describe(lctx, "", &Layer{Paths: top.Paths, Hashes: top.Hashes}); err == nil {
 		t.Error("a layer on another chain was described without its store paths")
 	}
-}
-
-func testCache(t *testing.T) *cache.Cache {
-	t.Helper()
-	c, err := cache.Open(t.TempDir(), time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
 }
 
 func testClaims(t *testing.T) *snapshot.Claims {
@@ -190,10 +177,10 @@ func TestSnapshotDescriberForgedLabels(t *testing.T) {
 	if _, err := sn.Prepare(ctx, "forging", ""); err != nil {
 		t.Fatal(err)
 	}
-	if err := sn.Commit(ctx, forged.Digest.String(), "forging", snapshots.WithLabels(layerAnnotations(l, forged))); err != nil {
+	if err := sn.Commit(ctx, forged.Digest.String(), "forging", snapshots.WithLabels(Annotations(l, forged))); err != nil {
 		t.Fatal(err)
 	}
-	if err := newSnapshotDescriber(ctx, sn, "native", &linked.Roots{}, testCache(t), testClaims(t), "").Describe(ctx, "", l); err != nil {
+	if err := newSnapshotDescriber(ctx, sn, "native", &linked.Roots{}, testutil.Cache(t), testClaims(t), "").Describe(ctx, "", l); err != nil {
 		t.Fatal(err)
 	}
 	if l.Desc.Digest == forged.Digest {
@@ -222,13 +209,13 @@ func TestSnapshotDescriberErrors(t *testing.T) {
 	testutil.RequireRoot(t)
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	sn, _ := testSnapshotter(t)
-	err := newSnapshotDescriber(ctx, brokenMounts{sn}, "native", &linked.Roots{}, testCache(t), testClaims(t), "").Describe(ctx, "", testLayer(t))
+	err := newSnapshotDescriber(ctx, brokenMounts{sn}, "native", &linked.Roots{}, testutil.Cache(t), testClaims(t), "").Describe(ctx, "", testLayer(t))
 	if err == nil || !strings.Contains(err.Error(), "/nonexistent/snapshot") || !strings.Contains(err.Error(), "--with-layers") || strings.Contains(err.Error(), errUnpackStopped.Error()) {
 		t.Errorf("unwritable snapshot: %v", err)
 	}
 	gone := testLayer(t)
 	os.RemoveAll(gone.Paths[0])
-	err = newSnapshotDescriber(ctx, sn, "native", &linked.Roots{}, testCache(t), testClaims(t), "").Describe(ctx, "", gone)
+	err = newSnapshotDescriber(ctx, sn, "native", &linked.Roots{}, testutil.Cache(t), testClaims(t), "").Describe(ctx, "", gone)
 	if err == nil || !strings.Contains(err.Error(), gone.Paths[0]) || strings.Contains(err.Error(), "--with-layers") {
 		t.Errorf("store path gone: %v", err)
 	}
@@ -247,7 +234,7 @@ func TestSnapshotDescriberLinks(t *testing.T) {
 	testutil.RequireRoot(t)
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	l := testLayer(t)
-	c := testCache(t)
+	c := testutil.Cache(t)
 	// The test's store is beside the snapshotter's root, on one filesystem.
 	links := &linked.Roots{Store: filepath.Dir(l.Paths[0])}
 	describe := func() (*Layer, float64, float64) {

@@ -1,4 +1,4 @@
-package plugin
+package layer
 
 import (
 	"context"
@@ -41,10 +41,10 @@ func TestContentDescriberStaleRecord(t *testing.T) {
 	}
 	l := testLayer(t)
 	stale := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: digest.FromString("stale"), Size: 5}
-	if err := layers.PutLayer(l.cacheKey(), stale); err != nil {
+	if err := layers.PutLayer(l.CacheKey(), stale); err != nil {
 		t.Fatal(err)
 	}
-	if err := newContentDescriber(cs, layers).Describe(ctx, "", l); err != nil {
+	if err := Content(cs, layers).Describe(ctx, "", l); err != nil {
 		t.Fatal(err)
 	}
 	if l.Desc.Digest == stale.Digest {
@@ -53,7 +53,7 @@ func TestContentDescriberStaleRecord(t *testing.T) {
 	if _, err := cs.Info(ctx, l.Desc.Digest); err != nil {
 		t.Errorf("layer not written: %v", err)
 	}
-	if rec, ok := layers.Layer(l.cacheKey()); !ok || rec.Digest != l.Desc.Digest {
+	if rec, ok := layers.Layer(l.CacheKey()); !ok || rec.Digest != l.Desc.Digest {
 		t.Errorf("record %v, %v after a stale one was found", rec, ok)
 	}
 }

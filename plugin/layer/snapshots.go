@@ -1,4 +1,4 @@
-package plugin
+package layer
 
 import (
 	"context"
@@ -20,7 +20,6 @@ import (
 	"github.com/containerd/log"
 	"github.com/moby/sys/userns"
 	"github.com/opencontainers/go-digest"
-	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/pipelined"
@@ -50,7 +49,7 @@ type snapshotDescriber struct {
 	// claims are the layers this node made: a snapshot's labels are
 	// believed only if they are one of them, since any image can carry them.
 	claims *snapshot.Claims
-	// workDir holds the temporary mounts of this process (useTempMounts).
+	// workDir holds the temporary mounts of this process (snapmount.UseTempMounts).
 	workDir string
 	// labelled lists the snapshots that name their layer, by layer: read
 	// once for all the layers of an image.
@@ -71,6 +70,14 @@ type foundSnapshot struct {
 	l             *Layer
 }
 
+// Snapshots describes tar layers as it unpacks them into sn, the
+// snapshotter named snapshotter, in the context's namespace and lease
+// (snapshotDescriber): linked to the store through links where it can be.
+// Temporary mounts go below workDir.
+func Snapshots(ctx context.Context, sn snapshots.Snapshotter, snapshotter string, links *linked.Roots, c *cache.Cache, claims *snapshot.Claims, workDir string) Describer {
+	return newSnapshotDescriber(ctx, sn, snapshotter, links, c, claims, workDir)
+}
+
 func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, snapshotter string, links *linked.Roots, c *cache.Cache, claims *snapshot.Claims, workDir string) *snapshotDescriber {
 	return &snapshotDescriber{sn: sn, links: links, snapshotter: snapshotter, cache: c, claims: claims, workDir: workDir, scope: callerScope(), labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
 		byLayer := map[string][]snapshots.Info{}
@@ -84,12 +91,12 @@ func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, snapsho
 	})}
 }
 
-// layerAnnotations say what a layer holds and, for a tar layer described
+// Annotations say what a layer holds and, for a tar layer described
 // as desc, which layer it is: the layer's annotations in the manifest,
 // which containerd's unpacker gives its snapshot as labels, and the
 // labels of the snapshots this project unpacks itself. Both are claims
 // this node records (snapshot.Claims).
-func layerAnnotations(l *Layer, desc ocispec.Descriptor) map[string]string {
+func Annotations(l *Layer, desc ocispec.Descriptor) map[string]string {
 	var annotations map[string]string
 	if l.Symlinks {
 		annotations = labels.SymlinkAnnotations(l.Paths)
@@ -110,7 +117,7 @@ func (s *snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, 
 		return err
 	}
 	if ok {
-		s.found = &foundSnapshot{parent: parent, chain: chainID(parent, desc.Digest), l: l}
+		s.found = &foundSnapshot{parent: parent, chain: ChainID(parent, desc.Digest), l: l}
 		l.Desc = desc
 		return nil
 	}
@@ -169,7 +176,7 @@ func (s *snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *L
 	}
 	d, derr := digest.Parse(found.Labels[labels.LayerDiffID])
 	size, serr := strconv.ParseInt(found.Labels[labels.LayerSize], 10, 64)
-	if derr != nil || serr != nil || chainID(parent, d).String() != found.Name {
+	if derr != nil || serr != nil || ChainID(parent, d).String() != found.Name {
 		log.G(ctx).WithField("snapshot", found.Name).Warn("snapshot labels do not describe it: unpacking the layer again")
 		return ocispec.Descriptor{}, false, nil
 	}
@@ -221,14 +228,6 @@ func unique(name string) (string, error) {
 	return name + "-" + hex.EncodeToString(suffix[:]), nil
 }
 
-// chainID is the snapshot name of layer diffID on top of the chain parent.
-func chainID(parent, diffID digest.Digest) digest.Digest {
-	if parent == "" {
-		return diffID
-	}
-	return identity.ChainID([]digest.Digest{parent, diffID})
-}
-
 // errUnpackStopped stops a layer's writer when unpacking it failed.
 var errUnpackStopped = errors.New("unpacking stopped")
 
@@ -257,8 +256,8 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
-	chain := chainID(parent, desc.Digest)
-	labels := layerAnnotations(l, desc)
+	chain := ChainID(parent, desc.Digest)
+	labels := Annotations(l, desc)
 	if err := s.claims.Record(labels, chain.String()); err != nil {
 		return ocispec.Descriptor{}, err
 	}
@@ -304,7 +303,7 @@ func (s *snapshotDescriber) link(ctx context.Context, w *linked.Writer, dir stri
 	if _, err := os.Stat(dir); err != nil {
 		return ocispec.Descriptor{}, unwritable(l, err)
 	}
-	desc, known := s.cache.Layer(l.cacheKey())
+	desc, known := s.cache.Layer(l.CacheKey())
 	hashed := make(chan error, 1)
 	hashCtx, stopHash := context.WithCancel(ctx)
 	defer stopHash()
@@ -325,7 +324,7 @@ func (s *snapshotDescriber) link(ctx context.Context, w *linked.Writer, dir stri
 	}
 	desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
 	packed(ctx, desc)
-	return desc, s.cache.PutLayer(l.cacheKey(), desc)
+	return desc, s.cache.PutLayer(l.CacheKey(), desc)
 }
 
 // unwritable says why layer l could not be written into its snapshot, and
@@ -388,7 +387,7 @@ func (s *snapshotDescriber) applyTar(ctx context.Context, mounts []mount.Mount, 
 // does (which is not exported): an overlay's upper directory, or the
 // directory of a writable bind mount, is written directly; other mounts
 // are mounted for the time it takes, where a process that dies leaves
-// them to be unmounted by the next (useTempMounts).
+// them to be unmounted by the next (snapmount.UseTempMounts).
 func applyTarTo(ctx context.Context, mounts []mount.Mount, r io.Reader, workDir string) error {
 	switch dir, lowers, overlay := snapmount.Writable(mounts); {
 	case dir != "" && !overlay:
@@ -400,7 +399,7 @@ func applyTarTo(ctx context.Context, mounts []mount.Mount, r io.Reader, workDir 
 		_, err := archive.Apply(ctx, dir, r, archive.WithConvertWhiteout(archive.OverlayConvertWhiteout), archive.WithParents(lowers))
 		return err
 	}
-	if err := useTempMounts(workDir); err != nil {
+	if err := snapmount.UseTempMounts(workDir); err != nil {
 		return fmt.Errorf("directory for temporary mounts: %w", err)
 	}
 	return mount.WithTempMount(ctx, mounts, func(root string) error {
