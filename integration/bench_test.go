@@ -372,6 +372,47 @@ func BenchmarkManyLayers(b *testing.B) {
 	b.ReportMetric(float64((nixT-prepareT).Milliseconds())/n/float64(layers), "nix-ms/layer")
 }
 
+// BenchmarkEndpointPull pulls nix.local/shell/git into overlayfs through
+// the distribution endpoint with ctr (as CRI would: the endpoint unpacks
+// its layers into the namespace first, [registry] unpack_into) and with
+// `pull`, each cold (a fresh containerd and daemon) and again warm, side
+// by side in each iteration, and counts the layer blobs that crossed the
+// endpoint (goal: none).
+func BenchmarkEndpointPull(b *testing.B) {
+	const ref = "nix.local/shell/git:latest"
+	var ctrCold, ctrWarm, pullCold, pullWarm time.Duration
+	layerBlobs := 0
+	timed := func(f func()) time.Duration {
+		start := time.Now()
+		f()
+		return time.Since(start)
+	}
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		viaEndpoint := newNixEnv(b, func(e *env) { e.daemon.unpackInto = []string{"default"} })
+		direct := newNixEnv(b)
+		b.StartTimer()
+		ctrCold += timed(func() { viaEndpoint.ctrPull("overlayfs", ref) })
+		pullCold += timed(func() { direct.mustPull("--snapshotter", "overlayfs", ref) })
+		ctrWarm += timed(func() { viaEndpoint.ctrPull("overlayfs", ref) })
+		pullWarm += timed(func() { direct.mustPull("--snapshotter", "overlayfs", ref) })
+		b.StopTimer()
+		m, _ := viaEndpoint.manifest(b, ref)
+		for _, l := range m.Layers {
+			layerBlobs += viaEndpoint.requests("/blobs/" + l.Digest.String())
+		}
+		b.StartTimer()
+	}
+	n := float64(b.N)
+	b.ReportMetric(ctrCold.Seconds()/n, "ctr-cold-s")
+	b.ReportMetric(pullCold.Seconds()/n, "pull-cold-s")
+	b.ReportMetric(float64(ctrCold)/float64(pullCold), "ctr/pull-cold")
+	b.ReportMetric(float64(ctrWarm.Milliseconds())/n, "ctr-warm-ms")
+	b.ReportMetric(float64(pullWarm.Milliseconds())/n, "pull-warm-ms")
+	b.ReportMetric(float64(ctrWarm)/float64(pullWarm), "ctr/pull-warm")
+	b.ReportMetric(float64(layerBlobs)/n, "layer-blobs")
+}
+
 // BenchmarkLoad drives the daemon with a mix of requests — manifest and
 // config fetches over the endpoint, as CRI and ctr make them, and CLI pulls
 // — over 20 references of a pinned package set at concurrency 16, and

@@ -16,14 +16,25 @@ import (
 // TestCRI stands in for kubelet: through containerd's CRI it pulls
 // nix.local/shell/htop with nothing provisioned beforehand, runs a
 // host-network pod (its sandbox image nix.local/pause served by the
-// endpoint too) with a container running htop, reads its log, and cleans up.
+// endpoint too) with a container running htop, reads its log, and cleans
+// up; with CRI on the nix snapshotter, and on overlayfs, where the
+// endpoint unpacks an image's layers into CRI's snapshots before it
+// answers (the default [registry] unpack_into): on neither does a layer
+// blob cross the endpoint.
 func TestCRI(t *testing.T) {
+	for _, snapshotter := range []string{"nix", "overlayfs"} {
+		t.Run(snapshotter, func(t *testing.T) { testCRI(t, snapshotter) })
+	}
+}
+
+func testCRI(t *testing.T, snapshotter string) {
 	// The node's package set is pinned, as an operator's is: a repeated
 	// pull is answered from the cache, without Nix.
 	bin, calls := countingNix(t)
 	e := newNixEnv(t, withCRI(), func(e *env) {
 		e.daemon.nixBin = bin
 		e.extraNix = map[string]any{"pinned": true}
+		e.criSnapshotter = snapshotter
 	})
 	conn, err := grpc.NewClient("unix://"+e.ctd.Address, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -37,7 +48,7 @@ func TestCRI(t *testing.T) {
 
 	// Pre-provisioning on a node: `pull --namespace k8s.io` registers what
 	// CRI looks up, pinned, and returns once CRI sees it.
-	e.mustPull("--namespace", "k8s.io", "--snapshotter", "nix", "nix.local/git")
+	e.mustPull("--namespace", "k8s.io", "--snapshotter", snapshotter, "nix.local/git")
 	cliBlobs := e.requests("/blobs/")
 	st, err := images.ImageStatus(ctx, &runtime.ImageStatusRequest{Image: &runtime.ImageSpec{Image: "nix.local/git"}})
 	if err != nil || st.Image == nil {
@@ -142,8 +153,8 @@ func TestCRI(t *testing.T) {
 	}
 	t.Logf("CRI pull: cold %s, again %s", cold.Round(time.Millisecond), warm.Round(time.Millisecond))
 
-	// With the nix snapshotter no layer blob ever crossed the endpoint for
-	// CRI: only the configs of htop and pause.
+	// No layer blob ever crossed the endpoint for CRI: only the configs of
+	// htop and pause.
 	if n := e.requests("/blobs/") - cliBlobs; n != 2 {
 		t.Errorf("%d blob requests from CRI, want 2 (two image configs):\n%s", n, e.daemon.log())
 	}

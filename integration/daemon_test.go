@@ -32,9 +32,11 @@ type daemon struct {
 	tls *testutil.TLSFiles
 	// earlyHeaders is the endpoint's registry.early_headers, when set.
 	earlyHeaders string
-	config       string
-	cmd          *exec.Cmd
-	exited       chan struct{}
+	// unpackInto is the endpoint's registry.unpack_into, when set.
+	unpackInto []string
+	config     string
+	cmd        *exec.Cmd
+	exited     chan struct{}
 }
 
 func newDaemon(t testing.TB) *daemon {

@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"maps"
@@ -63,7 +64,9 @@ type env struct {
 	config string
 	pkgs   string // package set directory, when not the test set
 	cri    bool   // containerd's CRI is on
-	root   string // the CLI's state (cache) without a daemon
+	// criSnapshotter is the snapshotter CRI unpacks into: nix but where set.
+	criSnapshotter string
+	root           string // the CLI's state (cache) without a daemon
 	// extraNix and extraImage are more [nix] and [image] settings.
 	extraNix, extraImage map[string]any
 	path                 string // PATH for the CLI; the default when empty
@@ -114,8 +117,9 @@ func newNixEnv(t testing.TB, opts ...envOpt) *env {
   snapshotter = "nix"`, e.daemon.address))}
 	if e.cri {
 		cni := t.TempDir()
+		snapshotter := cmp.Or(e.criSnapshotter, "nix")
 		ctdOpts = append(ctdOpts, testutil.WithCRI(), testutil.WithConfig(fmt.Sprintf(`[plugins."io.containerd.cri.v1.images"]
-  snapshotter = "nix"
+  snapshotter = %q
   image_pull_progress_timeout = "30m"
   [plugins."io.containerd.cri.v1.images".registry]
     config_path = %q
@@ -129,7 +133,7 @@ func newNixEnv(t testing.TB, opts ...envOpt) *env {
 [plugins."io.containerd.grpc.v1.cri"]
   disable_tcp_service = true
   stream_server_address = "127.0.0.1"
-  stream_server_port = "0"`, e.hostsDir(), cni, cni)))
+  stream_server_port = "0"`, snapshotter, e.hostsDir(), cni, cni)))
 	}
 	e.ctd = testutil.StartContainerd(t, ctdOpts...)
 	e.writeConfig(e.pkgs)
@@ -170,6 +174,9 @@ func (e *env) writeConfig(pkgs string) {
 			cfg["registry"].(map[string]any)["client_ca"] = d.tls.CA
 		}
 		cfg["metrics"] = map[string]any{"address": d.metrics}
+		if d.unpackInto != nil {
+			cfg["registry"].(map[string]any)["unpack_into"] = d.unpackInto
+		}
 		if d.earlyHeaders != "" {
 			cfg["registry"].(map[string]any)["early_headers"] = d.earlyHeaders
 		}

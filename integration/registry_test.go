@@ -375,3 +375,43 @@ func TestRegistryConformance(t *testing.T) {
 		t.Errorf("conformance:\n%s", out)
 	}
 }
+
+// With [registry] unpack_into naming a namespace, a pull through the
+// endpoint there (ctr's, into overlayfs) finds every layer's snapshot made
+// (linked to the store) when the manifest is answered, and fetches no
+// layer blob. A target that cannot be unpacked into (a snapshotter
+// containerd lacks) only costs its pulls the layers: said, counted, and
+// the pull works.
+func TestRegistryUnpackInto(t *testing.T) {
+	e := newNixEnv(t, func(e *env) { e.daemon.unpackInto = []string{"default", "other/nosuch"} })
+	const ref = "nix.local/shell/htop:latest"
+	start := time.Now()
+	e.ctrPull("overlayfs", ref)
+	took := time.Since(start)
+	if out := e.runOn("overlayfs", ref, "htop", "--version"); !strings.Contains(out, htopVersion()) {
+		t.Errorf("htop --version printed %q", out)
+	}
+	m, _ := e.manifest(t, ref)
+	if testutil.ContainerdBinDir() == "" { // ctr 1.7 --local fetches every blob first
+		for _, l := range m.Layers {
+			if e.requests("/blobs/"+l.Digest.String()) > 0 {
+				t.Errorf("layer %s crossed the endpoint", l.Digest)
+			}
+		}
+		if n := e.requests("/blobs/"); n != 1 {
+			t.Errorf("%d blob requests, want 1 (the config)", n)
+		}
+	}
+	if n := e.metric(t, "nixery_staging_failures_total"); n < 1 {
+		t.Errorf("nixery_staging_failures_total %v after a target with no such snapshotter", n)
+	}
+	if !strings.Contains(e.daemon.log(), "could not unpack the image for pulls through the endpoint") || !strings.Contains(e.daemon.log(), "other/nosuch") {
+		t.Errorf("no warning about the target that failed:\n%s", e.daemon.log())
+	}
+	if leases := e.ctd.Ctr(t.Context(), "--namespace", "other", "leases", "ls", "-q"); leases != nil {
+		if out, _ := leases.Output(); strings.TrimSpace(string(out)) != "" {
+			t.Errorf("the failed target left leases: %s", out)
+		}
+	}
+	t.Logf("ctr images pull %s through the endpoint, unpacked there: %s", ref, took.Round(time.Millisecond))
+}

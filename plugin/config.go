@@ -65,6 +65,25 @@ type RegistryConfig struct {
 	// before it answers with headers only, and sends the manifest when it
 	// is built (containerd drops requests without headers after 30 s).
 	EarlyHeaders Duration `toml:"early_headers"`
+	// UnpackInto lists the namespaces of the daemon's containerd, each
+	// "namespace" (its default snapshotter) or "namespace/snapshotter",
+	// whose pulls through the endpoint find an image's layers unpacked
+	// already, linked to the store, when its manifest is answered: no
+	// layer blob crosses. Pulls into the nix snapshotter need none.
+	UnpackInto []string `toml:"unpack_into"`
+}
+
+// StageTargets are UnpackInto, read.
+func (c RegistryConfig) StageTargets() ([]StageTarget, error) {
+	var targets []StageTarget
+	for _, s := range c.UnpackInto {
+		t, err := ParseStageTarget(s)
+		if err != nil {
+			return nil, fmt.Errorf("[registry] unpack_into: %w", err)
+		}
+		targets = append(targets, t)
+	}
+	return targets, nil
 }
 
 // TLS is the endpoint's TLS configuration.
@@ -204,7 +223,7 @@ func DefaultConfig() Config {
 			Root:       "/var/lib/nixery-snapshotter",
 			GCRootsDir: snapshot.DefaultGCRootsDir,
 		},
-		Registry: RegistryConfig{Address: DefaultRegistryAddress, EarlyHeaders: Duration(DefaultEarlyHeaders)},
+		Registry: RegistryConfig{Address: DefaultRegistryAddress, EarlyHeaders: Duration(DefaultEarlyHeaders), UnpackInto: []string{CRINamespace + "/overlayfs"}},
 		API:      APIConfig{Socket: DefaultAPISocket},
 		Metrics:  MetricsConfig{Address: DefaultMetricsAddress},
 	}

@@ -34,6 +34,10 @@ var (
 		Namespace: "nixery", Name: "register_retries_total",
 		Help: "Registrations tried again because containerd could not reach the snapshotter (redialling one that restarted).",
 	})
+	stagingFailures = promauto.NewCounter(prometheus.CounterOpts{
+		Namespace: "nixery", Name: "staging_failures_total",
+		Help: "Images the endpoint could not unpack into a [registry] unpack_into target before answering: pulls there fetch their layers.",
+	})
 	buildInfo = promauto.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: "nixery", Name: "build_info",
 		Help: "1, labelled with this daemon's version.",

@@ -38,8 +38,9 @@ const maxLogInError = 4096
 // A manifest request by tag builds the image; blobs are served by digest,
 // layers streamed from the store on demand.
 type Registry struct {
-	builder      *plugin.ImageBuilder
-	describe     layer.Describer
+	builder *plugin.ImageBuilder
+	// describer describes the layers of an image a request builds.
+	describer    func(context.Context) layer.Describer
 	earlyHeaders time.Duration
 
 	mu    sync.Mutex
@@ -140,9 +141,19 @@ func WithEarlyHeaders(d time.Duration) Opt {
 	}
 }
 
+// WithDescriber describes the layers of the images requests build with
+// the Describer describer makes for each request (which must describe tar
+// layers), instead of by digest alone: to unpack them on the way, for
+// instance (plugin.Provisioner.Stager).
+func WithDescriber(describer func(context.Context) layer.Describer) Opt {
+	return func(r *Registry) { r.describer = describer }
+}
+
 // New serves images built by builder.
 func New(builder *plugin.ImageBuilder, opts ...Opt) *Registry {
-	r := &Registry{builder: builder, describe: builder.DigestDescriber(), blobs: map[digest.Digest]servedBlob{}, earlyHeaders: plugin.DefaultEarlyHeaders}
+	digests := builder.DigestDescriber()
+	r := &Registry{builder: builder, blobs: map[digest.Digest]servedBlob{}, earlyHeaders: plugin.DefaultEarlyHeaders,
+		describer: func(context.Context) layer.Describer { return digests }}
 	for _, opt := range opts {
 		opt(r)
 	}
@@ -273,7 +284,11 @@ func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref 
 	}
 	built := make(chan result, 1)
 	go func() {
-		img, err := r.builder.Build(ctx, r.builder.Host()+"/"+name+":"+ref, r.describe)
+		describe := r.describer(ctx)
+		img, err := r.builder.Build(ctx, r.builder.Host()+"/"+name+":"+ref, describe)
+		if err == nil {
+			err = describe.Finish(ctx)
+		}
 		built <- result{img, err}
 	}()
 	var res result

@@ -15,6 +15,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/version"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/api"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
 )
 
 // daemonAPI is what the daemon does for its CLI (api.Daemon): it builds
@@ -24,6 +25,12 @@ import (
 // builds and its cache, and no store path has to be handed from the
 // daemon to another process.
 type daemonAPI struct {
+	*provisioners
+}
+
+// provisioners provision with one ImageBuilder into the containerds the
+// daemon is asked to, its own by default, each connected once it answers.
+type provisioners struct {
 	builder *plugin.ImageBuilder
 	ctd     plugin.ContainerdConfig
 	workDir string
@@ -32,9 +39,40 @@ type daemonAPI struct {
 	clients map[string]*containerd.Client // by address, once it answered
 }
 
-// newDaemonAPI provisions with builder into the containerd of cfg.
-func newDaemonAPI(cfg plugin.Config, builder *plugin.ImageBuilder) *daemonAPI {
-	return &daemonAPI{builder: builder, ctd: cfg.Containerd, workDir: cfg.WorkDir(), clients: map[string]*containerd.Client{}}
+// newProvisioners provisions with builder into the containerd of cfg.
+func newProvisioners(cfg plugin.Config, builder *plugin.ImageBuilder) *provisioners {
+	return &provisioners{builder: builder, ctd: cfg.Containerd, workDir: cfg.WorkDir(), clients: map[string]*containerd.Client{}}
+}
+
+// provisioner is the Provisioner into the containerd at address ("": the
+// daemon's), unpacking into snapshotter ("": the namespace's default).
+func (s *provisioners) provisioner(ctx context.Context, address, snapshotter string, withLayers bool) (*plugin.Provisioner, error) {
+	if address == "" {
+		address = s.ctd.Address
+	}
+	client, err := s.containerd(ctx, address)
+	if err != nil {
+		return nil, err
+	}
+	return plugin.NewProvisioner(client, s.builder,
+		plugin.WithSnapshotter(snapshotter),
+		plugin.WithNixSnapshotter(s.ctd.NixSnapshotter),
+		plugin.WithLayerBlobs(withLayers),
+		plugin.WithWorkDir(s.workDir)), nil
+}
+
+// stager is the endpoint's Describer of each request (registry
+// WithDescriber): staging into targets in the daemon's containerd, or when
+// that cannot be reached, by digest alone.
+func (s *provisioners) stager(targets []plugin.StageTarget) func(context.Context) layer.Describer {
+	return func(ctx context.Context) layer.Describer {
+		p, err := s.provisioner(ctx, "", "", false)
+		if err != nil {
+			plugin.StagingFailed(ctx, err)
+			return s.builder.DigestDescriber()
+		}
+		return p.Stager(targets)
+	}
 }
 
 // Info implements api.Daemon.
@@ -49,22 +87,12 @@ func (s *daemonAPI) Build(ctx context.Context, req api.BuildRequest) (api.BuildR
 	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithFields(log.Fields{"ref": req.Ref, "namespace": req.Namespace}))
 	log.G(ctx).Info("building for the CLI")
-	address := req.Containerd
-	if address == "" {
-		address = s.ctd.Address
-	}
-	client, err := s.containerd(ctx, address)
+	p, err := s.provisioner(ctx, req.Containerd, req.Snapshotter, req.WithLayers)
 	if err != nil {
 		// Not Unavailable: that would read as the daemon itself gone.
 		return api.BuildResult{}, fmt.Errorf("the daemon cannot register images: %v: %w", err, errdefs.ErrFailedPrecondition)
 	}
-	ctx = namespaces.WithNamespace(ctx, req.Namespace)
-	p := plugin.NewProvisioner(client, s.builder,
-		plugin.WithSnapshotter(req.Snapshotter),
-		plugin.WithNixSnapshotter(s.ctd.NixSnapshotter),
-		plugin.WithLayerBlobs(req.WithLayers),
-		plugin.WithWorkDir(s.workDir))
-	img, err := p.Provision(ctx, req.Ref)
+	img, err := p.Provision(namespaces.WithNamespace(ctx, req.Namespace), req.Ref)
 	if err != nil {
 		return api.BuildResult{}, errkind.Carried(err)
 	}
@@ -73,7 +101,7 @@ func (s *daemonAPI) Build(ctx context.Context, req api.BuildRequest) (api.BuildR
 
 // containerd is the client of the containerd at address, connected at
 // the first request that finds it up (the daemon starts before its own).
-func (s *daemonAPI) containerd(ctx context.Context, address string) (*containerd.Client, error) {
+func (s *provisioners) containerd(ctx context.Context, address string) (*containerd.Client, error) {
 	s.mu.Lock()
 	client, ok := s.clients[address]
 	s.mu.Unlock()
@@ -97,7 +125,7 @@ func (s *daemonAPI) containerd(ctx context.Context, address string) (*containerd
 }
 
 // Close closes the connections to containerd.
-func (s *daemonAPI) Close() error {
+func (s *provisioners) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var errs []error

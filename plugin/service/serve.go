@@ -20,6 +20,10 @@ import (
 // the distribution endpoint, the API for the CLI and the metrics, the
 // last three as configured.
 func Serve(ctx context.Context, cfg plugin.Config) error {
+	targets, err := cfg.Registry.StageTargets()
+	if err != nil {
+		return err
+	}
 	// Serving needs neither Nix nor containerd to be up, since the daemon
 	// starts before both: Nix runs for requests only.
 	builder, err := cfg.Nix.Builder(nixbuild.WithWorkDir(cfg.WorkDir()))
@@ -67,14 +71,18 @@ func Serve(ctx context.Context, cfg plugin.Config) error {
 		if err != nil {
 			return err
 		}
+		provisioners := newProvisioners(cfg, images)
+		defer provisioners.Close()
 		if cfg.Registry.Address != "" {
-			endpoint := registry.New(images, registry.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders)))
+			opts := []registry.Opt{registry.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders))}
+			if len(targets) > 0 {
+				opts = append(opts, registry.WithDescriber(provisioners.stager(targets)))
+			}
+			endpoint := registry.New(images, opts...)
 			g.Go(func() error { return registry.Serve(ctx, endpoint, cfg.Registry) })
 		}
 		if cfg.API.Socket != "" {
-			daemon := newDaemonAPI(cfg, images)
-			defer daemon.Close()
-			g.Go(func() error { return api.Serve(ctx, daemon, cfg.API.Socket) })
+			g.Go(func() error { return api.Serve(ctx, &daemonAPI{provisioners}, cfg.API.Socket) })
 		}
 	}
 	return g.Wait()
