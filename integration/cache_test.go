@@ -171,7 +171,7 @@ func nixCalls(calls string) int {
 }
 
 // copyPkgs copies the test package set into a directory of its own.
-func copyPkgs(t *testing.T) string {
+func copyPkgs(t testing.TB) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "pkgs")
 	if out, err := exec.Command("cp", "-r", testutil.TestPkgs(), dir).CombinedOutput(); err != nil {
