@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -99,6 +100,9 @@ func (s Source) pin(ctx context.Context, tag, nixPath, storeDir string) string {
 	if err != nil {
 		return ""
 	}
+	if store, err := filepath.EvalSymlinks(storeDir); err == nil {
+		storeDir = store // /nix may be a symlink to another disk
+	}
 	if strings.HasPrefix(real, filepath.Clean(storeDir)+"/") {
 		return "store:" + real
 	}
@@ -112,20 +116,32 @@ func (s Source) pin(ctx context.Context, tag, nixPath, storeDir string) string {
 
 // cleanGitHead is the HEAD commit of the git work tree dir is the top
 // of, if nothing in it differs from that commit: no change, staged or
-// not, and no untracked file (a package set may read a directory, as
-// nixpkgs' pkgs/by-name does). "" otherwise, or when git cannot tell. A
-// directory within a work tree is not one: the rest of the tree, which it
-// may import, is not its own.
+// not, and no untracked or ignored file (a package set may read any file,
+// or a directory, as nixpkgs' pkgs/by-name does). "" otherwise, or when
+// git cannot tell. A directory within a work tree is not one: the rest of
+// the tree, which it may import, is not its own.
+//
+// git runs as the work tree's owner, without the user's or the system's
+// configuration: what the repository's own configuration makes it run (a
+// clean filter, say) runs with no more rights than its owner has.
 func cleanGitHead(ctx context.Context, dir string) string {
-	if _, err := os.Lstat(filepath.Join(dir, ".git")); err != nil {
+	info, err := os.Lstat(filepath.Join(dir, ".git"))
+	if err != nil {
 		return "" // no work tree here, and no git to run
+	}
+	owner, ok := info.Sys().(*syscall.Stat_t)
+	if !ok {
+		return ""
 	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	// No hook or fsmonitor command of the repository runs, and status
-	// writes nothing (the index may be read-only, or in use).
-	cmd := exec.CommandContext(ctx, "git", "-c", "core.fsmonitor=false", "-C", dir, "status", "--porcelain=v2", "--branch")
-	cmd.Env = append(os.Environ(), "GIT_OPTIONAL_LOCKS=0")
+	cmd := exec.CommandContext(ctx, "git", "-c", "core.fsmonitor=false", "-C", dir, "status",
+		"--porcelain=v2", "--branch", "--untracked-files=all", "--ignored=traditional", "--ignore-submodules=none")
+	// status writes nothing (the index may be read-only, or in use).
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=/nonexistent", "GIT_CONFIG_NOSYSTEM=1", "GIT_OPTIONAL_LOCKS=0", "LC_ALL=C"}
+	if owner.Uid != uint32(os.Getuid()) {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: owner.Uid, Gid: owner.Gid}}
+	}
 	out, err := cmd.Output()
 	if err != nil {
 		return ""
@@ -135,7 +151,7 @@ func cleanGitHead(ctx context.Context, dir string) string {
 		if oid, ok := strings.CutPrefix(line, "# branch.oid "); ok {
 			head = oid
 		} else if !strings.HasPrefix(line, "#") && line != "" {
-			return "" // a change
+			return "" // a change, or an untracked or ignored file
 		}
 	}
 	if !commitHash.MatchString(head) {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
@@ -93,7 +94,31 @@ func TestSourcePin(t *testing.T) {
 		t.Errorf("work tree with a changed file: pinned by %q", got)
 	}
 	git("commit", "-q", "-am", "three")
-	if got, head := src.pin(ctx, LatestTag, "", store), git("rev-parse", "HEAD"); got != "git:"+head || head == first {
+	head := git("rev-parse", "HEAD")
+	if got := src.pin(ctx, LatestTag, "", store); got != "git:"+head || head == first {
 		t.Errorf("clean again: pinned by %q, want git:%s", got, head)
+	}
+	// An ignored file may be read as well as any other.
+	os.WriteFile(filepath.Join(tree, ".gitignore"), []byte("local.nix\n"), 0o644)
+	git("add", ".gitignore")
+	git("commit", "-q", "-m", "four")
+	os.WriteFile(filepath.Join(tree, "local.nix"), []byte("{}"), 0o644)
+	if got := src.pin(ctx, LatestTag, "", store); got != "" {
+		t.Errorf("work tree with an ignored file: pinned by %q", got)
+	}
+	os.Remove(filepath.Join(tree, "local.nix"))
+	// A user's checkout: git runs as its owner, so git itself trusts it.
+	if os.Getuid() == 0 {
+		head = git("rev-parse", "HEAD")
+		// Reachable by its owner, as a checkout is.
+		for d := tree; d != filepath.Dir(d) && strings.HasPrefix(d, os.TempDir()+"/"); d = filepath.Dir(d) {
+			os.Chmod(d, 0o755)
+		}
+		if out, err := exec.Command("chown", "-R", "1234:1234", tree).CombinedOutput(); err != nil {
+			t.Fatalf("chown: %v\n%s", err, out)
+		}
+		if got := src.pin(ctx, LatestTag, "", store); got != "git:"+head {
+			t.Errorf("a user's clean work tree: pinned by %q, want git:%s", got, head)
+		}
 	}
 }

@@ -54,7 +54,7 @@ type Provisioner struct {
 	nixSnapshot string
 	layerBlobs  bool
 	workDir     string
-	links       linked.Roots
+	links       *linked.Roots
 }
 
 // ProvisionerOpt configures a Provisioner.
@@ -82,10 +82,15 @@ func WithLayerBlobs(on bool) ProvisionerOpt { return func(p *Provisioner) { p.la
 // process cleans up after it if it dies.
 func WithWorkDir(dir string) ProvisionerOpt { return func(p *Provisioner) { p.workDir = dir } }
 
+// WithLinks writes layers linked to the store through links, which
+// should live as long as the process: each of its Writers finds once how
+// to link into a snapshotter's root.
+func WithLinks(links *linked.Roots) ProvisionerOpt { return func(p *Provisioner) { p.links = links } }
+
 // NewProvisioner returns a Provisioner that builds with builder and
 // registers images through client (whose namespace comes from the context).
 func NewProvisioner(client *containerd.Client, builder *ImageBuilder, opts ...ProvisionerOpt) *Provisioner {
-	p := &Provisioner{client: client, builder: builder, nixSnapshot: "nix"}
+	p := &Provisioner{client: client, builder: builder, nixSnapshot: "nix", links: &linked.Roots{}}
 	for _, opt := range opts {
 		opt(p)
 	}
@@ -328,7 +333,7 @@ func (p *Provisioner) describer(ctx context.Context, snapshotter string) layer.D
 	case snapshotter == p.nixSnapshot:
 		return layer.References(layer.Digests(p.builder.cache))
 	default:
-		return layer.Snapshots(ctx, p.client.SnapshotService(snapshotter), snapshotter, &p.links, p.builder.cache, p.builder.claims, p.workDir)
+		return layer.Snapshots(ctx, p.client.SnapshotService(snapshotter), snapshotter, p.links, p.builder.cache, p.builder.claims, p.workDir)
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -267,6 +268,10 @@ type Entry struct {
 	Mode   fs.FileMode // its permissions in a layer
 	Size   int64       // of a regular file
 	Target string      // of a symlink
+	// AsInLayer says the file on disk is owned by root, with the layer's
+	// permissions and time (as Nix keeps its store): a hard link to it is
+	// what unpacking the layer would make.
+	AsInLayer bool
 }
 
 // WalkStorePath calls fn with each file of store path p (absolute), read
@@ -293,6 +298,9 @@ func WalkStorePath(root, p string, fn func(Entry) error) error {
 			return err
 		}
 		e := Entry{Path: path.Join(p, filepath.ToSlash(rel)), Source: file, Type: mode.Type(), Mode: Mode(mode)}
+		if st, ok := info.Sys().(*syscall.Stat_t); ok {
+			e.AsInLayer = st.Uid == 0 && st.Gid == 0 && mode.Perm() == e.Mode && info.ModTime().Equal(Epoch)
+		}
 		switch {
 		case mode.IsDir():
 		case mode&fs.ModeSymlink != 0:

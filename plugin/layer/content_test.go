@@ -12,6 +12,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 func testLayer(t *testing.T) *Layer {
@@ -22,6 +23,12 @@ func testLayer(t *testing.T) *Layer {
 	}
 	if err := os.WriteFile(filepath.Join(dir, "bin", "pkg"), []byte("program"), 0o555); err != nil {
 		t.Fatal(err)
+	}
+	// As Nix keeps its store.
+	for _, p := range []string{filepath.Join(dir, "bin", "pkg"), filepath.Join(dir, "bin"), dir} {
+		if err := os.Chtimes(p, tarstream.Epoch, tarstream.Epoch); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return &Layer{Paths: []string{dir}, Hashes: []string{"sha256-x"}}
 }

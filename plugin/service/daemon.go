@@ -16,6 +16,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/api"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream/linked"
 )
 
 // daemonAPI is what the daemon does for its CLI (api.Daemon): it builds
@@ -34,6 +35,8 @@ type provisioners struct {
 	builder *plugin.ImageBuilder
 	ctd     plugin.ContainerdConfig
 	workDir string
+	links   linked.Roots // for the daemon's life
+	staged  plugin.Staged
 
 	mu      sync.Mutex
 	clients map[string]*containerd.Client // by address, once it answered
@@ -58,7 +61,8 @@ func (s *provisioners) provisioner(ctx context.Context, address, snapshotter str
 		plugin.WithSnapshotter(snapshotter),
 		plugin.WithNixSnapshotter(s.ctd.NixSnapshotter),
 		plugin.WithLayerBlobs(withLayers),
-		plugin.WithWorkDir(s.workDir)), nil
+		plugin.WithWorkDir(s.workDir),
+		plugin.WithLinks(&s.links)), nil
 }
 
 // stager is the endpoint's Describer of each request (registry
@@ -71,7 +75,7 @@ func (s *provisioners) stager(targets []plugin.StageTarget) func(context.Context
 			plugin.StagingFailed(ctx, err)
 			return s.builder.DigestDescriber()
 		}
-		return p.Stager(targets)
+		return p.Stager(targets, &s.staged)
 	}
 }
 
@@ -128,7 +132,7 @@ func (s *provisioners) containerd(ctx context.Context, address string) (*contain
 func (s *provisioners) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var errs []error
+	errs := []error{s.links.Close()}
 	for _, c := range s.clients {
 		errs = append(errs, c.Close())
 	}

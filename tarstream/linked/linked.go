@@ -140,7 +140,7 @@ func (m *Writer) tree(dir, p string) error {
 			epoch := unix.NsecToTimeval(tarstream.Epoch.UnixNano())
 			return unix.Lutimes(target, []unix.Timeval{epoch, epoch})
 		default:
-			return m.file(e.Source, target, e.Mode)
+			return m.file(e, target)
 		}
 	})
 	if err != nil {
@@ -159,9 +159,12 @@ func (m *Writer) tree(dir, p string) error {
 	return nil
 }
 
-// file links src to dst, or copies it there with mode.
-func (m *Writer) file(src, dst string, mode fs.FileMode) error {
-	if !m.copyOnly.Load() {
+// file links e's source to dst, or copies it there with e's mode: a file
+// the store does not keep as the layer holds it (a store owned by a user,
+// as single-user Nix makes it) is copied, so that the layer is its tar.
+func (m *Writer) file(e tarstream.Entry, dst string) error {
+	src, mode := e.Source, e.Mode
+	if !m.copyOnly.Load() && e.AsInLayer {
 		err := m.linker.Link(src, dst)
 		switch {
 		case err == nil:
@@ -369,4 +372,15 @@ func (r *Roots) Writer(ctx context.Context, snapshotter, dir string) *Writer {
 	w := New(ctx, snapshotter, root, opts...)
 	r.byRoot[root] = w
 	return w
+}
+
+// Close closes the Writers handed out: layers written after it are copied.
+func (r *Roots) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var errs []error
+	for _, w := range r.byRoot {
+		errs = append(errs, w.Close())
+	}
+	return errors.Join(errs...)
 }

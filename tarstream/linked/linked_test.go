@@ -79,6 +79,11 @@ func TestWriteStoreMadeAfterStart(t *testing.T) {
 func TestWrittenLayerIsTheTar(t *testing.T) {
 	testutil.RequireRoot(t)
 	store := testutil.FakeStore(t)
+	// A file of a store not kept as Nix keeps it (owned by a user, as a
+	// single-user install makes it) is copied: the layer is its tar still.
+	if err := os.Lchown(filepath.Join(store, testutil.FakeHtop, "share/doc/README"), 1234, 1234); err != nil {
+		t.Fatal(err)
+	}
 	paths := []string{testutil.FakeGlibc, testutil.FakeHtop}
 	linked, copied := t.TempDir(), t.TempDir()
 	m := New(context.Background(), "test", linked, WithStoreRoot(store))
@@ -88,6 +93,9 @@ func TestWrittenLayerIsTheTar(t *testing.T) {
 	var st syscall.Stat_t
 	if err := syscall.Stat(filepath.Join(linked, testutil.FakeGlibc, "lib/libc.so.6"), &st); err != nil || st.Nlink != 2 {
 		t.Errorf("linked file: %d links, %v", st.Nlink, err)
+	}
+	if n := m.Copied(); n != 1 {
+		t.Errorf("%d files copied, want 1 (the one a user owns)", n)
 	}
 	m.Close() // copies from here on
 	if err := m.Write(context.Background(), copied, paths); err != nil {
