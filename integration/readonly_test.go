@@ -93,7 +93,15 @@ func TestPullLinkedLayersReadOnly(t *testing.T) {
 					t.Fatal("no store file of the image is linked into an overlayfs snapshot")
 				}
 			}
-			for _, userns := range [][]string{nil, {"--uidmap=0:100000:65536", "--gidmap=0:100000:65536"}} {
+			attacks := [][]string{nil}
+			if canUserNS() {
+				attacks = append(attacks, []string{"--uidmap=0:100000:65536", "--gidmap=0:100000:65536"})
+			} else {
+				// A chroot (hack/debian13.sh) may not make user namespaces:
+				// the host's pass of the suite runs this one.
+				t.Logf("%s: this environment makes no user namespaces: the remapped container is left to the host's run", snapshotter)
+			}
+			for _, userns := range attacks {
 				args := append(append([]string{"--snapshotter=" + snapshotter}, userns...), ref, "bash", "-c", attackScript, "attack")
 				if out := e.run(args[0], append(args[1:], targets...)...); !strings.HasPrefix(out, "changed ") || out == "changed 0 files\n" {
 					t.Errorf("%s: container %v printed %q", snapshotter, userns, out)
@@ -118,6 +126,10 @@ func TestPullLinkedLayersReadOnly(t *testing.T) {
 		}()
 	}
 }
+
+// canUserNS says whether this process may make user namespaces (a
+// chrooted one may not).
+func canUserNS() bool { return exec.Command("unshare", "--user", "true").Run() == nil }
 
 // storeTrees describes every entry below paths (testutil.DescribeTree).
 func storeTrees(t *testing.T, paths []string) map[string]string {
@@ -172,12 +184,18 @@ func committedReadOnly(t *testing.T, e *env, snapshotter string, m ocispec.Manif
 	e.readJSON(t, m.Config, &cfg)
 	chains := identity.ChainIDs(slices.Clone(cfg.RootFS.DiffIDs))
 	sn := e.ctd.Client.SnapshotService(snapshotter)
+	// Under a lease: containerd's collector takes a view that nothing holds.
+	ctx, done, err := e.ctd.Client.WithLease(e.ctx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer done(context.WithoutCancel(ctx))
 	for _, chain := range []string{chains[0].String(), chains[len(chains)-1].String()} {
-		if _, err := sn.Mounts(e.ctx(), chain); err == nil {
+		if _, err := sn.Mounts(ctx, chain); err == nil {
 			t.Errorf("%s: the committed snapshot %s can be mounted", snapshotter, chain)
 		}
 		key := "readonly-view-" + chain
-		mounts, err := sn.View(e.ctx(), key, chain)
+		mounts, err := sn.View(ctx, key, chain)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -208,7 +226,7 @@ func committedReadOnly(t *testing.T, e *env, snapshotter string, m ocispec.Manif
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := sn.Remove(e.ctx(), key); err != nil {
+		if err := sn.Remove(ctx, key); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -173,7 +173,13 @@ func (s Source) locate(tag string) (map[string]string, error) {
 	arg := map[string]string{"type": s.kind}
 	switch s.kind {
 	case "path":
+		// Where it really is: Nix (2.26) checks each component of a
+		// symlink's target against the paths allowed, and a channel is a
+		// symlink into the store, whose parents are not.
 		arg["path"] = s.loc
+		if real, err := filepath.EvalSymlinks(s.loc); err == nil {
+			arg["path"] = real
+		}
 	case "git":
 		arg["url"] = s.loc
 		switch {
@@ -235,11 +241,6 @@ func (s Source) access(tag string) (paths, uris []string, err error) {
 	}
 	if p := arg["path"]; p != "" {
 		paths = append(paths, p)
-		// Nix checks the canonical path: a path that is a symlink (into the
-		// store, as a channel is) is allowed where it leads.
-		if real, err := filepath.EvalSymlinks(p); err == nil && real != p {
-			paths = append(paths, real)
-		}
 	}
 	if u := arg["url"]; u != "" {
 		uris = append(uris, u)
