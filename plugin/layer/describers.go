@@ -2,7 +2,6 @@ package layer
 
 import (
 	"context"
-	"io"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -30,17 +29,34 @@ const tarLayers = "tar/1"
 func (hashDescriber) Finish(context.Context) error { return nil }
 
 func (h hashDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) error {
-	if desc, ok := h.cache.Layer(l.CacheKey()); ok {
-		l.Desc = desc
-		return nil
+	desc, err := digestOf(ctx, h.cache, l)
+	l.Desc = desc
+	return err
+}
+
+// digestOf describes tar layer l from the cache, or by streaming it once
+// through sha256 (stopping when ctx ends) and remembering the result.
+func digestOf(ctx context.Context, c *cache.Cache, l *Layer) (ocispec.Descriptor, error) {
+	if desc, ok := c.Layer(l.CacheKey()); ok {
+		return desc, nil
 	}
-	m := tarstream.Measure(io.Discard)
+	m := tarstream.Measure(ctxWriter{ctx})
 	if err := l.WriteTar(m); err != nil {
-		return err
+		return ocispec.Descriptor{}, err
 	}
-	l.Desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
-	packed(ctx, l.Desc)
-	return h.cache.PutLayer(l.CacheKey(), l.Desc)
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
+	packed(ctx, desc)
+	return desc, c.PutLayer(l.CacheKey(), desc)
+}
+
+// ctxWriter discards what is written until ctx ends, then fails.
+type ctxWriter struct{ ctx context.Context }
+
+func (w ctxWriter) Write(p []byte) (int, error) {
+	if err := w.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return len(p), nil
 }
 
 // referenceDescriber describes store-path layers by identity, for the nix

@@ -297,34 +297,32 @@ func (s *snapshotDescriber) fill(ctx context.Context, mounts []mount.Mount, l *L
 	return s.applyTar(ctx, mounts, l)
 }
 
-// link writes store-path layer l into dir as links and describes it: from
-// the cache, else by hashing its tar as the links are made.
+// link writes store-path layer l into dir as links and describes it
+// (digestOf) as the links are made.
 func (s *snapshotDescriber) link(ctx context.Context, w *linked.Writer, dir string, l *Layer) (ocispec.Descriptor, error) {
 	if _, err := os.Stat(dir); err != nil {
 		return ocispec.Descriptor{}, unwritable(l, err)
 	}
-	desc, known := s.cache.Layer(l.CacheKey())
-	hashed := make(chan error, 1)
+	type described struct {
+		desc ocispec.Descriptor
+		err  error
+	}
+	hashed := make(chan described, 1)
 	hashCtx, stopHash := context.WithCancel(ctx)
 	defer stopHash()
-	var m *tarstream.Measurer
-	if !known {
-		m = tarstream.Measure(ctxWriter{hashCtx})
-		go func() { hashed <- l.WriteTar(m) }()
-	}
+	go func() {
+		desc, err := digestOf(hashCtx, s.cache, l)
+		hashed <- described{desc, err}
+	}()
 	if err := w.Write(ctx, dir, l.Paths); err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("link layer %s: %w", l.Key(), err)
 	}
 	layersLinked.Inc()
-	if known {
-		return desc, nil
+	d := <-hashed
+	if d.err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("pack layer %s: %w", l.Key(), d.err)
 	}
-	if err := <-hashed; err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("pack layer %s: %w", l.Key(), err)
-	}
-	desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
-	packed(ctx, desc)
-	return desc, s.cache.PutLayer(l.CacheKey(), desc)
+	return d.desc, nil
 }
 
 // unwritable says why layer l could not be written into its snapshot, and
@@ -335,16 +333,6 @@ func unwritable(l *Layer, err error) error {
 		return fmt.Errorf("unpack layer %s: %w (pull writes snapshots itself: it must run as root on containerd's host, or pass --with-layers for containerd to unpack)", l.Key(), err)
 	}
 	return fmt.Errorf("unpack layer %s: %w", l.Key(), err)
-}
-
-// ctxWriter discards what is written until ctx ends, then fails.
-type ctxWriter struct{ ctx context.Context }
-
-func (w ctxWriter) Write(p []byte) (int, error) {
-	if err := w.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return len(p), nil
 }
 
 // applyTar applies layer l's tar, as it is written, onto the active
