@@ -248,6 +248,11 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 		return nil, err
 	}
 	defer release()
+	// What comes after the evaluation needs Nix's version (asked once, for
+	// the closure query) and the serve process (for the roots): started
+	// beside the evaluation rather than after it.
+	go b.pathInfoFormat(ctx)
+	go b.store.warm(ctx)
 	ev, err := b.evaluate(ctx, src, expr, req)
 	if err != nil {
 		return nil, err
@@ -681,10 +686,16 @@ func checkPathInfo(list []StorePath) ([]StorePath, error) {
 // (and warns without it); earlier ones refuse it.
 var jsonFormatSince = [2]int{2, 33}
 
+// versionTimeout bounds `nix --version`, which outlives the build that
+// asked when that fails first: every later build waits for its answer.
+const versionTimeout = time.Minute
+
 // pathInfoFormat is what to add to `nix path-info --json` for this
 // Builder's Nix: --json-format 2 where Nix knows it.
 func (b *Builder) pathInfoFormat(ctx context.Context) []string {
 	b.nixVersionOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), versionTimeout)
+		defer cancel()
 		out, err := b.run(ctx, "query", "nix", "--version")
 		if err == nil {
 			b.nixVersion, _ = parseNixVersion(string(out))

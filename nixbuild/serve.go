@@ -296,6 +296,14 @@ func (s *store) tempRoots(ctx context.Context, paths []string) (valid []string, 
 	}
 }
 
+// warm starts the serve process, unless it runs, for roots about to be
+// made: its start then costs the caller nothing.
+func (s *store) warm(ctx context.Context) {
+	if _, err := s.acquire(ctx); err == nil {
+		s.release()
+	}
+}
+
 func (s *store) acquire(ctx context.Context) (*storeConn, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
