@@ -2,6 +2,7 @@ package integration
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -73,7 +75,7 @@ func TestPullAndRun(t *testing.T) {
 func TestPullIntoSnapshots(t *testing.T) {
 	e := newEnv(t)
 	e.mustPull("--snapshotter", "overlayfs", "nix.local/git")
-	m, _ := e.manifest(t, "nix.local/git:latest")
+	m, record := e.manifest(t, "nix.local/git:latest")
 	cs := e.ctd.Client.ContentStore()
 	for _, l := range m.Layers {
 		if _, err := cs.Info(e.ctx(), l.Digest); !errdefs.IsNotFound(err) {
@@ -90,9 +92,34 @@ func TestPullIntoSnapshots(t *testing.T) {
 	if got := info.Labels["containerd.io/gc.ref.snapshot.overlayfs"]; got != top {
 		t.Errorf("config's snapshot GC label %q, want %s", got, top)
 	}
+	// The manifest keeps its children as containerd's pull labels them.
+	minfo, err := cs.Info(e.ctx(), record.Target.Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := minfo.Labels["containerd.io/gc.ref.content.config"]; got != m.Config.Digest.String() {
+		t.Errorf("manifest's config GC label %q, want %s", got, m.Config.Digest)
+	}
+	for i, l := range m.Layers {
+		if got := minfo.Labels[fmt.Sprintf("containerd.io/gc.ref.content.l.%d", i)]; got != l.Digest.String() {
+			t.Errorf("manifest's GC label of layer %d: %q, want %s", i, got, l.Digest)
+		}
+	}
 	sns := e.snapshots("overlayfs")
 	if len(sns) != len(m.Layers) || !slices.Contains(sns, top) {
 		t.Errorf("snapshots %v: want the %d of chain %s", sns, len(m.Layers), top)
+	}
+	// Each layer's snapshot is on the chain below it (layers unpacked at
+	// once are committed onto their parents).
+	for i := range cfg.RootFS.DiffIDs {
+		chain, parent := identity.ChainID(cfg.RootFS.DiffIDs[:i+1]).String(), ""
+		if i > 0 {
+			parent = identity.ChainID(cfg.RootFS.DiffIDs[:i]).String()
+		}
+		info, err := e.ctd.Client.SnapshotService("overlayfs").Stat(e.ctx(), chain)
+		if err != nil || info.Parent != parent || info.Kind != snapshots.KindCommitted {
+			t.Errorf("snapshot of layer %d: %+v, %v; want committed on %q", i+1, info, err, parent)
+		}
 	}
 	if out := e.run("nix.local/git", "git", "--version"); !strings.Contains(out, "git version 2.") {
 		t.Errorf("git --version printed %q", out)

@@ -47,6 +47,15 @@ type Image struct {
 	Blobs map[digest.Digest][]byte
 }
 
+// Chain is the chain ID of the image's layers: its top snapshot's name.
+func (img *Image) Chain() digest.Digest {
+	var chain digest.Digest
+	for _, l := range img.Layers {
+		chain = layer.ChainID(chain, l.Desc.Digest)
+	}
+	return chain
+}
+
 // Paths are the store paths of the image's layers.
 func (img *Image) Paths() []string {
 	var paths []string

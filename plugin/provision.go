@@ -6,20 +6,22 @@
 package plugin
 
 import (
+	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
+	"slices"
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/defaults"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
-	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -118,10 +120,10 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 
 	describe := p.describer(ctx, snapshotter)
 	img, err := p.builder.Build(ctx, ref, describe)
-	if err != nil {
-		return images.Image{}, err
+	if ferr := describe.Finish(ctx); err == nil {
+		err = ferr
 	}
-	if err := describe.Finish(ctx); err != nil {
+	if err != nil {
 		return images.Image{}, err
 	}
 	record, created, err := p.register(ctx, img, snapshotter)
@@ -165,11 +167,13 @@ func (p *Provisioner) lease(ctx context.Context) (context.Context, func(failed b
 // names (recordNames), unless the records are current already. It returns
 // the names it created records of, also when it fails.
 //
-// It registers and unpacks through the client's Pull with a resolver that
-// knows only this image: containerd's machinery then writes manifest and
-// config with their GC labels, unpacks with the remote-snapshotter labels
-// the `nix` snapshotter reads, and creates or updates the record. The
-// layers are unpacked or stored already, so nothing is copied.
+// Where the layers' snapshots are all made already (unpacksItself) it
+// writes the records itself; else it registers and unpacks through the
+// client's Pull with a resolver that knows only this image: containerd's
+// machinery then writes manifest and config with their GC labels, unpacks
+// with the remote-snapshotter labels the `nix` snapshotter reads, and
+// creates or updates the record. The layers are unpacked or stored
+// already, so nothing is copied.
 func (p *Provisioner) register(ctx context.Context, img *Image, snapshotter string) (images.Image, []string, error) {
 	ns, _ := namespaces.Namespace(ctx)
 	cri := ns == CRINamespace
@@ -188,7 +192,30 @@ func (p *Provisioner) register(ctx context.Context, img *Image, snapshotter stri
 		return records[0], created, nil
 	}
 
-	progress.Step(ctx, "%s: registering and unpacking into %s", img.Ref(), snapshotter)
+	var record images.Image
+	var err error
+	if p.unpacksItself(snapshotter) {
+		progress.Step(ctx, "%s: registering in %s", img.Ref(), snapshotter)
+		record, err = p.record(ctx, img, snapshotter, names[0], cri)
+	} else {
+		progress.Step(ctx, "%s: registering and unpacking into %s", img.Ref(), snapshotter)
+		record, err = p.pullRecord(ctx, img, snapshotter, cri)
+	}
+	if err != nil {
+		return images.Image{}, created, fmt.Errorf("register %s: %w", img.Ref(), err)
+	}
+	for _, name := range names[1:] {
+		alias := images.Image{Name: name, Target: record.Target, Labels: record.Labels}
+		if _, err = putImage(ctx, p.client.ImageService(), alias); err != nil {
+			return images.Image{}, created, fmt.Errorf("register %s: %w", name, err)
+		}
+	}
+	return record, created, nil
+}
+
+// pullRecord registers img through the client's Pull, with a resolver
+// that knows only this image and unpacking into snapshotter.
+func (p *Provisioner) pullRecord(ctx context.Context, img *Image, snapshotter string, cri bool) (images.Image, error) {
 	pullOpts := []containerd.RemoteOpt{
 		containerd.WithResolver(fixed.New(img.Ref(), img.Manifest, img.Blobs, p.client.ContentStore())),
 		containerd.WithPullUnpack,
@@ -205,16 +232,63 @@ func (p *Provisioner) register(ctx context.Context, img *Image, snapshotter stri
 	}
 	pulled, err := p.pull(ctx, img.Ref(), snapshotter, pullOpts)
 	if err != nil {
-		return images.Image{}, created, fmt.Errorf("register %s: %w", img.Ref(), err)
+		return images.Image{}, err
 	}
-	record := pulled.Metadata()
-	for _, name := range names[1:] {
-		alias := images.Image{Name: name, Target: record.Target, Labels: record.Labels}
-		if err = putImage(ctx, p.client.ImageService(), alias); err != nil {
-			return images.Image{}, created, fmt.Errorf("register %s: %w", name, err)
+	return pulled.Metadata(), nil
+}
+
+// record registers img, every layer of which has its snapshot in
+// snapshotter already (layer.Snapshots made or found each, held by this
+// provisioning's lease), under name, writing what containerd's Pull would:
+// config and manifest with their GC labels (the config's naming the top
+// snapshot, the manifest's its children) and the image record. Pull's
+// unpacker would only find each snapshot again, at a round trip per layer.
+func (p *Provisioner) record(ctx context.Context, img *Image, snapshotter, name string, cri bool) (images.Image, error) {
+	cs := p.client.ContentStore()
+	if err := writeBlob(ctx, cs, img.Config, img.Blobs[img.Config.Digest], map[string]string{
+		snapshotGCLabel(snapshotter): img.Chain().String(),
+	}); err != nil {
+		return images.Image{}, fmt.Errorf("write config: %w", err)
+	}
+	children := map[string]string{"containerd.io/gc.ref.content.config": img.Config.Digest.String()}
+	for i, l := range img.Layers {
+		// As Pull labels them, though their blobs are never stored.
+		children[fmt.Sprintf("containerd.io/gc.ref.content.l.%d", i)] = l.Desc.Digest.String()
+	}
+	if err := writeBlob(ctx, cs, img.Manifest, img.Blobs[img.Manifest.Digest], children); err != nil {
+		return images.Image{}, fmt.Errorf("write manifest: %w", err)
+	}
+	record := images.Image{Name: name, Target: img.Manifest}
+	if cri {
+		record.Labels = criLabels
+	}
+	return putImage(ctx, p.client.ImageService(), record)
+}
+
+// snapshotGCLabel is the label by which an image config keeps its top
+// snapshot in snapshotter from containerd's garbage collector.
+func snapshotGCLabel(snapshotter string) string {
+	return "containerd.io/gc.ref.snapshot." + snapshotter
+}
+
+// writeBlob stores blob, described by desc, with labels: written with them,
+// or given them where it is stored already (which puts it under the
+// context's lease all the same).
+func writeBlob(ctx context.Context, cs content.Store, desc ocispec.Descriptor, blob []byte, labels map[string]string) error {
+	if _, err := cs.Info(ctx, desc.Digest); errdefs.IsNotFound(err) {
+		err := content.WriteBlob(ctx, cs, "nixery-"+desc.Digest.String(), bytes.NewReader(blob), desc, content.WithLabels(labels))
+		if !errdefs.IsAlreadyExists(err) {
+			return err
 		}
+	} else if err != nil {
+		return err
 	}
-	return record, created, nil
+	var fields []string
+	for k := range labels {
+		fields = append(fields, "labels."+k)
+	}
+	_, err := cs.Update(ctx, content.Info{Digest: desc.Digest, Labels: labels}, fields...)
+	return err
 }
 
 // reachRetry bounds how long a registration waits for containerd to reach
@@ -284,12 +358,8 @@ func (p *Provisioner) current(ctx context.Context, records []images.Image, img *
 	if err != nil {
 		return false
 	}
-	var cfg ocispec.Image
-	if err := json.Unmarshal(img.Blobs[img.Config.Digest], &cfg); err != nil {
-		return false
-	}
-	top := identity.ChainID(cfg.RootFS.DiffIDs).String()
-	if info.Labels["containerd.io/gc.ref.snapshot."+snapshotter] != top {
+	top := img.Chain().String()
+	if info.Labels[snapshotGCLabel(snapshotter)] != top {
 		return false
 	}
 	_, err = p.client.SnapshotService(snapshotter).Stat(ctx, top)
@@ -328,13 +398,36 @@ func (p *Provisioner) waitCRI(ctx context.Context, ref string) error {
 // itself, as references (and the symlink layer by its digest alone).
 func (p *Provisioner) describer(ctx context.Context, snapshotter string) layer.Describer {
 	switch {
+	case p.unpacksItself(snapshotter):
+		return p.snapshots(ctx, snapshotter)
 	case p.layerBlobs:
 		return layer.Content(p.client.ContentStore(), p.builder.cache)
-	case snapshotter == p.nixSnapshot:
-		return layer.References(layer.Digests(p.builder.cache))
 	default:
-		return layer.Snapshots(ctx, p.client.SnapshotService(snapshotter), snapshotter, p.links, p.builder.cache, p.builder.claims, p.workDir)
+		return layer.References(layer.Digests(p.builder.cache))
 	}
+}
+
+// snapshots describes layers as it unpacks them into snapshotter, at once
+// where containerd says the snapshotter can rebase (layer.Rebased).
+func (p *Provisioner) snapshots(ctx context.Context, snapshotter string) layer.Describer {
+	var opts []layer.SnapshotsOpt
+	caps, err := p.client.GetSnapshotterCapabilities(ctx, snapshotter)
+	switch {
+	case err != nil:
+		log.G(ctx).WithError(err).WithField("snapshotter", snapshotter).Debug("snapshotter capabilities unknown: unpacking layers one by one")
+	case slices.Contains(caps, snapshots.RebaseCap):
+		opts = append(opts, layer.Rebased())
+	}
+	return layer.Snapshots(ctx, p.client.SnapshotService(snapshotter), snapshotter, p.links, p.builder.cache, p.builder.claims, p.workDir, opts...)
+}
+
+// unpacksItself reports whether images for snapshotter have their layers
+// unpacked into it by this process, as they are described, rather than by
+// containerd's unpacker: unless full layer blobs are asked for, or the
+// snapshotter is the nix one, which makes every layer from the store
+// itself.
+func (p *Provisioner) unpacksItself(snapshotter string) bool {
+	return !p.layerBlobs && snapshotter != p.nixSnapshot
 }
 
 // resolveSnapshotter names the snapshotter images are unpacked into: the
@@ -361,13 +454,13 @@ func (p *Provisioner) resolveSnapshotter(ctx context.Context) (string, error) {
 }
 
 // putImage creates an image record or updates the existing one.
-func putImage(ctx context.Context, is images.Store, img images.Image) error {
+func putImage(ctx context.Context, is images.Store, img images.Image) (images.Image, error) {
 	for {
-		if _, err := is.Create(ctx, img); !errdefs.IsAlreadyExists(err) {
-			return err
+		if rec, err := is.Create(ctx, img); !errdefs.IsAlreadyExists(err) {
+			return rec, err
 		}
-		if _, err := is.Update(ctx, img); !errdefs.IsNotFound(err) {
-			return err
+		if rec, err := is.Update(ctx, img); !errdefs.IsNotFound(err) {
+			return rec, err
 		}
 		// Deleted in between: create it again.
 	}

@@ -191,7 +191,7 @@ func (s *stager) begin(ctx context.Context, st *staging) bool {
 		return false
 	}
 	st.ctx, st.lease = leases.WithLease(nsCtx, lease.ID), lease
-	st.describe = layer.Snapshots(st.ctx, s.p.client.SnapshotService(snapshotter), snapshotter, s.p.links, s.p.builder.cache, s.p.builder.claims, s.p.workDir)
+	st.describe = s.p.snapshots(st.ctx, snapshotter)
 	return true
 }
 

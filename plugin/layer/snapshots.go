@@ -57,6 +57,15 @@ type snapshotDescriber struct {
 	// found is the snapshot last found rather than made, not yet held.
 	found *foundSnapshot
 	scope string
+	// mu guards the lists of labelled (which the commits of rebased
+	// unpacks update).
+	mu sync.Mutex
+	// rebased unpacks layers at once (Rebased); unpacking are those under
+	// way, by the chain each becomes, and in order.
+	rebased   bool
+	unpacking map[digest.Digest]*unpacking
+	order     []*unpacking
+	fills     chan struct{} // bounds the layers being filled at once
 }
 
 // Key implements Describer: the snapshots are held by the caller's lease.
@@ -70,16 +79,27 @@ type foundSnapshot struct {
 	l             *Layer
 }
 
+// SnapshotsOpt configures Snapshots.
+type SnapshotsOpt func(*snapshotDescriber)
+
+// Rebased says the snapshotter commits an active snapshot onto a parent
+// named at Commit (snapshots.RebaseCap, which containerd's overlayfs
+// has): each layer is then unpacked into a snapshot of its own, at once
+// with the others, and committed onto the one below as soon as that is —
+// as containerd's unpacker does there. Describe returns once the layer's
+// descriptor is known; Finish waits for the commits.
+func Rebased() SnapshotsOpt { return func(s *snapshotDescriber) { s.rebased = true } }
+
 // Snapshots describes tar layers as it unpacks them into sn, the
 // snapshotter named snapshotter, in the context's namespace and lease
 // (snapshotDescriber): linked to the store through links where it can be.
 // Temporary mounts go below workDir.
-func Snapshots(ctx context.Context, sn snapshots.Snapshotter, snapshotter string, links *linked.Roots, c *cache.Cache, claims *snapshot.Claims, workDir string) Describer {
-	return newSnapshotDescriber(ctx, sn, snapshotter, links, c, claims, workDir)
+func Snapshots(ctx context.Context, sn snapshots.Snapshotter, snapshotter string, links *linked.Roots, c *cache.Cache, claims *snapshot.Claims, workDir string, opts ...SnapshotsOpt) Describer {
+	return newSnapshotDescriber(ctx, sn, snapshotter, links, c, claims, workDir, opts...)
 }
 
-func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, snapshotter string, links *linked.Roots, c *cache.Cache, claims *snapshot.Claims, workDir string) *snapshotDescriber {
-	return &snapshotDescriber{sn: sn, links: links, snapshotter: snapshotter, cache: c, claims: claims, workDir: workDir, scope: callerScope(), labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
+func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, snapshotter string, links *linked.Roots, c *cache.Cache, claims *snapshot.Claims, workDir string, opts ...SnapshotsOpt) *snapshotDescriber {
+	s := &snapshotDescriber{sn: sn, links: links, snapshotter: snapshotter, cache: c, claims: claims, workDir: workDir, scope: callerScope(), unpacking: map[digest.Digest]*unpacking{}, fills: make(chan struct{}, parallelFills), labelled: sync.OnceValues(func() (map[string][]snapshots.Info, error) {
 		byLayer := map[string][]snapshots.Info{}
 		err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
 			if info.Kind == snapshots.KindCommitted {
@@ -89,6 +109,10 @@ func newSnapshotDescriber(ctx context.Context, sn snapshots.Snapshotter, snapsho
 		}, fmt.Sprintf("labels.%q", labels.Layer))
 		return byLayer, err
 	})}
+	for _, opt := range opts {
+		opt(s)
+	}
+	return s
 }
 
 // Annotations say what a layer holds and, for a tar layer described
@@ -128,16 +152,26 @@ func (s *snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, 
 		}
 	}
 	s.found = nil
-	if desc, err = s.unpack(ctx, parent, l); err != nil {
+	if s.rebased {
+		desc, err = s.unpackRebased(ctx, parent, l)
+	} else {
+		desc, err = s.unpack(ctx, parent, l)
+	}
+	if err != nil {
 		return err
 	}
-	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("unpacked layer")
 	l.Desc = desc
 	return nil
 }
 
-// Finish implements Describer: it holds the snapshot last found.
-func (s *snapshotDescriber) Finish(ctx context.Context) error { return s.holdFound(ctx) }
+// Finish implements Describer: it waits for the layers still being
+// unpacked (Rebased), and holds the snapshot last found.
+func (s *snapshotDescriber) Finish(ctx context.Context) error {
+	if err := s.waitUnpacks(); err != nil {
+		return err
+	}
+	return s.holdFound(ctx)
+}
 
 // holdFound holds the snapshot last found, and with it the chain below:
 // before the image is registered, and before a layer is unpacked on top of
@@ -164,11 +198,16 @@ func (s *snapshotDescriber) find(ctx context.Context, parent digest.Digest, l *L
 	if err != nil {
 		return ocispec.Descriptor{}, false, fmt.Errorf("listing snapshots: %w", err)
 	}
+	s.mu.Lock()
 	i := slices.IndexFunc(labelled[l.Key()], func(info snapshots.Info) bool { return info.Parent == parent.String() })
+	var found snapshots.Info
+	if i >= 0 {
+		found = labelled[l.Key()][i]
+	}
+	s.mu.Unlock()
 	if i < 0 {
 		return ocispec.Descriptor{}, false, nil
 	}
-	found := labelled[l.Key()][i]
 	if !s.claims.Made(found.Labels, found.Name) {
 		// Labelled by an image this node did not make.
 		log.G(ctx).WithField("snapshot", found.Name).Warn("snapshot claims to hold a layer of this node's, but this node never made it: unpacking the layer again")
@@ -207,6 +246,8 @@ func (s *snapshotDescriber) hold(ctx context.Context, parent digest.Digest, l *L
 // remember lists a snapshot this describer committed, so that describing
 // the image again (after a cached image turned out stale) finds it.
 func (s *snapshotDescriber) remember(l *Layer, info snapshots.Info) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if labelled, err := s.labelled(); err == nil {
 		labelled[l.Key()] = append(labelled[l.Key()], info)
 	}
@@ -214,6 +255,8 @@ func (s *snapshotDescriber) remember(l *Layer, info snapshots.Info) {
 
 // forget unlists a snapshot found gone.
 func (s *snapshotDescriber) forget(l *Layer, chain digest.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if labelled, err := s.labelled(); err == nil {
 		labelled[l.Key()] = slices.DeleteFunc(labelled[l.Key()], func(info snapshots.Info) bool { return info.Name == chain.String() })
 	}
@@ -256,13 +299,23 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
+	committed, err = s.commit(ctx, parent, key, l, desc)
+	return desc, err
+}
+
+// commit commits active snapshot key, which holds layer l described as
+// desc, onto the chain parent (which it was prepared on, or which it is
+// rebased onto), labelled with what it holds. False where the chain was
+// committed already, by another pull meanwhile: then it holds theirs, and
+// key is the caller's to discard.
+func (s *snapshotDescriber) commit(ctx context.Context, parent digest.Digest, key string, l *Layer, desc ocispec.Descriptor, opts ...snapshots.Opt) (bool, error) {
 	chain := ChainID(parent, desc.Digest)
 	labels := Annotations(l, desc)
 	if err := s.claims.Record(labels, chain.String()); err != nil {
-		return ocispec.Descriptor{}, err
+		return false, err
 	}
 	labels[snapshots.LabelSnapshotDiffID] = desc.Digest.String()
-	err = sn.Commit(ctx, chain.String(), key, snapshots.WithLabels(labels))
+	err := s.sn.Commit(ctx, chain.String(), key, append(opts, snapshots.WithLabels(labels))...)
 	if errdefs.IsAlreadyExists(err) {
 		// Another pull committed the chain meanwhile: drop ours, hold
 		// theirs.
@@ -270,14 +323,14 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 		if herr == nil && !held {
 			herr = fmt.Errorf("snapshot %s was removed as it was committed: %w", chain, errdefs.ErrAborted)
 		}
-		return desc, herr
+		return false, herr
 	}
 	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("commit snapshot %s of layer %s: %w", chain, l.Key(), err)
+		return false, fmt.Errorf("commit snapshot %s of layer %s: %w", chain, l.Key(), err)
 	}
-	committed = true
 	s.remember(l, snapshots.Info{Kind: snapshots.KindCommitted, Name: chain.String(), Parent: parent.String(), Labels: labels})
-	return desc, nil
+	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "size": desc.Size}).Debug("unpacked layer")
+	return true, nil
 }
 
 // fill writes layer l into the active snapshot with mounts and describes
@@ -287,14 +340,28 @@ func (s *snapshotDescriber) unpack(ctx context.Context, parent digest.Digest, l 
 // store: no file data is written, and none read where the cache knows the
 // layer's digest. Any other layer has its tar applied.
 func (s *snapshotDescriber) fill(ctx context.Context, mounts []mount.Mount, l *Layer) (ocispec.Descriptor, error) {
+	if dir, w := s.linkable(ctx, mounts, l); w != nil {
+		return s.link(ctx, w, dir, l)
+	}
+	desc, err := s.applyTar(ctx, mounts, l)
+	if err == nil {
+		packed(ctx, desc)
+	}
+	return desc, err
+}
+
+// linkable returns the directory of the active snapshot with mounts and
+// the Writer that links layer l into it, if l is written so (see fill);
+// else nil.
+func (s *snapshotDescriber) linkable(ctx context.Context, mounts []mount.Mount, l *Layer) (string, *linked.Writer) {
 	// In a user namespace the store's files belong to no one this process
 	// may link as, and whiteouts cannot be made (applyTar).
 	if dir, _, _ := snapmount.Writable(mounts); dir != "" && !l.Symlinks && !userns.RunningInUserNS() {
 		if w := s.links.Writer(ctx, s.snapshotter, dir); w.Links() {
-			return s.link(ctx, w, dir, l)
+			return dir, w
 		}
 	}
-	return s.applyTar(ctx, mounts, l)
+	return "", nil
 }
 
 // link writes store-path layer l into dir as links and describes it
@@ -314,15 +381,23 @@ func (s *snapshotDescriber) link(ctx context.Context, w *linked.Writer, dir stri
 		desc, err := digestOf(hashCtx, s.cache, l)
 		hashed <- described{desc, err}
 	}()
-	if err := w.Write(ctx, dir, l.Paths); err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("link layer %s: %w", l.Key(), err)
+	if err := s.writeLinks(ctx, w, dir, l); err != nil {
+		return ocispec.Descriptor{}, err
 	}
-	layersLinked.Inc()
 	d := <-hashed
 	if d.err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("pack layer %s: %w", l.Key(), d.err)
 	}
 	return d.desc, nil
+}
+
+// writeLinks writes store-path layer l into dir as links.
+func (s *snapshotDescriber) writeLinks(ctx context.Context, w *linked.Writer, dir string, l *Layer) error {
+	if err := w.Write(ctx, dir, l.Paths); err != nil {
+		return fmt.Errorf("link layer %s: %w", l.Key(), err)
+	}
+	layersLinked.Inc()
+	return nil
 }
 
 // unwritable says why layer l could not be written into its snapshot, and
@@ -336,7 +411,8 @@ func unwritable(l *Layer, err error) error {
 }
 
 // applyTar applies layer l's tar, as it is written, onto the active
-// snapshot with mounts, and describes it.
+// snapshot with mounts, and describes it (the caller counts it packed, if
+// that is how it is described).
 func (s *snapshotDescriber) applyTar(ctx context.Context, mounts []mount.Mount, l *Layer) (ocispec.Descriptor, error) {
 	// Packing (reading files, hashing) and applying (writing files) run
 	// at once, a few chunks apart.
@@ -366,9 +442,7 @@ func (s *snapshotDescriber) applyTar(ctx context.Context, mounts []mount.Mount, 
 	if err != nil {
 		return ocispec.Descriptor{}, unwritable(l, err)
 	}
-	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
-	packed(ctx, desc)
-	return desc, nil
+	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}, nil
 }
 
 // applyTarTo unpacks a layer onto a snapshot's mounts as containerd's applier

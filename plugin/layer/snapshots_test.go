@@ -36,6 +36,13 @@ func testSnapshotter(t *testing.T) (snapshots.Snapshotter, leases.Manager) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return behindMetadata(t, dir, "native", sn)
+}
+
+// behindMetadata puts backend sn, named name, behind containerd's metadata
+// store, kept in dir.
+func behindMetadata(t *testing.T, dir, name string, sn snapshots.Snapshotter) (snapshots.Snapshotter, leases.Manager) {
+	t.Helper()
 	cs, err := local.NewStore(filepath.Join(dir, "content"))
 	if err != nil {
 		t.Fatal(err)
@@ -45,11 +52,11 @@ func testSnapshotter(t *testing.T) (snapshots.Snapshotter, leases.Manager) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { bdb.Close() })
-	db := metadata.NewDB(bdb, cs, map[string]snapshots.Snapshotter{"native": sn})
+	db := metadata.NewDB(bdb, cs, map[string]snapshots.Snapshotter{name: sn})
 	if err := db.Init(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	return db.Snapshotter("native"), metadata.NewLeaseManager(db)
+	return db.Snapshotter(name), metadata.NewLeaseManager(db)
 }
 
 func TestSnapshotDescriber(t *testing.T) {
