@@ -100,6 +100,9 @@ type Builder struct {
 
 	store store
 
+	// beside are the goroutines a build starts beside its evaluation,
+	// which Close waits for.
+	beside         sync.WaitGroup
 	nixVersionOnce sync.Once
 	nixVersion     [2]int // major, minor; zero if unknown
 
@@ -251,8 +254,8 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	// What comes after the evaluation needs Nix's version (asked once, for
 	// the closure query) and the serve process (for the roots): started
 	// beside the evaluation rather than after it.
-	go b.pathInfoFormat(ctx)
-	go b.store.warm(ctx)
+	b.beside.Go(func() { b.pathInfoFormat(ctx) })
+	b.beside.Go(func() { b.store.warm(ctx) })
 	ev, err := b.evaluate(ctx, src, expr, req)
 	if err != nil {
 		return nil, err
@@ -606,6 +609,7 @@ func (b *Builder) expression() (string, error) {
 // roots of results not released yet (a daemon that stops keeps no store
 // path alive).
 func (b *Builder) Close() error {
+	b.beside.Wait()
 	b.store.stop()
 	b.mu.Lock()
 	var errs []error
@@ -686,8 +690,8 @@ func checkPathInfo(list []StorePath) ([]StorePath, error) {
 // (and warns without it); earlier ones refuse it.
 var jsonFormatSince = [2]int{2, 33}
 
-// versionTimeout bounds `nix --version`, which outlives the build that
-// asked when that fails first: every later build waits for its answer.
+// versionTimeout bounds `nix --version`, which runs detached from the
+// build that asked first: every later build waits for its answer.
 const versionTimeout = time.Minute
 
 // pathInfoFormat is what to add to `nix path-info --json` for this

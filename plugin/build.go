@@ -282,8 +282,10 @@ func (b *ImageBuilder) ParseName(ref string) (resolver.Image, error) {
 // Build builds the image for ref. Concurrent calls for the same image (in
 // whatever spelling: `git/htop` is `htop/git`) share one Nix build, and
 // those that describe layers alike one description of each layer;
-// describe decides how layers are described. Every caller sees the
-// progress of the build it waits for (progress.Shared). The image's store
+// describe decides how layers are described, and the build that
+// describes them finishes them (Describer.Finish), whether it succeeded or
+// not, before the image is returned. Every caller sees the progress of
+// the build it waits for (progress.Shared). The image's store
 // paths are kept from Nix's garbage collector while Build runs: callers
 // that read them later make them roots of their own (nixbuild.Hold), or
 // rely on those of whatever holds them (snapshots).
@@ -310,6 +312,11 @@ func (b *ImageBuilder) Build(ctx context.Context, ref string, describe layer.Des
 		_, hold := b.watchers.Join(context.Background(), "flight "+flight)
 		defer hold()
 		built, hit, err := b.build(shared, img, key, describe)
+		// What describing started is over, and what it found held,
+		// before the image is registered or given up.
+		if ferr := describe.Finish(shared); err == nil {
+			err = ferr
+		}
 		return flightResult{built, hit}, err
 	})
 	var res flightResult
@@ -318,7 +325,12 @@ func (b *ImageBuilder) Build(ctx context.Context, ref string, describe layer.Des
 		err = r.Err
 		res, _ = r.Val.(flightResult)
 	case <-ctx.Done():
-		// This caller left; the build goes on for any others.
+		// This caller left; the build goes on for any others. One whose
+		// describing is its own (its scope) ends with it: wait for that,
+		// so that nothing it started outlives the call.
+		if dk.Scope != "" {
+			<-done
+		}
 		err = ctx.Err()
 	}
 	if errors.Is(err, context.Canceled) && ctx.Err() == nil {

@@ -383,3 +383,50 @@ func TestBuilderCachesFixedSource(t *testing.T) {
 		}
 	}
 }
+
+// finishDescriber is a caller's own describer whose Describe waits until
+// its caller gives up, and which counts its Finishes.
+type finishDescriber struct {
+	entered  chan struct{}
+	finished atomic.Int64
+}
+
+func (d *finishDescriber) Key() layer.DescriberKey {
+	return layer.DescriberKey{Kind: "test-finish/1", Layers: "test-paths/1", Scope: fmt.Sprintf("test-%p", d)}
+}
+
+func (d *finishDescriber) Describe(ctx context.Context, _ digest.Digest, _ *layer.Layer) error {
+	select {
+	case d.entered <- struct{}{}:
+	default:
+	}
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+func (d *finishDescriber) Finish(context.Context) error { d.finished.Add(1); return nil }
+
+// The build finishes its describer, also when it fails; a caller whose
+// describing is its own gets Build's answer only once that is done, so
+// that nothing the describer started outlives the call.
+func TestBuilderFinishesDescriber(t *testing.T) {
+	b := NewImageBuilder(&fakeNix{})
+	d := &finishDescriber{entered: make(chan struct{}, 1)}
+	ctx, cancel := context.WithCancel(context.Background())
+	built := make(chan error, 1)
+	go func() {
+		_, err := b.Build(ctx, "nix.local/htop", d)
+		built <- err
+	}()
+	<-d.entered
+	cancel()
+	if err := <-built; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Build: %v, want context.Canceled", err)
+	}
+	if n := d.finished.Load(); n != 1 {
+		t.Errorf("the describer was finished %d times when Build returned, want 1", n)
+	}
+	if _, err := b.Build(context.Background(), "nix.local/git", pathsDescriber{}); err != nil {
+		t.Fatal(err)
+	}
+}

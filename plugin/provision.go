@@ -120,9 +120,6 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 
 	describe := p.describer(ctx, snapshotter)
 	img, err := p.builder.Build(ctx, ref, describe)
-	if ferr := describe.Finish(ctx); err == nil {
-		err = ferr
-	}
 	if err != nil {
 		return images.Image{}, err
 	}
@@ -196,7 +193,7 @@ func (p *Provisioner) register(ctx context.Context, img *Image, snapshotter stri
 	var err error
 	if p.unpacksItself(snapshotter) {
 		progress.Step(ctx, "%s: registering in %s", img.Ref(), snapshotter)
-		record, err = p.record(ctx, img, snapshotter, names[0], cri)
+		record, err = p.writeImage(ctx, img, snapshotter, names[0], cri)
 	} else {
 		progress.Step(ctx, "%s: registering and unpacking into %s", img.Ref(), snapshotter)
 		record, err = p.pullRecord(ctx, img, snapshotter, cri)
@@ -237,13 +234,13 @@ func (p *Provisioner) pullRecord(ctx context.Context, img *Image, snapshotter st
 	return pulled.Metadata(), nil
 }
 
-// record registers img, every layer of which has its snapshot in
+// writeImage registers img, every layer of which has its snapshot in
 // snapshotter already (layer.Snapshots made or found each, held by this
 // provisioning's lease), under name, writing what containerd's Pull would:
 // config and manifest with their GC labels (the config's naming the top
 // snapshot, the manifest's its children) and the image record. Pull's
 // unpacker would only find each snapshot again, at a round trip per layer.
-func (p *Provisioner) record(ctx context.Context, img *Image, snapshotter, name string, cri bool) (images.Image, error) {
+func (p *Provisioner) writeImage(ctx context.Context, img *Image, snapshotter, name string, cri bool) (images.Image, error) {
 	cs := p.client.ContentStore()
 	if err := writeBlob(ctx, cs, img.Config, img.Blobs[img.Config.Digest], map[string]string{
 		snapshotGCLabel(snapshotter): img.Chain().String(),
@@ -271,16 +268,11 @@ func snapshotGCLabel(snapshotter string) string {
 	return "containerd.io/gc.ref.snapshot." + snapshotter
 }
 
-// writeBlob stores blob, described by desc, with labels: written with them,
-// or given them where it is stored already (which puts it under the
-// context's lease all the same).
+// writeBlob stores blob, described by desc, under the context's lease
+// (where it is stored already too, as containerd's content store does for
+// a writer of it), and gives it labels.
 func writeBlob(ctx context.Context, cs content.Store, desc ocispec.Descriptor, blob []byte, labels map[string]string) error {
-	if _, err := cs.Info(ctx, desc.Digest); errdefs.IsNotFound(err) {
-		err := content.WriteBlob(ctx, cs, "nixery-"+desc.Digest.String(), bytes.NewReader(blob), desc, content.WithLabels(labels))
-		if !errdefs.IsAlreadyExists(err) {
-			return err
-		}
-	} else if err != nil {
+	if err := content.WriteBlob(ctx, cs, "nixery-"+desc.Digest.String(), bytes.NewReader(blob), desc); err != nil {
 		return err
 	}
 	var fields []string

@@ -207,6 +207,9 @@ func StagingFailed(ctx context.Context, err error) {
 func (s *stager) fail(ctx context.Context, st *staging, err error) {
 	st.failed = true
 	StagingFailed(log.WithLogger(ctx, log.G(ctx).WithField("target", st.target.String())), err)
+	if st.describe != nil {
+		_ = st.describe.Finish(st.ctx) // what it started is over before its lease goes
+	}
 	if st.lease.ID != "" {
 		if err := s.p.client.LeasesService().Delete(context.WithoutCancel(st.ctx), st.lease, leases.SynchronousDelete); err != nil {
 			log.G(ctx).WithError(err).Warn("deleting lease")

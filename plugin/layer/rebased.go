@@ -32,7 +32,9 @@ type unpacking struct {
 type filledSnapshot struct {
 	key    string
 	mounts []mount.Mount
-	err    error
+	// applied describes the tar applied, if it was not linked.
+	applied ocispec.Descriptor
+	err     error
 }
 
 // unpackRebased describes layer l and has it unpacked onto the chain
@@ -42,7 +44,7 @@ type filledSnapshot struct {
 // stops them all.
 func (s *snapshotDescriber) unpackRebased(ctx context.Context, parent digest.Digest, l *Layer) (ocispec.Descriptor, error) {
 	if err := s.unpackFailed(); err != nil {
-		return ocispec.Descriptor{}, s.stopUnpacks(err)
+		return ocispec.Descriptor{}, err
 	}
 	below := s.unpacking[parent] // nil where parent is committed already
 	ctx, cancel := context.WithCancel(ctx)
@@ -54,7 +56,7 @@ func (s *snapshotDescriber) unpackRebased(ctx context.Context, parent digest.Dig
 		if f := <-filled; f.err == nil {
 			snapmount.Discard(ctx, s.sn, f.key, f.mounts)
 		}
-		return ocispec.Descriptor{}, s.stopUnpacks(fmt.Errorf("pack layer %s: %w", l.Key(), err))
+		return ocispec.Descriptor{}, fmt.Errorf("pack layer %s: %w", l.Key(), err)
 	}
 	u := &unpacking{cancel: cancel, done: make(chan struct{})}
 	s.unpacking[ChainID(parent, desc.Digest)] = u
@@ -84,19 +86,21 @@ func (s *snapshotDescriber) prepareFilled(ctx context.Context, l *Layer) filledS
 	if err != nil {
 		return filledSnapshot{err: fmt.Errorf("prepare snapshot for layer %s: %w", l.Key(), err)}
 	}
+	f := filledSnapshot{key: key, mounts: mounts}
 	if dir, w := s.linkable(ctx, mounts, l); w != nil {
 		err = s.writeLinks(ctx, w, dir, l)
 	} else {
 		// Described (and hashed) apart: a tar applied here is read
 		// twice, which only the symlink layer (small) and layers that
-		// cannot be linked (copied anyway) are.
-		_, err = s.applyTar(ctx, mounts, l)
+		// cannot be linked (copied anyway) are. The snapshot has no
+		// parent, so no whiteout is converted: these tars hold none.
+		f.applied, err = s.applyTar(ctx, mounts, l)
 	}
 	if err != nil {
 		snapmount.Discard(ctx, s.sn, key, mounts)
 		return filledSnapshot{err: err}
 	}
-	return filledSnapshot{key: key, mounts: mounts}
+	return f
 }
 
 // errBelowFailed stops a layer whose layer below could not be unpacked.
@@ -115,6 +119,10 @@ func (s *snapshotDescriber) commitFilled(ctx context.Context, parent digest.Dige
 			snapmount.Discard(ctx, s.sn, f.key, f.mounts)
 		}
 	}()
+	if f.applied.Digest != "" && (f.applied.Digest != desc.Digest || f.applied.Size != desc.Size) {
+		// As containerd's unpacker checks what it applied.
+		return fmt.Errorf("layer %s applied as %s (%d bytes), described as %s (%d bytes): its store paths changed: %w", l.Key(), f.applied.Digest, f.applied.Size, desc.Digest, desc.Size, errdefs.ErrFailedPrecondition)
+	}
 	if below != nil {
 		select {
 		case <-below.done:

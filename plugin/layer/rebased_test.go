@@ -182,6 +182,19 @@ func TestSnapshotDescriberRebasedFails(t *testing.T) {
 	if active := activeSnapshots(t, ctx, sn); len(active) != 0 {
 		t.Errorf("active snapshots left: %v", active)
 	}
+
+	// A layer that cannot be described (its store path is gone) stops
+	// those under way below it.
+	gone := &Layer{Paths: []string{filepath.Join(store, strings.Repeat("g", 32)+"-gone")}, Hashes: []string{"sha256-gone"}}
+	sn2, _, _ := testOverlay(t)
+	d = newSnapshotDescriber(ctx, sn2, "overlayfs", &linked.Roots{Store: store}, testutil.Cache(t), testClaims(t), "", Rebased())
+	err = describeAll(ctx, d, []*Layer{{Paths: layers[0].Paths, Hashes: layers[0].Hashes}, gone})
+	if err == nil || !strings.Contains(err.Error(), gone.Paths[0]) {
+		t.Errorf("describing a layer whose store path is gone: %v", err)
+	}
+	if active := activeSnapshots(t, ctx, sn2); len(active) != 0 {
+		t.Errorf("active snapshots left: %v", active)
+	}
 }
 
 func activeSnapshots(t *testing.T, ctx context.Context, sn snapshots.Snapshotter) []string {

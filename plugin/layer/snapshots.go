@@ -136,32 +136,35 @@ func Annotations(l *Layer, desc ocispec.Descriptor) map[string]string {
 }
 
 func (s *snapshotDescriber) Describe(ctx context.Context, parent digest.Digest, l *Layer) error {
+	desc, err := s.describe(ctx, parent, l)
+	if err != nil {
+		// The image fails: so does what is under way for it.
+		return s.stopUnpacks(err)
+	}
+	l.Desc = desc
+	return nil
+}
+
+func (s *snapshotDescriber) describe(ctx context.Context, parent digest.Digest, l *Layer) (ocispec.Descriptor, error) {
 	desc, ok, err := s.find(ctx, parent, l)
 	if err != nil {
-		return err
+		return ocispec.Descriptor{}, err
 	}
 	if ok {
 		s.found = &foundSnapshot{parent: parent, chain: ChainID(parent, desc.Digest), l: l}
-		l.Desc = desc
-		return nil
+		return desc, nil
 	}
 	if s.found != nil && s.found.chain == parent {
 		// Unpacked on top of, it must stay.
 		if err := s.holdFound(ctx); err != nil {
-			return err
+			return ocispec.Descriptor{}, err
 		}
 	}
 	s.found = nil
 	if s.rebased {
-		desc, err = s.unpackRebased(ctx, parent, l)
-	} else {
-		desc, err = s.unpack(ctx, parent, l)
+		return s.unpackRebased(ctx, parent, l)
 	}
-	if err != nil {
-		return err
-	}
-	l.Desc = desc
-	return nil
+	return s.unpack(ctx, parent, l)
 }
 
 // Finish implements Describer: it waits for the layers still being

@@ -286,9 +286,6 @@ func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref 
 	go func() {
 		describe := r.describer(ctx)
 		img, err := r.builder.Build(ctx, r.builder.Host()+"/"+name+":"+ref, describe)
-		if ferr := describe.Finish(ctx); err == nil {
-			err = ferr
-		}
 		built <- result{img, err}
 	}()
 	var res result
