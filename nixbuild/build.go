@@ -101,8 +101,9 @@ type Builder struct {
 	store store
 
 	// beside are the goroutines a build starts beside its evaluation,
-	// which Close waits for.
+	// which Close waits for; none starts once closed (under mu).
 	beside         sync.WaitGroup
+	closed         bool
 	nixVersionOnce sync.Once
 	nixVersion     [2]int // major, minor; zero if unknown
 
@@ -254,8 +255,12 @@ func (b *Builder) build(ctx context.Context, req Request) (_ *Result, retErr err
 	// What comes after the evaluation needs Nix's version (asked once, for
 	// the closure query) and the serve process (for the roots): started
 	// beside the evaluation rather than after it.
-	b.beside.Go(func() { b.pathInfoFormat(ctx) })
-	b.beside.Go(func() { b.store.warm(ctx) })
+	b.mu.Lock()
+	if !b.closed {
+		b.beside.Go(func() { b.pathInfoFormat(ctx) })
+		b.beside.Go(func() { b.store.warm(ctx) })
+	}
+	b.mu.Unlock()
 	ev, err := b.evaluate(ctx, src, expr, req)
 	if err != nil {
 		return nil, err
@@ -609,6 +614,9 @@ func (b *Builder) expression() (string, error) {
 // roots of results not released yet (a daemon that stops keeps no store
 // path alive).
 func (b *Builder) Close() error {
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
 	b.beside.Wait()
 	b.store.stop()
 	b.mu.Lock()

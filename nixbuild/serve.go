@@ -276,13 +276,17 @@ func (s *store) tempRoots(ctx context.Context, paths []string) (valid []string, 
 			return nil, nil, nil, err
 		}
 		release := sync.OnceFunc(func() { s.release() })
-		err = conn.do(ctx, func() (err error) {
-			valid, err = conn.validPaths(paths, true)
+		// The request may finish after its caller gave up: it answers
+		// through a channel, not the caller's variables.
+		answer := make(chan []string, 1)
+		err = conn.do(ctx, func() error {
+			v, err := conn.validPaths(paths, true)
+			answer <- v
 			return err
 		})
 		switch {
 		case err == nil:
-			return valid, conn.held, release, nil
+			return <-answer, conn.held, release, nil
 		case ctx.Err() != nil:
 			release()
 			return nil, nil, nil, ctx.Err()

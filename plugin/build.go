@@ -279,6 +279,28 @@ func (b *ImageBuilder) ParseName(ref string) (resolver.Image, error) {
 	return img, nil
 }
 
+// workContext is what the work of a build described by dk runs in: work
+// stored for this caller alone stops when it leaves; work that others may
+// share goes on without it.
+func workContext(ctx context.Context, dk layer.DescriberKey) context.Context {
+	if dk.Scope != "" {
+		return ctx
+	}
+	return context.WithoutCancel(ctx)
+}
+
+// describing is a build's Describer, which says whether the build has
+// begun to describe layers.
+type describing struct {
+	layer.Describer
+	started atomic.Bool
+}
+
+func (d *describing) Describe(ctx context.Context, parent digest.Digest, l *layer.Layer) error {
+	d.started.Store(true)
+	return d.Describer.Describe(ctx, parent, l)
+}
+
 // Build builds the image for ref. Concurrent calls for the same image (in
 // whatever spelling: `git/htop` is `htop/git`) share one Nix build, and
 // those that describe layers alike one description of each layer;
@@ -306,15 +328,16 @@ func (b *ImageBuilder) Build(ctx context.Context, ref string, describe layer.Des
 	flight := fmt.Sprintf("%s %q %q", described, ns, dk.Scope)
 	shared, leave := b.watchers.Join(ctx, "flight "+flight)
 	defer leave()
+	flown := &describing{Describer: describe}
 	done := b.flight.DoChan(flight, func() (any, error) {
 		// The shared work stays joinable, its progress to whoever waits,
 		// after the caller that started it left.
 		_, hold := b.watchers.Join(context.Background(), "flight "+flight)
 		defer hold()
-		built, hit, err := b.build(shared, img, key, describe)
+		built, hit, err := b.build(shared, img, key, flown)
 		// What describing started is over, and what it found held,
 		// before the image is registered or given up.
-		if ferr := describe.Finish(shared); err == nil {
+		if ferr := describe.Finish(workContext(shared, dk)); err == nil {
 			err = ferr
 		}
 		return flightResult{built, hit}, err
@@ -325,10 +348,11 @@ func (b *ImageBuilder) Build(ctx context.Context, ref string, describe layer.Des
 		err = r.Err
 		res, _ = r.Val.(flightResult)
 	case <-ctx.Done():
-		// This caller left; the build goes on for any others. One whose
-		// describing is its own (its scope) ends with it: wait for that,
-		// so that nothing it started outlives the call.
-		if dk.Scope != "" {
+		// This caller left; the build goes on for any others. Describing
+		// of its own (its scope) ends with it: once that has begun, wait
+		// for it, so that nothing it started outlives the call. (Before,
+		// only Nix's build runs, which others may share.)
+		if dk.Scope != "" && flown.started.Load() {
 			<-done
 		}
 		err = ctx.Err()
@@ -366,12 +390,7 @@ type flightResult struct {
 // describe. hit says the image came from the cache.
 func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string, describe layer.Describer) (_ *Image, hit bool, _ error) {
 	dk := describe.Key()
-	// Work stored for this caller alone stops when it leaves; work that
-	// others may share goes on without it.
-	work := context.WithoutCancel(ctx)
-	if dk.Scope != "" {
-		work = ctx
-	}
+	work := workContext(ctx, dk)
 	start := time.Now()
 	defer func() { buildSeconds.Observe(time.Since(start).Seconds()) }()
 	// A source that cannot change (its configuration says so, or it is a

@@ -429,4 +429,20 @@ func TestBuilderFinishesDescriber(t *testing.T) {
 	if _, err := b.Build(context.Background(), "nix.local/git", pathsDescriber{}); err != nil {
 		t.Fatal(err)
 	}
+
+	// Before describing, only Nix's build runs (shared, detached): a
+	// caller that leaves then does not wait for it.
+	nix := &fakeNix{gate: make(chan struct{})}
+	defer close(nix.gate)
+	b = NewImageBuilder(nix)
+	ctx, cancel = context.WithCancel(context.Background())
+	go func() {
+		_, err := b.Build(ctx, "nix.local/htop", &finishDescriber{entered: make(chan struct{}, 1)})
+		built <- err
+	}()
+	waitForPlanCallers(t, b, 1)
+	cancel()
+	if err := <-built; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Build left during Nix's build: %v, want context.Canceled", err)
+	}
 }

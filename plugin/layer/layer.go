@@ -73,7 +73,9 @@ type Describer interface {
 	// Finish is called once the image's layers are described, before the
 	// image is registered: what the caller must keep of what was
 	// described, it holds from then on. It is called too when describing
-	// failed: what the Describer started is over when it returns.
+	// failed: what the Describer started is over when it returns. A
+	// finished Describer may describe the image again from its first
+	// layer (a build that is retried).
 	Finish(ctx context.Context) error
 }
 

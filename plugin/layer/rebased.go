@@ -7,6 +7,7 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
@@ -120,8 +121,13 @@ func (s *snapshotDescriber) commitFilled(ctx context.Context, parent digest.Dige
 		}
 	}()
 	if f.applied.Digest != "" && (f.applied.Digest != desc.Digest || f.applied.Size != desc.Size) {
-		// As containerd's unpacker checks what it applied.
-		return fmt.Errorf("layer %s applied as %s (%d bytes), described as %s (%d bytes): its store paths changed: %w", l.Key(), f.applied.Digest, f.applied.Size, desc.Digest, desc.Size, errdefs.ErrFailedPrecondition)
+		// As containerd's unpacker checks what it applied. The cache
+		// said otherwise than the bytes: it learns them for the next
+		// pull.
+		if err := s.cache.PutLayer(l.CacheKey(), f.applied); err != nil {
+			log.G(ctx).WithError(err).Warn("correcting the layer cache")
+		}
+		return fmt.Errorf("layer %s applied as %s (%d bytes), described as %s (%d bytes): a stale layer record, corrected now: pull again: %w", l.Key(), f.applied.Digest, f.applied.Size, desc.Digest, desc.Size, errdefs.ErrFailedPrecondition)
 	}
 	if below != nil {
 		select {

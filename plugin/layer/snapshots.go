@@ -171,6 +171,7 @@ func (s *snapshotDescriber) describe(ctx context.Context, parent digest.Digest, 
 // unpacked (Rebased), and holds the snapshot last found.
 func (s *snapshotDescriber) Finish(ctx context.Context) error {
 	if err := s.waitUnpacks(); err != nil {
+		s.found = nil // the image failed: nothing to hold
 		return err
 	}
 	return s.holdFound(ctx)
