@@ -335,11 +335,6 @@ func (b *ImageBuilder) Build(ctx context.Context, ref string, describe layer.Des
 		_, hold := b.watchers.Join(context.Background(), "flight "+flight)
 		defer hold()
 		built, hit, err := b.build(shared, img, key, flown)
-		// What describing started is over, and what it found held,
-		// before the image is registered or given up.
-		if ferr := describe.Finish(workContext(shared, dk)); err == nil {
-			err = ferr
-		}
 		return flightResult{built, hit}, err
 	})
 	var res flightResult
@@ -400,9 +395,25 @@ func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string
 	ikey := cache.ImageKey{Source: b.nix.Source().String(), Pin: pin, System: img.Platform.NixSystem, Tag: img.Tag,
 		Packages: img.Packages, Requested: img.Requested, Layers: dk.Layers, MaxLayers: b.maxLayers,
 		Layering: b.layeringID}
+	// What describing started is over, and what it found held, before
+	// the image is registered or given up, and before the store paths
+	// the plan holds are released: unpacks under way read them.
+	finished := false
+	finish := func(err error) error {
+		finished = true
+		if ferr := describe.Finish(work); err == nil {
+			err = ferr
+		}
+		return err
+	}
+	defer func() {
+		if !finished {
+			_ = finish(nil) // failed before describing ended
+		}
+	}()
 	if pinned {
 		if cached, ok := b.cachedImage(work, ikey, img, describe); ok {
-			return cached, true, nil
+			return cached, true, finish(nil)
 		}
 	}
 	if err := work.Err(); err != nil {
@@ -414,6 +425,7 @@ func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string
 	}
 	defer release()
 	built, err := b.describe(work, img, p, describe)
+	err = finish(err)
 	// Not what a pin that moved meanwhile (a channel updated, a file
 	// edited) would name: Nix may have read either.
 	if err == nil && pinned && b.pin(work, img) == pin {
