@@ -279,16 +279,6 @@ func (b *ImageBuilder) ParseName(ref string) (resolver.Image, error) {
 	return img, nil
 }
 
-// workContext is what the work of a build described by dk runs in: work
-// stored for this caller alone stops when it leaves; work that others may
-// share goes on without it.
-func workContext(ctx context.Context, dk layer.DescriberKey) context.Context {
-	if dk.Scope != "" {
-		return ctx
-	}
-	return context.WithoutCancel(ctx)
-}
-
 // describing is a build's Describer, which says whether the build has
 // begun to describe layers.
 type describing struct {
@@ -385,7 +375,12 @@ type flightResult struct {
 // describe. hit says the image came from the cache.
 func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string, describe layer.Describer) (_ *Image, hit bool, _ error) {
 	dk := describe.Key()
-	work := workContext(ctx, dk)
+	// Work stored for this caller alone stops when it leaves; work that
+	// others may share goes on without it.
+	work := context.WithoutCancel(ctx)
+	if dk.Scope != "" {
+		work = ctx
+	}
 	start := time.Now()
 	defer func() { buildSeconds.Observe(time.Since(start).Seconds()) }()
 	// A source that cannot change (its configuration says so, or it is a
