@@ -209,6 +209,11 @@ func TestNixSnapshotterGC(t *testing.T) {
 	if len(roots) == 0 {
 		t.Fatal("no GC roots")
 	}
+	// One directory of roots per layer containerd has: none held by a
+	// layer made ahead of it (prefilled) that it did not take.
+	if sn := e.snapshots("nix"); len(roots) != len(sn) {
+		t.Errorf("%d directories of GC roots for %d snapshots", len(roots), len(sn))
+	}
 
 	// Without the image, containerd's GC removes the snapshots, and with
 	// them the roots.

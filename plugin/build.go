@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -54,6 +55,20 @@ func (img *Image) Chain() digest.Digest {
 		chain = layer.ChainID(chain, l.Desc.Digest)
 	}
 	return chain
+}
+
+// unpacked is what containerd's unpacker reads of the image: the
+// manifest's layers and the config's diff IDs.
+func (img *Image) unpacked() ([]ocispec.Descriptor, []digest.Digest, error) {
+	var m ocispec.Manifest
+	if err := json.Unmarshal(img.Blobs[img.Manifest.Digest], &m); err != nil {
+		return nil, nil, fmt.Errorf("manifest of %s: %w", img.Ref(), err)
+	}
+	var c ocispec.Image
+	if err := json.Unmarshal(img.Blobs[img.Config.Digest], &c); err != nil {
+		return nil, nil, fmt.Errorf("config of %s: %w", img.Ref(), err)
+	}
+	return m.Layers, c.RootFS.DiffIDs, nil
 }
 
 // Paths are the store paths of the image's layers.

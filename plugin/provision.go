@@ -22,6 +22,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -57,6 +58,17 @@ type Provisioner struct {
 	layerBlobs  bool
 	workDir     string
 	links       *linked.Roots
+	prefiller   Prefiller
+}
+
+// Prefiller is the nix snapshotter in this process (a
+// plugin/snapshot.Snapshotter), which can make an image's layers ahead of
+// containerd's unpacker asking for them one at a time.
+type Prefiller interface {
+	// Prefill starts making the snapshots of layers (bottom first, with
+	// their diff IDs); release, once they are unpacked or failed to be,
+	// removes those that containerd did not take.
+	Prefill(ctx context.Context, layers []ocispec.Descriptor, diffIDs []digest.Digest) (release func())
 }
 
 // ProvisionerOpt configures a Provisioner.
@@ -88,6 +100,14 @@ func WithWorkDir(dir string) ProvisionerOpt { return func(p *Provisioner) { p.wo
 // should live as long as the process: each of its Writers finds once how
 // to link into a snapshotter's root.
 func WithLinks(links *linked.Roots) ProvisionerOpt { return func(p *Provisioner) { p.links = links } }
+
+// WithPrefiller has prefiller, the nix snapshotter that the containerd of
+// the client reaches, make the layers of each image unpacked into it ahead
+// of containerd's unpacker: its metadata writes for one layer then overlap
+// the making of the next.
+func WithPrefiller(prefiller Prefiller) ProvisionerOpt {
+	return func(p *Provisioner) { p.prefiller = prefiller }
+}
 
 // NewProvisioner returns a Provisioner that builds with builder and
 // registers images through client (whose namespace comes from the context).
@@ -226,6 +246,11 @@ func (p *Provisioner) pullRecord(ctx context.Context, img *Image, snapshotter st
 	}
 	if cri {
 		pullOpts = append(pullOpts, containerd.WithPullLabels(criLabels))
+	}
+	if snapshotter == p.nixSnapshot && p.prefiller != nil {
+		if layers, diffIDs, err := img.unpacked(); err == nil {
+			defer p.prefiller.Prefill(ctx, layers, diffIDs)()
+		}
 	}
 	pulled, err := p.pull(ctx, img.Ref(), snapshotter, pullOpts)
 	if err != nil {

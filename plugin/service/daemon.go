@@ -37,14 +37,18 @@ type provisioners struct {
 	workDir string
 	links   linked.Roots // for the daemon's life
 	staged  plugin.Staged
+	// nix is the daemon's nix snapshotter, the one its own containerd
+	// reaches as the nix snapshotter.
+	nix plugin.Prefiller
 
 	mu      sync.Mutex
 	clients map[string]*containerd.Client // by address, once it answered
 }
 
-// newProvisioners provisions with builder into the containerd of cfg.
-func newProvisioners(cfg plugin.Config, builder *plugin.ImageBuilder) *provisioners {
-	return &provisioners{builder: builder, ctd: cfg.Containerd, workDir: cfg.WorkDir(), clients: map[string]*containerd.Client{}}
+// newProvisioners provisions with builder into the containerd of cfg,
+// whose nix snapshotter is nix.
+func newProvisioners(cfg plugin.Config, builder *plugin.ImageBuilder, nix plugin.Prefiller) *provisioners {
+	return &provisioners{builder: builder, ctd: cfg.Containerd, workDir: cfg.WorkDir(), nix: nix, clients: map[string]*containerd.Client{}}
 }
 
 // provisioner is the Provisioner into the containerd at address ("": the
@@ -57,12 +61,18 @@ func (s *provisioners) provisioner(ctx context.Context, address, snapshotter str
 	if err != nil {
 		return nil, err
 	}
-	return plugin.NewProvisioner(client, s.builder,
+	opts := []plugin.ProvisionerOpt{
 		plugin.WithSnapshotter(snapshotter),
 		plugin.WithNixSnapshotter(s.ctd.NixSnapshotter),
 		plugin.WithLayerBlobs(withLayers),
 		plugin.WithWorkDir(s.workDir),
-		plugin.WithLinks(&s.links)), nil
+		plugin.WithLinks(&s.links),
+	}
+	if address == s.ctd.Address {
+		// Another containerd reaches another node's nix snapshotter.
+		opts = append(opts, plugin.WithPrefiller(s.nix))
+	}
+	return plugin.NewProvisioner(client, s.builder, opts...), nil
 }
 
 // stager is the endpoint's Describer of each request (registry

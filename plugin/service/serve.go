@@ -71,7 +71,7 @@ func Serve(ctx context.Context, cfg plugin.Config) error {
 		if err != nil {
 			return err
 		}
-		provisioners := newProvisioners(cfg, images)
+		provisioners := newProvisioners(cfg, images, sn)
 		defer provisioners.Close()
 		if cfg.Registry.Address != "" {
 			opts := []registry.Opt{registry.WithEarlyHeaders(time.Duration(cfg.Registry.EarlyHeaders))}

@@ -3,28 +3,39 @@ package remote
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
 
-// greeter fills layers labelled "greeting" with a file that says it.
+// greeting labels a layer that greeter fills: inherited from a layer's
+// annotations, as containerd.io/snapshot/ labels are.
+const greeting = "containerd.io/snapshot/greeting"
+
+// greeter fills layers labelled greeting with a file that says it.
 type greeter struct {
 	mu       sync.Mutex
 	fills    int
 	released []string
 	fail     error
+	// started, if set, hears the key of each fill as it starts.
+	started chan string
 }
 
 func (g *greeter) Fills(_ context.Context, labels map[string]string) (bool, error) {
-	v, ok := labels["greeting"]
+	v, ok := labels[greeting]
 	if ok && v == "" {
 		return false, errors.New("an empty greeting")
 	}
@@ -35,10 +46,13 @@ func (g *greeter) Fill(_ context.Context, key, dir string, labels map[string]str
 	g.mu.Lock()
 	g.fills++
 	g.mu.Unlock()
+	if g.started != nil {
+		g.started <- key
+	}
 	if g.fail != nil {
 		return nil, g.fail
 	}
-	return map[string]string{"filled-by": key}, os.WriteFile(filepath.Join(dir, "greeting"), []byte(labels["greeting"]), 0o444)
+	return map[string]string{"filled-by": key}, os.WriteFile(filepath.Join(dir, "greeting"), []byte(labels[greeting]), 0o444)
 }
 
 func (g *greeter) Release(_ context.Context, key string, labels map[string]string) error {
@@ -48,8 +62,8 @@ func (g *greeter) Release(_ context.Context, key string, labels map[string]strin
 	return nil
 }
 
-func layer(target, greeting string) snapshots.Opt {
-	return snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotRef: target, "greeting": greeting})
+func layer(target, says string) snapshots.Opt {
+	return snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotRef: target, greeting: says})
 }
 
 func TestFilledLayers(t *testing.T) {
@@ -69,7 +83,7 @@ func TestFilledLayers(t *testing.T) {
 	}
 	name := CommitName("sha256:one", "")
 	info, err := s.Stat(ctx, name)
-	if err != nil || info.Kind != snapshots.KindCommitted || info.Labels["filled-by"] != "extract-1" || info.Labels["greeting"] != "hello" {
+	if err != nil || info.Kind != snapshots.KindCommitted || info.Labels["filled-by"] != "extract-1" || info.Labels[greeting] != "hello" {
 		t.Fatalf("committed snapshot %+v, %v", info, err)
 	}
 	mounts, err := s.View(ctx, "view", name)
@@ -123,5 +137,122 @@ func TestFilledLayers(t *testing.T) {
 	}
 	if want := []string{"extract-4 ", name + " extract-1"}; !slices.Equal(g.released[len(g.released)-2:], want) {
 		t.Errorf("released %q, want the last to be %q", g.released, want)
+	}
+}
+
+// image is a chain of layers as a manifest and config describe them, the
+// filler's labelled as annotations.
+func image(says ...string) ([]ocispec.Descriptor, []digest.Digest) {
+	var layers []ocispec.Descriptor
+	var diffIDs []digest.Digest
+	for _, g := range says {
+		d := digest.FromString(g)
+		desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: d}
+		if g != "" {
+			desc.Annotations = map[string]string{greeting: g, "org.example.other": "not inherited"}
+		}
+		layers = append(layers, desc)
+		diffIDs = append(diffIDs, d)
+	}
+	return layers, diffIDs
+}
+
+// unpack prepares the layers as containerd's unpacker does, bottom first,
+// each on the backend name the one below was answered with, and returns
+// those names.
+func unpack(t *testing.T, s *Snapshotter, layers []ocispec.Descriptor, diffIDs []digest.Digest) []string {
+	t.Helper()
+	ctx := context.Background()
+	var names []string
+	parent := ""
+	for i := range layers {
+		target := identity.ChainID(diffIDs[:i+1]).String()
+		labels := snapshots.FilterInheritedLabels(layers[i].Annotations)
+		if labels == nil {
+			labels = map[string]string{}
+		}
+		labels[snapshots.LabelSnapshotRef] = target
+		if _, err := s.Prepare(ctx, fmt.Sprintf("extract-%d", i), parent, snapshots.WithLabels(labels)); !errdefs.IsAlreadyExists(err) {
+			t.Fatalf("Prepare of layer %d: %v", i, err)
+		}
+		parent = CommitName(target, parent)
+		if info, err := s.Stat(ctx, parent); err != nil || info.Kind != snapshots.KindCommitted {
+			t.Fatalf("layer %d: %+v, %v", i, info, err)
+		}
+		names = append(names, parent)
+	}
+	return names
+}
+
+func backendNames(t *testing.T, s *Snapshotter) []string {
+	t.Helper()
+	var names []string
+	if err := s.Walk(context.Background(), func(_ context.Context, info snapshots.Info) error {
+		names = append(names, info.Name)
+		return nil
+	}); err != nil && !errdefs.IsNotFound(err) {
+		t.Fatal(err)
+	}
+	slices.Sort(names)
+	return names
+}
+
+func TestPrefill(t *testing.T) {
+	testutil.RequireRoot(t)
+	ctx := context.Background()
+	g := &greeter{started: make(chan string, 16)}
+	s, err := New(t.TempDir(), g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+
+	// Prefilled, then asked for as containerd would once the prefill
+	// fills the top layer: each layer is filled once, by the prefill
+	// (the last Prepare finds its fill under way, or done), and none is
+	// removed at release, as each was taken.
+	layers, diffIDs := image("one", "two", "three")
+	release := s.Prefill(ctx, layers, diffIDs)
+	for range 3 {
+		if key := <-g.started; !strings.HasPrefix(key, "prefill-") {
+			t.Fatalf("a fill by %s, want the prefill", key)
+		}
+	}
+	names := unpack(t, s, layers, diffIDs)
+	release()
+	if g.fills != 3 {
+		t.Errorf("%d fills of 3 layers", g.fills)
+	}
+	if got, want := backendNames(t, s), slices.Sorted(slices.Values(names)); !slices.Equal(got, want) {
+		t.Errorf("after release: %v, want %v", got, want)
+	}
+	for i, name := range names {
+		info, _ := s.Stat(ctx, name)
+		if want := []string{"", names[0], names[1]}[i]; info.Parent != want {
+			t.Errorf("layer %d on %q, want %q", i, info.Parent, want)
+		}
+		if !strings.HasPrefix(info.Labels["filled-by"], "prefill-") || info.Labels["org.example.other"] != "" {
+			t.Errorf("layer %d labelled %v: want filled by the prefill, and only inherited annotations", i, info.Labels)
+		}
+	}
+
+	// A prefill that nothing takes (the pull failed first): what it made
+	// is removed at release, children first, and what it held released;
+	// what was there before it stays.
+	layers, diffIDs = image("one", "two", "four", "five")
+	g.mu.Lock()
+	g.released = nil
+	g.mu.Unlock()
+	release = s.Prefill(ctx, layers, diffIDs)
+	<-g.started
+	<-g.started // five's fill has begun: release waits for it to end
+	release()
+	if got, want := backendNames(t, s), slices.Sorted(slices.Values(names)); !slices.Equal(got, want) {
+		t.Errorf("after releasing an untaken prefill: %v, want %v", got, want)
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.released) != 2 {
+		t.Errorf("released %q, want the two layers made", g.released)
 	}
 }
