@@ -169,8 +169,14 @@ func (m *Writer) file(e tarstream.Entry, dst string) error {
 		switch {
 		case err == nil:
 			return nil
+		case errors.Is(err, syscall.EPERM):
+			// This file may not be linked (immutable or append-only);
+			// others may: linking into this root worked at start.
 		case linksImpossible(err):
+			// A root that linking left (a mount moved): copy from now on,
+			// and say so where links are watched.
 			m.copyOnly.Store(true)
+			storeLinkable.WithLabelValues(m.snapshotter).Set(0)
 		case errors.Is(err, syscall.EMLINK):
 			// This inode is full; others may not be.
 		default:

@@ -2,6 +2,7 @@ package linked
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"maps"
 	"os"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/archive"
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/sys/unix"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
@@ -46,6 +48,61 @@ func TestWriteAcrossFilesystems(t *testing.T) {
 	if !!m.Links() || m.Copied() != 3 {
 		t.Errorf("copyOnly %v, copied %d", !m.Links(), m.Copied())
 	}
+}
+
+// A store file that may not be linked (immutable) is copied, and only it:
+// linking goes on for the others, and for the next layers.
+func TestWriteImmutableFile(t *testing.T) {
+	testutil.RequireRoot(t)
+	store := testutil.FakeStore(t)
+	htop := filepath.Join(store, testutil.FakeHtop, "bin/htop")
+	if err := setImmutable(htop, true); err != nil {
+		testutil.Skip(t, "this filesystem has no immutable files: "+err.Error())
+	}
+	defer setImmutable(htop, false)
+	m := New(context.Background(), "test", filepath.Dir(store), WithStoreRoot(store))
+	for i := range 2 {
+		layer := filepath.Join(filepath.Dir(store), fmt.Sprintf("layer-%d", i))
+		if err := os.Mkdir(layer, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Write(context.Background(), layer, []string{testutil.FakeHtop, testutil.FakeGlibc}); err != nil {
+			t.Fatal(err)
+		}
+		if b, err := os.ReadFile(filepath.Join(layer, testutil.FakeHtop, "bin/htop")); err != nil || string(b) != "htop" {
+			t.Fatalf("the immutable file reads %q, %v", b, err)
+		}
+		var st syscall.Stat_t
+		if err := syscall.Stat(filepath.Join(layer, testutil.FakeGlibc, "lib/libc.so.6"), &st); err != nil || st.Nlink < 2 {
+			t.Errorf("layer %d: another file has %d links, %v: want it linked", i, st.Nlink, err)
+		}
+	}
+	if !m.Links() || m.Copied() != 2 || promtest.ToFloat64(storeLinkable.WithLabelValues("test")) != 1 {
+		t.Errorf("links %v, copied %d (want the immutable file, in each layer), linkable %v", m.Links(), m.Copied(), promtest.ToFloat64(storeLinkable.WithLabelValues("test")))
+	}
+}
+
+// fsImmutableFL is the inode flag of an immutable file (linux/fs.h
+// FS_IMMUTABLE_FL, which x/sys does not name).
+const fsImmutableFL = 0x10
+
+// setImmutable sets or clears file's immutable attribute (chattr +i).
+func setImmutable(file string, on bool) error {
+	f, err := os.Open(file)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	flags, err := unix.IoctlGetUint32(int(f.Fd()), unix.FS_IOC_GETFLAGS)
+	if err != nil {
+		return err
+	}
+	if on {
+		flags |= fsImmutableFL
+	} else {
+		flags &^= fsImmutableFL
+	}
+	return unix.IoctlSetPointerInt(int(f.Fd()), unix.FS_IOC_SETFLAGS, int(flags))
 }
 
 // On a fresh node the daemon may start before Nix made its store: how to
