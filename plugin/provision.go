@@ -295,16 +295,26 @@ func snapshotGCLabel(snapshotter string) string {
 
 // writeBlob stores blob, described by desc, under the context's lease
 // (where it is stored already too, as containerd's content store does for
-// a writer of it), and gives it labels.
+// a writer of it), and gives it labels: as it is committed, in the same
+// synced write, or, if it was there already, after.
 func writeBlob(ctx context.Context, cs content.Store, desc ocispec.Descriptor, blob []byte, labels map[string]string) error {
-	if err := content.WriteBlob(ctx, cs, "nixery-"+desc.Digest.String(), bytes.NewReader(blob), desc); err != nil {
+	if err := content.WriteBlob(ctx, cs, "nixery-"+desc.Digest.String(), bytes.NewReader(blob), desc, content.WithLabels(labels)); err != nil {
+		return err
+	}
+	info, err := cs.Info(ctx, desc.Digest)
+	if err != nil {
 		return err
 	}
 	var fields []string
-	for k := range labels {
-		fields = append(fields, "labels."+k)
+	for k, v := range labels {
+		if info.Labels[k] != v {
+			fields = append(fields, "labels."+k)
+		}
 	}
-	_, err := cs.Update(ctx, content.Info{Digest: desc.Digest, Labels: labels}, fields...)
+	if len(fields) == 0 {
+		return nil
+	}
+	_, err = cs.Update(ctx, content.Info{Digest: desc.Digest, Labels: labels}, fields...)
 	return err
 }
 
