@@ -110,7 +110,7 @@ func (m *Writer) Write(ctx context.Context, dir string, paths []string) error {
 	}
 	if n := m.copied.Load() - before; n > 0 {
 		// A cost the user pays without asking: say so each time.
-		log.G(ctx).WithFields(log.Fields{"files": n, "snapshotter": m.snapshotter}).Warn("copied store files into the layer instead of linking them: keep the snapshotter root on the store's filesystem (README, Install on a node)")
+		log.G(ctx).WithFields(log.Fields{"files": n, "snapshotter": m.snapshotter, "linking": m.Links()}).Warn("copied store files into the layer instead of linking them: the snapshotter root is not on the store's filesystem (linking false: keep it there, README, Install on a node), or the files may not be linked (immutable, append-only, at the link limit)")
 	}
 	return errors.Join(all...)
 }
@@ -169,9 +169,9 @@ func (m *Writer) file(e tarstream.Entry, dst string) error {
 		switch {
 		case err == nil:
 			return nil
-		case errors.Is(err, syscall.EPERM):
+		case errors.Is(err, syscall.EPERM) && unlinkable(src):
 			// This file may not be linked (immutable or append-only);
-			// others may: linking into this root worked at start.
+			// others may.
 		case linksImpossible(err):
 			// A root that linking left (a mount moved): copy from now on,
 			// and say so where links are watched.
@@ -216,7 +216,8 @@ func copyFile(src, dst string, mode fs.FileMode) error {
 }
 
 // storeLinkable says whether store files can be linked into a
-// snapshotter's layers (1) or must be copied (0), as found when it started.
+// snapshotter's layers (1) or must be copied (0): as found when it
+// started, or later when linking failed for good.
 var storeLinkable = promauto.NewGaugeVec(prometheus.GaugeOpts{
 	Namespace: "nixery", Name: "snapshot_store_linkable",
 	Help: "1 if store files can be hard-linked into the snapshotter's layers, 0 if they are copied (another filesystem or mount).",
@@ -288,7 +289,8 @@ func (m *Writer) findLinks(ctx context.Context) {
 }
 
 // linksImpossible says a link failed in a way that no other file will
-// escape: another filesystem, links forbidden, a read-only mount.
+// escape: another filesystem, links forbidden (but to a file that may not
+// be linked, unlinkable), a read-only mount.
 func linksImpossible(err error) bool {
 	return errors.Is(err, syscall.EXDEV) || errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EROFS)
 }
@@ -306,10 +308,20 @@ func probe(l *storelink.Linker, store, dir string) error {
 	_ = os.Remove(link)
 	err := l.Link(file, link)
 	_ = os.Remove(link)
-	if err != nil && !linksImpossible(err) {
+	if err != nil && (!linksImpossible(err) || errors.Is(err, syscall.EPERM) && unlinkable(file)) {
 		return nil
 	}
 	return err
+}
+
+// unlinkable says whether file is one that link(2) refuses by itself:
+// immutable or append-only (chattr +i, +a).
+func unlinkable(file string) bool {
+	var st unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, file, unix.AT_SYMLINK_NOFOLLOW, 0, &st); err != nil {
+		return false
+	}
+	return st.Attributes&(unix.STATX_ATTR_IMMUTABLE|unix.STATX_ATTR_APPEND) != 0
 }
 
 // Close releases what linking holds; layers written after it are copied.

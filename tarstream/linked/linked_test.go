@@ -14,6 +14,7 @@ import (
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
 
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/storelink"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
@@ -56,6 +57,8 @@ func TestWriteImmutableFile(t *testing.T) {
 	testutil.RequireRoot(t)
 	store := testutil.FakeStore(t)
 	htop := filepath.Join(store, testutil.FakeHtop, "bin/htop")
+	// Immutable before the Writer starts, so that its first link, a probe
+	// of some store file, may be to it: that says nothing of the others.
 	if err := setImmutable(htop, true); err != nil {
 		testutil.Skip(t, "this filesystem has no immutable files: "+err.Error())
 	}
@@ -79,6 +82,34 @@ func TestWriteImmutableFile(t *testing.T) {
 	}
 	if !m.Links() || m.Copied() != 2 || promtest.ToFloat64(storeLinkable.WithLabelValues("test")) != 1 {
 		t.Errorf("links %v, copied %d (want the immutable file, in each layer), linkable %v", m.Links(), m.Copied(), promtest.ToFloat64(storeLinkable.WithLabelValues("test")))
+	}
+}
+
+// A probe that happens on an immutable file says nothing of the others.
+func TestProbeImmutableFile(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := t.TempDir()
+	store, layers := filepath.Join(dir, "store"), filepath.Join(dir, "layers")
+	for _, d := range []string{store, layers} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	file := filepath.Join(store, "only-file")
+	if err := os.WriteFile(file, []byte("x"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	if err := setImmutable(file, true); err != nil {
+		testutil.Skip(t, "this filesystem has no immutable files: "+err.Error())
+	}
+	defer setImmutable(file, false)
+	l, err := storelink.New(store, layers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := probe(l, store, layers); err != nil {
+		t.Errorf("probe of an immutable file: %v, want nothing said", err)
 	}
 }
 
