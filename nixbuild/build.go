@@ -98,7 +98,8 @@ type Builder struct {
 	exprPath   string
 	writeError error
 
-	store store
+	store     store
+	storeInit storeInit
 
 	// beside are the goroutines a build starts beside its evaluation,
 	// which Close waits for; none starts once closed (under mu).

@@ -33,6 +33,7 @@ func (b *Builder) run(ctx context.Context, stage, name string, args ...string) (
 // runEnv is run with env as the command's environment (nil: this
 // process's).
 func (b *Builder) runEnv(ctx context.Context, env []string, stage, name string, args ...string) ([]byte, error) {
+	b.storeInit.open(ctx, b)
 	cmd := exec.CommandContext(ctx, b.bin(name), args...)
 	cmd.Env = env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

@@ -55,6 +55,7 @@ type storeConn struct {
 }
 
 func (b *Builder) startServe(ctx context.Context) (*storeConn, error) {
+	b.storeInit.open(ctx, b)
 	// Not bound to the request that starts it: the process serves others.
 	cmd := exec.Command(b.bin("nix-store"), b.args("--serve", "--write")...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
