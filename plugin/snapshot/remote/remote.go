@@ -100,7 +100,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		if err := s.ensure(ctx, key, l, opts, nil); err != nil {
 			return nil, err
 		}
-		if ok, err := s.answer(ctx, l.name()); err != nil {
+		if ok, err := s.answer(ctx, l); err != nil {
 			return nil, err
 		} else if ok {
 			return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
@@ -203,22 +203,18 @@ func (s *Snapshotter) fill(ctx context.Context, key string, l fillable, opts []s
 	return nil
 }
 
-// answer reports whether committed snapshot name is there for a Prepare
-// to be answered with, and if a prefill made it, marks it taken so that
-// releasing the prefill leaves it: containerd adopts it once the Prepare
-// returns. Under mu, under which a release removes what it made.
-func (s *Snapshotter) answer(ctx context.Context, name string) (bool, error) {
+// answer reports whether the committed snapshot of l is there for a
+// Prepare to be answered with, and if a prefill made it, marks it taken so
+// that releasing the prefill leaves it: containerd adopts it once the
+// Prepare returns. Under mu, under which a release removes what it made.
+func (s *Snapshotter) answer(ctx context.Context, l fillable) (bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if p := s.prefilled[name]; p != nil {
+	if p := s.prefilled[l.name()]; p != nil {
 		p.taken = true
 		return true, nil
 	}
-	_, err := s.Snapshotter.Stat(ctx, name)
-	if errdefs.IsNotFound(err) {
-		return false, nil
-	}
-	return err == nil, err
+	return s.committed(ctx, l)
 }
 
 // Prefill makes the snapshots of an image's layers (bottom first, with
