@@ -27,6 +27,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // DefaultMaxLayers is the most layers an image gets, the symlink layer included.
@@ -125,6 +126,7 @@ type ImageBuilder struct {
 	watchers progress.Shared
 
 	pinnedSource bool
+	user         tarstream.User
 }
 
 // BuildOpt configures an ImageBuilder.
@@ -158,6 +160,13 @@ func WithMaxQueued(n int) BuildOpt { return func(b *ImageBuilder) { b.maxQueued 
 // WithClaims records the layers of the images built, so that the nix
 // snapshotter and later pulls believe their labels (snapshot.Claims).
 func WithClaims(c *snapshot.Claims) BuildOpt { return func(b *ImageBuilder) { b.claims = c } }
+
+// WithUser makes images run as u (default root): their symlink layer holds
+// u's accounts and home, their config names u.
+func WithUser(u tarstream.User) BuildOpt { return func(b *ImageBuilder) { b.user = u } }
+
+// User is whom the ImageBuilder's images run as.
+func (b *ImageBuilder) User() tarstream.User { return b.user }
 
 // WithCache remembers layer descriptors (and images of pinned sources) in c.
 func WithCache(c *cache.Cache) BuildOpt { return func(b *ImageBuilder) { b.cache = c } }
@@ -204,7 +213,11 @@ func (b *ImageBuilder) cachedImage(ctx context.Context, key cache.ImageKey, img 
 				return nil, false
 			}
 		}
-		built.Layers = append(built.Layers, &layer.Layer{Paths: rl.Paths, Hashes: rl.Hashes, Symlinks: rl.Symlinks})
+		l := &layer.Layer{Paths: rl.Paths, Hashes: rl.Hashes, Symlinks: rl.Symlinks}
+		if rl.Symlinks {
+			l.User = b.user // the key says it is the record's
+		}
+		built.Layers = append(built.Layers, l)
 		recorded = append(recorded, rl.Desc)
 	}
 	progress.Step(ctx, "%s: cached (pinned package source)", img.Ref())
@@ -404,7 +417,7 @@ func (b *ImageBuilder) build(ctx context.Context, img resolver.Image, key string
 	pinned := b.pinned(img) || pin != ""
 	ikey := cache.ImageKey{Source: b.nix.Source().String(), Pin: pin, System: img.Platform.NixSystem, Tag: img.Tag,
 		Packages: img.Packages, Requested: img.Requested, Layers: dk.Layers, MaxLayers: b.maxLayers,
-		Layering: b.layeringID}
+		Layering: b.layeringID, User: b.user.Key()}
 	// What describing started is over, and what it found held, before
 	// the image is registered or given up, and before the store paths
 	// the plan holds are released: unpacks under way read them.
@@ -594,7 +607,7 @@ func (b *ImageBuilder) queuedPlan(ctx context.Context, img resolver.Image) (*pla
 	for _, g := range groups {
 		p.layers = append(p.layers, &layer.Layer{Paths: g.Paths, Hashes: hashes(g.Paths)})
 	}
-	p.layers = append(p.layers, &layer.Layer{Paths: roots, Hashes: hashes(roots), Symlinks: true})
+	p.layers = append(p.layers, &layer.Layer{Paths: roots, Hashes: hashes(roots), Symlinks: true, User: b.user})
 	return p, nil
 }
 
@@ -610,7 +623,7 @@ func (b *ImageBuilder) describe(ctx context.Context, img resolver.Image, p *plan
 	if err := describeLayers(ctx, img, layers, describe, nil); err != nil {
 		return nil, err
 	}
-	return newImage(img, imageConfig(img, p.packages), layers)
+	return newImage(img, imageConfig(img, p.packages, b.user), layers)
 }
 
 // layerMade sends the progress event of the index-th of count layers of img.

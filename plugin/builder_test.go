@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -19,8 +20,10 @@ import (
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/progress"
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
+	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // fakeNix "builds" any package as a store path that needs a shared glibc,
@@ -444,5 +447,69 @@ func TestBuilderFinishesDescriber(t *testing.T) {
 	cancel()
 	if err := <-built; !errors.Is(err, context.Canceled) {
 		t.Fatalf("Build left during Nix's build: %v, want context.Canceled", err)
+	}
+}
+
+// Images run as a user other than root differ from root's only in their
+// symlink layer and config, are cached apart, and come back from the cache
+// as that user's.
+func TestBuilderUser(t *testing.T) {
+	ctx := context.Background()
+	nix := &fakeNix{store: t.TempDir()}
+	nix.pin.Store("store:/nix/store/aaaa-nixpkgs")
+	c := testutil.Cache(t)
+	alice := tarstream.User{Name: "alice", UID: 1000, GID: 1000}
+	rootB := NewImageBuilder(nix, WithCache(c))
+	aliceB := NewImageBuilder(nix, WithCache(c), WithUser(alice))
+
+	build := func(b *ImageBuilder) (*Image, ocispec.Image) {
+		t.Helper()
+		img, err := b.Build(ctx, "nix.local/htop", b.DigestDescriber())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var cfg ocispec.Image
+		if err := json.Unmarshal(img.Blobs[img.Config.Digest], &cfg); err != nil {
+			t.Fatal(err)
+		}
+		return img, cfg
+	}
+	rootImg, rootCfg := build(rootB)
+	aliceImg, aliceCfg := build(aliceB)
+	if n := nix.builds.Load(); n != 2 {
+		t.Errorf("%d Nix builds for root's and alice's image; want 2 (not one cached for both)", n)
+	}
+	if rootCfg.Config.User != "" || slices.ContainsFunc(rootCfg.Config.Env, func(e string) bool { return strings.HasPrefix(e, "HOME=") }) {
+		t.Errorf("root's config: %+v", rootCfg.Config)
+	}
+	if aliceCfg.Config.User != "1000:1000" || !slices.Contains(aliceCfg.Config.Env, "HOME=/home/alice") {
+		t.Errorf("alice's config: %+v", aliceCfg.Config)
+	}
+	if len(rootImg.Layers) != len(aliceImg.Layers) {
+		t.Fatalf("%d and %d layers", len(rootImg.Layers), len(aliceImg.Layers))
+	}
+	top := len(rootImg.Layers) - 1
+	for i := range top {
+		if rootImg.Layers[i].Desc.Digest != aliceImg.Layers[i].Desc.Digest {
+			t.Errorf("store path layer %d differs between root's and alice's image", i)
+		}
+	}
+	rootTop, aliceTop := rootImg.Layers[top].Desc, aliceImg.Layers[top].Desc
+	if rootTop.Digest == aliceTop.Digest {
+		t.Error("root's and alice's symlink layers are one")
+	}
+	if _, ok := rootTop.Annotations[labels.UserLabel]; ok || aliceTop.Annotations[labels.UserLabel] != "alice:1000:1000" {
+		t.Errorf("user labels: root's %q, alice's %q", rootTop.Annotations[labels.UserLabel], aliceTop.Annotations[labels.UserLabel])
+	}
+	if rootTop.Annotations[labels.Layer] == aliceTop.Annotations[labels.Layer] {
+		t.Error("root's and alice's symlink layers have one content key")
+	}
+
+	cached, _ := build(aliceB)
+	if n := nix.builds.Load(); n != 2 {
+		t.Errorf("alice's pinned image built again (%d builds)", n)
+	}
+	if cached.Manifest.Digest != aliceImg.Manifest.Digest || cached.Layers[top].User != alice {
+		t.Errorf("alice's cached image: manifest %s (want %s), top layer's user %+v", cached.Manifest.Digest, aliceImg.Manifest.Digest, cached.Layers[top].User)
 	}
 }

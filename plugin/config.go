@@ -22,6 +22,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // Config is the daemon's and the CLI's configuration file. Every key is
@@ -180,6 +181,9 @@ type ImageConfig struct {
 	// for (path.Match patterns such as "python3Packages.*"), for nodes
 	// whose users should not build arbitrary packages.
 	Allow []string `toml:"allow"`
+	// User is whom images run as: "root" (the default), a name (uid and
+	// gid 1000), "uid:gid" or "name:uid:gid" (tarstream.ParseUser).
+	User string `toml:"user"`
 }
 
 // Duration is a time.Duration written as "30m" in TOML.
@@ -217,7 +221,7 @@ func DefaultConfig() Config {
 		Containerd: ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespace: ns, NixSnapshotter: "nix"},
 		Nix: NixConfig{Timeout: Duration(nixbuild.DefaultTimeout), MaxBuilds: DefaultMaxBuilds, MaxQueued: DefaultMaxQueued,
 			Revisions: nixbuild.DefaultRevisions, Options: map[string]string{}},
-		Image: ImageConfig{Host: resolver.DefaultHost, MaxLayers: DefaultMaxLayers, Layering: string(layering.DefaultAlgorithm)},
+		Image: ImageConfig{Host: resolver.DefaultHost, MaxLayers: DefaultMaxLayers, Layering: string(layering.DefaultAlgorithm), User: "root"},
 		Snapshotter: SnapshotterConfig{
 			Address:    "/run/nixery-snapshotter/nixery-snapshotter.sock",
 			Root:       "/var/lib/nixery-snapshotter",
@@ -320,7 +324,12 @@ func (c Config) ImageBuilder(nix Nix, opts ...BuildOpt) (*ImageBuilder, error) {
 		}
 		lopts = append(lopts, layering.WithPopularity(pop))
 	}
+	user, err := tarstream.ParseUser(c.Image.User)
+	if err != nil {
+		return nil, fmt.Errorf("[image] user: %w", err)
+	}
 	return NewImageBuilder(nix, append([]BuildOpt{
+		WithUser(user),
 		WithHost(c.Image.Host),
 		WithMaxLayers(c.Image.MaxLayers),
 		WithMaxBuilds(c.Nix.MaxBuilds),

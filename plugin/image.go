@@ -11,6 +11,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // defaultPath is the PATH of every image: the symlink forest puts packages'
@@ -33,8 +34,9 @@ func command(img resolver.Image, packages []nixbuild.Package) []string {
 	return nil
 }
 
-// imageConfig is the config of an image of packages, its layers aside.
-func imageConfig(img resolver.Image, packages []nixbuild.Package) ocispec.Image {
+// imageConfig is the config of an image of packages run as user, its
+// layers aside.
+func imageConfig(img resolver.Image, packages []nixbuild.Package, user tarstream.User) ocispec.Image {
 	cfg := ocispec.Image{
 		Platform: ocispec.Platform{Architecture: img.Platform.Architecture, OS: img.Platform.OS},
 		Config: ocispec.ImageConfig{
@@ -43,6 +45,11 @@ func imageConfig(img resolver.Image, packages []nixbuild.Package) ocispec.Image 
 		RootFS: ocispec.RootFS{Type: "layers"},
 	}
 	cfg.Config.Cmd = command(img, packages)
+	if !user.Root() {
+		// HOME too: runtimes set it from /etc/passwd, but not all.
+		cfg.Config.User = user.Spec()
+		cfg.Config.Env = append(cfg.Config.Env, "HOME="+user.Home())
+	}
 	return cfg
 }
 

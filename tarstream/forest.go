@@ -12,7 +12,8 @@ import (
 	"github.com/containerd/errdefs"
 )
 
-// node is a directory of the symlink forest, or a symlink when target is set.
+// node is a directory of the symlink forest, a symlink when target is
+// set, or a file of the forest's own (the account files) when file is.
 type node struct {
 	target   string
 	children map[string]*node
@@ -20,6 +21,19 @@ type node struct {
 	// says another package (or this package's forest itself) added to it.
 	src    string
 	shared bool
+	file   bool
+	data   string
+	// mode and owner are a directory's or file's own; mode 0 is
+	// ParentDirMode.
+	mode     int64
+	uid, gid uint32
+}
+
+// own makes n a directory or file of the forest's own, whatever the
+// packages put there.
+func (n *node) own(o node) {
+	o.shared = true
+	*n = o
 }
 
 func (n *node) child(name string) *node {
@@ -44,7 +58,9 @@ var skipped = map[string]bool{"nix-support": true}
 // (below the top level, which stays real directories for the runtime and
 // for layers added on top). Where packages collide, the first in the given
 // order wins. It also adds /tmp (mode 1777) and, when a package provides
-// bin/env, /usr/bin/env for #! lines.
+// bin/env, /usr/bin/env for #! lines. An image user other than root
+// (WithUser) gets /etc/passwd, /etc/group and a home directory it owns,
+// which win over what packages have there.
 func WriteSymlinkForest(w io.Writer, packages []string, opts ...Opt) error {
 	o := newOptions(opts)
 	root := &node{}
@@ -77,7 +93,13 @@ func WriteSymlinkForest(w io.Writer, packages []string, opts ...Opt) error {
 		}
 	}
 	if tmp, ok := root.children["tmp"]; !ok || tmp.target == "" {
-		root.child("tmp").shared = true
+		tmp = root.child("tmp")
+		tmp.shared, tmp.mode = true, 0o1777
+	}
+	if !o.user.Root() {
+		if err := addAccounts(root, o); err != nil {
+			return err
+		}
 	}
 	for _, c := range root.children {
 		collapse(c, 1)
@@ -133,11 +155,17 @@ func emit(tw *writer, n *node, name string) error {
 			}
 			continue
 		}
-		mode := int64(ParentDirMode)
-		if entry == "tmp" {
-			mode = 0o1777
+		mode := c.mode
+		if mode == 0 {
+			mode = ParentDirMode
 		}
-		if err := tw.dir(entry, mode); err != nil {
+		if c.file {
+			if err := tw.data(entry, mode, c.data); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := tw.ownedDir(entry, mode, c.uid, c.gid); err != nil {
 			return err
 		}
 		if err := emit(tw, c, entry); err != nil {
@@ -175,4 +203,54 @@ func collapse(n *node, depth int) bool {
 		n.target, n.children = n.src, nil
 	}
 	return pure
+}
+
+// addAccounts gives the forest the account files and home of o.user. A
+// package's /etc or /home that is a symlink is unfolded first, so that its
+// other entries stay.
+func addAccounts(root *node, o options) error {
+	u := o.user
+	etc, home := root.child("etc"), root.child("home")
+	for _, n := range []*node{etc, home} {
+		if err := unfold(n, o); err != nil {
+			return err
+		}
+		n.shared = true
+	}
+	etc.child("passwd").own(node{file: true, data: u.passwd(), mode: 0o644})
+	etc.child("group").own(node{file: true, data: u.group(), mode: 0o644})
+	home.child(u.Name).own(node{mode: 0o755, uid: u.UID, gid: u.GID})
+	root.child("root").own(node{mode: 0o700})
+	return nil
+}
+
+// unfold turns n, a symlink to a directory of the store, into a directory
+// of symlinks to that directory's entries; a symlink to anything else
+// goes.
+func unfold(n *node, o options) error {
+	if n.target == "" {
+		return nil
+	}
+	dir := resolve(o, n.target)
+	n.target = ""
+	if info, err := os.Stat(o.onDisk(dir)); err != nil || !info.IsDir() {
+		return nil
+	}
+	return merge(n, o.onDisk(dir), dir, false)
+}
+
+// resolve follows p, while it is a symlink, below o's root (where an
+// absolute target means the store's own location, not the host's).
+func resolve(o options, p string) string {
+	for range 40 { // as the kernel's bound on nested symlinks
+		target, err := os.Readlink(o.onDisk(p))
+		if err != nil {
+			return p
+		}
+		if !path.IsAbs(target) {
+			target = path.Join(path.Dir(p), target)
+		}
+		p = path.Clean(target)
+	}
+	return p
 }

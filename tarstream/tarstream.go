@@ -2,7 +2,7 @@
 // store paths and of the symlink forest that makes packages appear under /.
 //
 // Only the file tree's content and executable bits reach the tar: owners
-// are 0, times fixed, entries in a fixed order and the format chosen by
+// are 0 (but the home of an image's user), times fixed, entries in a fixed order and the format chosen by
 // Go's archive/tar from the names alone, so the same store paths give the
 // same bytes on every machine. Layers are streamed; nothing is buffered.
 package tarstream
@@ -74,6 +74,7 @@ func Check(file string, m fs.FileMode) error {
 type options struct {
 	root string
 	skip int64
+	user User
 }
 
 // Opt adjusts how layers are read.
@@ -87,6 +88,10 @@ func WithRoot(dir string) Opt { return func(o *options) { o.root = dir } }
 // whose content lies in them are not read. The layout is deterministic,
 // so what follows is exactly the rest of the whole layer.
 func Skip(n int64) Opt { return func(o *options) { o.skip = n } }
+
+// WithUser makes the symlink forest an image's that runs as u
+// (WriteSymlinkForest); store path layers are the same for every user.
+func WithUser(u User) Opt { return func(o *options) { o.user = u } }
 
 func newOptions(opts []Opt) options {
 	o := options{root: "/"}
@@ -161,7 +166,10 @@ func (w *writer) parents(name string) error {
 	return w.dir(dir, ParentDirMode)
 }
 
-func (w *writer) dir(name string, mode int64) error {
+func (w *writer) dir(name string, mode int64) error { return w.ownedDir(name, mode, 0, 0) }
+
+// ownedDir writes a directory owned by uid and gid.
+func (w *writer) ownedDir(name string, mode int64, uid, gid uint32) error {
 	if w.created[name] {
 		return nil
 	}
@@ -169,7 +177,23 @@ func (w *writer) dir(name string, mode int64) error {
 		return err
 	}
 	w.created[name] = true
-	return w.tw.WriteHeader(w.header(tar.TypeDir, name+"/", mode))
+	h := w.header(tar.TypeDir, name+"/", mode)
+	h.Uid, h.Gid = int(uid), int(gid)
+	return w.tw.WriteHeader(h)
+}
+
+// data writes a file whose content is data.
+func (w *writer) data(name string, mode int64, data string) error {
+	if err := w.parents(name); err != nil {
+		return err
+	}
+	h := w.header(tar.TypeReg, name, mode)
+	h.Size = int64(len(data))
+	if err := w.tw.WriteHeader(h); err != nil {
+		return err
+	}
+	_, err := io.WriteString(w.tw, data)
+	return err
 }
 
 func (w *writer) symlink(name, target string) error {

@@ -74,6 +74,9 @@ type entry struct {
 	mode    int64
 	target  string
 	content string
+	// owner is "uid:gid", which only an image user's home may have other
+	// than 0:0.
+	owner string
 }
 
 func readTar(t *testing.T, b []byte) ([]string, map[string]entry) {
@@ -89,7 +92,11 @@ func readTar(t *testing.T, b []byte) ([]string, map[string]entry) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if h.Uid != 0 || h.Gid != 0 || h.Uname != "" || h.Gname != "" {
+		owner := ""
+		if h.Uid != 0 || h.Gid != 0 {
+			owner = fmt.Sprintf("%d:%d", h.Uid, h.Gid)
+		}
+		if (owner != "" && !strings.HasPrefix(h.Name, "home/")) || h.Uname != "" || h.Gname != "" {
 			t.Errorf("%s: owner %d:%d %q:%q", h.Name, h.Uid, h.Gid, h.Uname, h.Gname)
 		}
 		if !h.ModTime.Equal(Epoch) || !h.AccessTime.IsZero() || !h.ChangeTime.IsZero() {
@@ -100,7 +107,7 @@ func readTar(t *testing.T, b []byte) ([]string, map[string]entry) {
 		}
 		content, _ := io.ReadAll(tr)
 		names = append(names, h.Name)
-		entries[h.Name] = entry{h.Typeflag, h.Mode, h.Linkname, string(content)}
+		entries[h.Name] = entry{h.Typeflag, h.Mode, h.Linkname, string(content), owner}
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild/storepath"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // Prefix begins every label by which a layer says what it is: store
@@ -91,6 +92,11 @@ func unchunkLabels(prefix string, labels map[string]string) []string {
 // snapshotter writes that layer too, so no layer blob is ever fetched.
 const SymlinksLabel = Prefix + "symlinks"
 
+// UserLabel names, on an image's symlink layer, the user other than root
+// whose accounts and home that layer holds, as "name:uid:gid"
+// (tarstream.User). A store path layer is the same for every user.
+const UserLabel = Prefix + "user"
+
 // SymlinkAnnotations describes a symlink layer as annotations.
 func SymlinkAnnotations(packages []string) map[string]string {
 	return chunkLabels(SymlinksLabel, packages)
@@ -109,9 +115,28 @@ func LayerContent(labels map[string]string) (paths []string, symlinks bool, err 
 		return nil, false, fmt.Errorf("layer labels name both store paths and symlinks: %w", errdefs.ErrInvalidArgument)
 	case forest != nil:
 		paths, symlinks = forest, true
+	case labels[UserLabel] != "":
+		return nil, false, fmt.Errorf("layer labels name a user (%s) for a layer of store paths: %w", UserLabel, errdefs.ErrInvalidArgument)
 	}
 	if err := storepath.CheckAll(paths); err != nil {
 		return nil, false, fmt.Errorf("layer labels: %w", err)
 	}
 	return paths, symlinks, nil
+}
+
+// LayerUser is the image user a symlink layer's labels name: root without
+// UserLabel, else the label exactly as tarstream.User's Key writes it.
+func LayerUser(labels map[string]string) (tarstream.User, error) {
+	v, ok := labels[UserLabel]
+	if !ok {
+		return tarstream.User{}, nil
+	}
+	u, err := tarstream.ParseUser(v)
+	if err == nil && u.Key() != v {
+		err = fmt.Errorf("%q is not written as name:uid:gid: %w", v, errdefs.ErrInvalidArgument)
+	}
+	if err != nil {
+		return tarstream.User{}, fmt.Errorf("layer label %s: %w", UserLabel, err)
+	}
+	return u, nil
 }

@@ -23,6 +23,8 @@ type Info struct {
 	Version       string `json:"version"`
 	PackageSource string `json:"packageSource"`
 	Host          string `json:"host"`
+	// User is whom its images run as (tarstream.User's Key), "" for root.
+	User string `json:"user,omitempty"`
 }
 
 // Differs says how a daemon that answers i builds other images than one
@@ -33,8 +35,17 @@ func (i Info) Differs(want Info) string {
 		return fmt.Sprintf("it builds from %s, not %s", i.PackageSource, want.PackageSource)
 	case i.Host != want.Host:
 		return fmt.Sprintf("its image host is %s, not %s", i.Host, want.Host)
+	case i.User != want.User:
+		return fmt.Sprintf("its images run as %s, not %s", orRoot(i.User), orRoot(want.User))
 	}
 	return ""
+}
+
+func orRoot(user string) string {
+	if user == "" {
+		return "root"
+	}
+	return user
 }
 
 // BuildRequest asks the daemon to build and register an image.

@@ -91,6 +91,16 @@ func TestInfo(t *testing.T) {
 	if d := got.Differs(other); !strings.Contains(d, "https://example.org/pkgs") {
 		t.Errorf("another package source: %q", d)
 	}
+	// A daemon whose images run as another user builds other images; one
+	// from before users (no field) builds root's.
+	other = want
+	other.User = "alice:1000:1000"
+	if d := got.Differs(other); !strings.Contains(d, "run as root, not alice:1000:1000") {
+		t.Errorf("another user: %q", d)
+	}
+	if d := other.Differs(want); !strings.Contains(d, "run as alice:1000:1000, not root") {
+		t.Errorf("root wanted: %q", d)
+	}
 }
 
 // The progress of a build reaches the client while the build runs, before

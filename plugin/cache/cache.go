@@ -42,6 +42,10 @@ type LayerKey struct {
 	Symlinks bool     `json:"symlinks"`
 	Paths    []string `json:"paths"`
 	Hashes   []string `json:"hashes"`
+	// User is the image user whose accounts a symlink layer holds
+	// (tarstream.User's String), "" for root: keys of root's layers are
+	// what they were before users.
+	User string `json:"user,omitempty"`
 }
 
 // ImageKey is what an image of a pinned package source depends on.
@@ -60,6 +64,8 @@ type ImageKey struct {
 	MaxLayers int    `json:"maxLayers"`
 	// Layering is the grouping's options (layering.Identity).
 	Layering string `json:"layering"`
+	// User is whom the image runs as, as LayerKey.User.
+	User string `json:"user,omitempty"`
 }
 
 // key is the database key of a record of kind with key value v.

@@ -31,6 +31,9 @@ type Layer struct {
 	// bytes depend on (a path rebuilt differently has another hash).
 	Hashes   []string
 	Symlinks bool
+	// User is whom the image runs as, whose accounts a symlink layer
+	// holds (root, the zero User, has none).
+	User tarstream.User
 	// Blob is the layer's content when it is small and kept in memory (a
 	// reference layer).
 	Blob []byte
@@ -42,12 +45,16 @@ func (l *Layer) Key() string {
 	if l.Symlinks {
 		kind = "symlinks"
 	}
-	return "nixery-" + kind + "-" + digest.FromString(strings.Join(l.Paths, "\n")).Encoded()
+	content := strings.Join(l.Paths, "\n")
+	if u := l.User.Key(); u != "" {
+		content += "\nuser " + u
+	}
+	return "nixery-" + kind + "-" + digest.FromString(content).Encoded()
 }
 
 // CacheKey keys the layer's descriptor in the cache.
 func (l *Layer) CacheKey() cache.LayerKey {
-	return cache.LayerKey{Symlinks: l.Symlinks, Paths: l.Paths, Hashes: l.Hashes}
+	return cache.LayerKey{Symlinks: l.Symlinks, Paths: l.Paths, Hashes: l.Hashes, User: l.User.Key()}
 }
 
 // WriteTar writes the layer's tar.
@@ -57,7 +64,7 @@ func (l *Layer) WriteTar(w io.Writer) error { return l.WriteTarFrom(w, 0) }
 // the files before it.
 func (l *Layer) WriteTarFrom(w io.Writer, offset int64) error {
 	if l.Symlinks {
-		return tarstream.WriteSymlinkForest(w, l.Paths, tarstream.Skip(offset))
+		return tarstream.WriteSymlinkForest(w, l.Paths, tarstream.Skip(offset), tarstream.WithUser(l.User))
 	}
 	return tarstream.WriteStorePaths(w, l.Paths, tarstream.Skip(offset))
 }

@@ -124,6 +124,9 @@ func Annotations(l *Layer, desc ocispec.Descriptor) map[string]string {
 	var annotations map[string]string
 	if l.Symlinks {
 		annotations = labels.SymlinkAnnotations(l.Paths)
+		if u := l.User.Key(); u != "" {
+			annotations[labels.UserLabel] = u
+		}
 	} else {
 		annotations = labels.StorePathAnnotations(l.Paths)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/api"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // Pull builds the image of ref and registers it in the containerd of cfg,
@@ -101,7 +102,11 @@ func pullInDaemon(ctx context.Context, cfg plugin.Config, ref string) (*api.Buil
 	if err != nil {
 		return nil, true, err
 	}
-	if why := info.Differs(api.Info{PackageSource: src.String(), Host: cfg.Image.Host}); why != "" {
+	user, err := tarstream.ParseUser(cfg.Image.User)
+	if err != nil {
+		return nil, true, fmt.Errorf("[image] user: %w", err)
+	}
+	if why := info.Differs(api.Info{PackageSource: src.String(), Host: cfg.Image.Host, User: user.Key()}); why != "" {
 		progress.Step(ctx, "%s: building here, not in the daemon on %s: %s", ref, socket, why)
 		return nil, true, nil
 	}

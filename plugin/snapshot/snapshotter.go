@@ -153,7 +153,12 @@ func (f *storeFiller) Fill(ctx context.Context, key, dir string, layer map[strin
 		return nil, fmt.Errorf("store paths of the layer: %w", err)
 	}
 	if forest {
-		err = f.writeForest(ctx, dir, paths)
+		var user tarstream.User
+		user, err = labels.LayerUser(layer)
+		if err != nil {
+			return nil, err
+		}
+		err = f.writeForest(ctx, dir, paths, user)
 	} else {
 		err = f.layers.Write(ctx, dir, paths)
 	}
@@ -174,11 +179,12 @@ func (f *storeFiller) Release(_ context.Context, key string, labels map[string]s
 	return os.RemoveAll(roots)
 }
 
-// writeForest applies the symlink layer's tar, streamed, to dir.
-func (f *storeFiller) writeForest(ctx context.Context, dir string, packages []string) error {
+// writeForest applies the symlink layer's tar of user's image, streamed,
+// to dir.
+func (f *storeFiller) writeForest(ctx context.Context, dir string, packages []string, user tarstream.User) error {
 	pr, pw := io.Pipe()
 	go func() {
-		pw.CloseWithError(tarstream.WriteSymlinkForest(pw, packages, tarstream.WithRoot(f.layers.StoreRoot())))
+		pw.CloseWithError(tarstream.WriteSymlinkForest(pw, packages, tarstream.WithRoot(f.layers.StoreRoot()), tarstream.WithUser(user)))
 	}()
 	_, err := archive.Apply(ctx, dir, pr)
 	pr.CloseWithError(err)

@@ -363,3 +363,36 @@ func TestPrepareWhiteoutName(t *testing.T) {
 		t.Errorf("Prepare of a layer with a .wh. file: %v", err)
 	}
 }
+
+// A symlink layer of a non-root image is made with its user's accounts and
+// home, owned by the user; a user label not written as this project
+// writes it is refused, naming the label.
+func TestPrepareSymlinkLayerUser(t *testing.T) {
+	annotations := labels.SymlinkAnnotations([]string{htop})
+	annotations[labels.UserLabel] = "alice:1001:1002"
+	bad := labels.SymlinkAnnotations([]string{htop})
+	bad[labels.UserLabel] = "alice"
+	s, _, _ := newTestSnapshotter(t, claim{annotations, "sha256:user"}, claim{bad, "sha256:bad"})
+	ctx := context.Background()
+	if _, err := s.Prepare(ctx, "extract", "", snapshots.WithLabels(unpackLabels(annotations, "sha256:user"))); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare: %v", err)
+	}
+	mounts, err := s.View(ctx, "view", remote.CommitName("sha256:user", ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Remove(ctx, "view")
+	dir := mounts[0].Source
+	if b, err := os.ReadFile(filepath.Join(dir, "etc/passwd")); err != nil || !strings.Contains(string(b), "\nalice:x:1001:1002::/home/alice:") {
+		t.Errorf("etc/passwd: %q, %v", b, err)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(dir, "home/alice"), &st); err != nil || st.Uid != 1001 || st.Gid != 1002 {
+		t.Errorf("home/alice: owner %d:%d, %v", st.Uid, st.Gid, err)
+	}
+
+	_, err = s.Prepare(ctx, "extract-bad", "", snapshots.WithLabels(unpackLabels(bad, "sha256:bad")))
+	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), labels.UserLabel) {
+		t.Errorf("Prepare with user label %q: %v", bad[labels.UserLabel], err)
+	}
+}
