@@ -13,7 +13,6 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild/storepath"
-	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
 // Prefix begins every label by which a layer says what it is: store
@@ -122,21 +121,4 @@ func LayerContent(labels map[string]string) (paths []string, symlinks bool, err 
 		return nil, false, fmt.Errorf("layer labels: %w", err)
 	}
 	return paths, symlinks, nil
-}
-
-// LayerUser is the image user a symlink layer's labels name: root without
-// UserLabel, else the label exactly as tarstream.User's Key writes it.
-func LayerUser(labels map[string]string) (tarstream.User, error) {
-	v, ok := labels[UserLabel]
-	if !ok {
-		return tarstream.User{}, nil
-	}
-	u, err := tarstream.ParseUser(v)
-	if err == nil && u.Key() != v {
-		err = fmt.Errorf("%q is not written as name:uid:gid: %w", v, errdefs.ErrInvalidArgument)
-	}
-	if err != nil {
-		return tarstream.User{}, fmt.Errorf("layer label %s: %w", UserLabel, err)
-	}
-	return u, nil
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/archive"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
@@ -154,7 +155,7 @@ func (f *storeFiller) Fill(ctx context.Context, key, dir string, layer map[strin
 	}
 	if forest {
 		var user tarstream.User
-		user, err = labels.LayerUser(layer)
+		user, err = layerUser(layer)
 		if err != nil {
 			return nil, err
 		}
@@ -177,6 +178,24 @@ func (f *storeFiller) Release(_ context.Context, key string, labels map[string]s
 		roots = dir
 	}
 	return os.RemoveAll(roots)
+}
+
+// layerUser is the image user a symlink layer's labels name: root without
+// labels.UserLabel, else the label exactly as tarstream.User's Key writes
+// it.
+func layerUser(layer map[string]string) (tarstream.User, error) {
+	v, ok := layer[labels.UserLabel]
+	if !ok {
+		return tarstream.User{}, nil
+	}
+	u, err := tarstream.ParseUser(v)
+	if err == nil && u.Key() != v {
+		err = fmt.Errorf("%q is not written as name:uid:gid: %w", v, errdefs.ErrInvalidArgument)
+	}
+	if err != nil {
+		return tarstream.User{}, fmt.Errorf("layer label %s: %w", labels.UserLabel, err)
+	}
+	return u, nil
 }
 
 // writeForest applies the symlink layer's tar of user's image, streamed,

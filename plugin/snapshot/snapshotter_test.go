@@ -396,3 +396,21 @@ func TestPrepareSymlinkLayerUser(t *testing.T) {
 		t.Errorf("Prepare with user label %q: %v", bad[labels.UserLabel], err)
 	}
 }
+
+// A user label is read exactly as this project writes it, or refused.
+func TestLayerUser(t *testing.T) {
+	forest := labels.SymlinkAnnotations([]string{htop})
+	if u, err := layerUser(forest); err != nil || !u.Root() {
+		t.Errorf("no label: %+v, %v; want root", u, err)
+	}
+	forest[labels.UserLabel] = "alice:1001:100"
+	if u, err := layerUser(forest); err != nil || u.Key() != "alice:1001:100" {
+		t.Errorf("alice:1001:100: %+v, %v", u, err)
+	}
+	for _, bad := range []string{"root", "alice", "1001:100", "alice:1001:100\n", "alice:0:0", "Alice:1:1", "a:1:1:1"} {
+		forest[labels.UserLabel] = bad
+		if u, err := layerUser(forest); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("%q: %+v, %v; want an invalid argument", bad, u, err)
+		}
+	}
+}
