@@ -34,9 +34,12 @@ type daemon struct {
 	earlyHeaders string
 	// unpackInto is the endpoint's registry.unpack_into, when set.
 	unpackInto []string
-	config     string
-	cmd        *exec.Cmd
-	exited     chan struct{}
+	// nixDir, when set, is the /nix of a node of its own: the daemon and
+	// the CLI run in a mount namespace where it is mounted on /nix.
+	nixDir string
+	config string
+	cmd    *exec.Cmd
+	exited chan struct{}
 }
 
 func newDaemon(t testing.TB) *daemon {
@@ -83,7 +86,7 @@ func (d *daemon) start(config string) {
 		d.t.Fatal(err)
 	}
 	defer log.Close()
-	d.cmd = exec.Command(binary, "serve", "--config", config, "--log-level", "debug")
+	d.cmd = d.command(binary, "serve", "--config", config, "--log-level", "debug")
 	d.cmd.Stdout, d.cmd.Stderr = log, log
 	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := d.cmd.Start(); err != nil {
@@ -107,6 +110,33 @@ func (d *daemon) start(config string) {
 			d.t.Fatalf("daemon did not start; log:\n%s", d.log())
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// command runs name where the daemon's Nix is: in its node's mount
+// namespace, if it has one (the process keeps its pid through unshare
+// and sh: signals reach it).
+func (d *daemon) command(name string, args ...string) *exec.Cmd {
+	if d.nixDir == "" {
+		return exec.Command(name, args...)
+	}
+	return exec.Command("unshare", append([]string{"--mount", "--propagation", "private", "sh", "-c",
+		`mount --bind "$1" /nix && shift && exec "$@"`, "sh", d.nixDir, name}, args...)...)
+}
+
+// withOwnNix gives the env's daemon (and CLI) a /nix of its own, empty,
+// as a new node has: a fleet on one machine.
+func withOwnNix() envOpt {
+	return func(e *env) {
+		d := e.daemon
+		d.nixDir = filepath.Join(d.dir, "nix")
+		os.MkdirAll("/nix", 0o755) // to mount on
+		if err := os.MkdirAll(d.nixDir, 0o755); err != nil {
+			e.t.Fatal(err)
+		}
+		// The node's Nix makes the directory, in its own store.
+		os.Remove(d.gcRoots)
+		d.gcRoots = "/nix/var/nix/gcroots/nixery-node"
 	}
 }
 

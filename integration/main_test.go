@@ -237,6 +237,10 @@ func (e *env) pull(args ...string) (string, string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, binary, append([]string{"pull", "--config", e.config}, args...)...)
+	if e.daemon != nil && e.daemon.nixDir != "" {
+		c := e.daemon.command(binary, append([]string{"pull", "--config", e.config}, args...)...)
+		cmd = exec.CommandContext(ctx, c.Path, c.Args[1:]...)
+	}
 	if e.path != "" {
 		cmd.Env = append(os.Environ(), "PATH="+e.path)
 	}

@@ -100,6 +100,7 @@ type Builder struct {
 
 	store     store
 	storeInit storeInit
+	caches    *caches
 
 	// beside are the goroutines a build starts beside its evaluation,
 	// which Close waits for; none starts once closed (under mu).
@@ -179,6 +180,12 @@ func New(source Source, opts ...Opt) *Builder {
 	if b.timeout <= 0 {
 		b.timeout = DefaultTimeout
 	}
+	if _, set := b.options["fallback"]; !set {
+		// A substitute that cannot be fetched is built instead: a
+		// binary cache only ever saves work.
+		b.options["fallback"] = "true"
+	}
+	b.caches = newCaches(b.options)
 	return b
 }
 
@@ -215,6 +222,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
 	}
 	ctx, cancel := context.WithTimeoutCause(ctx, b.timeout, fmt.Errorf("nix prepare step exceeded its timeout of %s: %w", b.timeout, context.DeadlineExceeded))
 	defer cancel()
+	b.caches.check(ctx)
 	res, err := b.build(ctx, req)
 	if err != nil && ctx.Err() != nil {
 		if cause := context.Cause(ctx); cause != nil && !errors.Is(err, cause) {
@@ -571,9 +579,11 @@ func (b *Builder) evalEnv(src Source, tag string) []string {
 // args puts the configured Nix settings before args; later settings (the
 // restrictions of evalArgs) override them.
 func (b *Builder) args(args ...string) []string {
+	options := maps.Clone(b.options)
+	maps.Copy(options, b.caches.settings()) // without the caches that are down
 	var opts []string
-	for _, k := range slices.Sorted(maps.Keys(b.options)) {
-		opts = append(opts, "--option", k, b.options[k])
+	for _, k := range slices.Sorted(maps.Keys(options)) {
+		opts = append(opts, "--option", k, options[k])
 	}
 	return append(opts, args...)
 }

@@ -55,7 +55,7 @@ func (e *NotPackageError) Is(target error) bool { return target == errdefs.ErrIn
 
 // BuildError is a failed Nix evaluation or build, with the end of its log.
 type BuildError struct {
-	Stage string // "fetch", "evaluate", "build" or "query"
+	Stage string // "fetch", "evaluate", "build", "query" or "push"
 	Log   string // the last lines Nix wrote to stderr
 	// Shown says every line of the log went to a person already (the
 	// request's progress sink): the message does not repeat them.

@@ -132,6 +132,7 @@ func (b *Builder) rootValid(ctx context.Context, dir string, paths, valid []stri
 	if len(missing) == 0 {
 		return nil
 	}
+	b.caches.check(ctx)
 	// nix-store makes the roots while it holds its own temporary ones.
 	if _, err := b.limited(ctx, "realise", "nix-store", b.args(append([]string{"--realise", "--add-root", filepath.Join(dir, fmt.Sprintf("realised-%d", time.Now().UnixNano())), "--"}, missing...)...)...); err != nil {
 		return fmt.Errorf("store paths not valid on this node, and not realisable: %v: %w (%w)", missing, errdefs.ErrNotFound, err)

@@ -66,6 +66,7 @@ func (b *Builder) runEnv(ctx context.Context, env []string, stage, name string, 
 		return nil, &BuildError{Stage: stage, Err: fmt.Errorf("start %s: %w", name, err)}
 	}
 	tail := newTail(b.logLines)
+	var did activity
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -75,6 +76,7 @@ func (b *Builder) runEnv(ctx context.Context, env []string, stage, name string, 
 		for scanner.Scan() {
 			line := scanner.Text()
 			tail.add(line)
+			did.line(line)
 			logger.Debug(line)
 			progress.Nix(ctx, line)
 		}
@@ -83,6 +85,7 @@ func (b *Builder) runEnv(ctx context.Context, env []string, stage, name string, 
 	wg.Wait()
 	err = cmd.Wait()
 	close(exited)
+	did.report(ctx, b)
 	if cancelled.Load() {
 		// Sweep what is left of the group while its id is still held by
 		// the stragglers; once the group is empty the id may be reused,

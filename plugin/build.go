@@ -127,7 +127,22 @@ type ImageBuilder struct {
 
 	pinnedSource bool
 	user         tarstream.User
+	pusher       Pusher
 }
+
+// Pusher takes the closures of built images to where other nodes find
+// them (a *push.Pusher); it must not wait for them to get there.
+type Pusher interface {
+	Push(ctx context.Context, paths []string)
+}
+
+// noPusher keeps closures on this node.
+type noPusher struct{}
+
+func (noPusher) Push(context.Context, []string) {}
+
+// WithPusher hands the packages of every image Nix built to p.
+func WithPusher(p Pusher) BuildOpt { return func(b *ImageBuilder) { b.pusher = p } }
 
 // BuildOpt configures an ImageBuilder.
 type BuildOpt func(*ImageBuilder)
@@ -257,7 +272,7 @@ func describeLayers(ctx context.Context, img resolver.Image, layers []*layer.Lay
 
 // NewImageBuilder returns an ImageBuilder that realises packages with nix.
 func NewImageBuilder(nix Nix, opts ...BuildOpt) *ImageBuilder {
-	b := &ImageBuilder{nix: nix, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers, maxQueued: DefaultMaxQueued, plans: map[string]*planCall{}}
+	b := &ImageBuilder{nix: nix, host: resolver.DefaultHost, maxLayers: DefaultMaxLayers, maxQueued: DefaultMaxQueued, plans: map[string]*planCall{}, pusher: noPusher{}}
 	WithMaxBuilds(DefaultMaxBuilds)(b)
 	for _, opt := range opts {
 		opt(b)
@@ -581,6 +596,7 @@ func (b *ImageBuilder) queuedPlan(ctx context.Context, img resolver.Image) (*pla
 	for _, pkg := range res.Packages {
 		roots = append(roots, pkg.Outs...)
 	}
+	b.pusher.Push(ctx, roots)
 	for _, sp := range res.Closure {
 		closureSize += sp.NarSize
 	}

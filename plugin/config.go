@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,6 +21,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/listen"
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/push"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/snapshot"
 	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
@@ -144,6 +146,13 @@ type NixConfig struct {
 	Timeout Duration `toml:"timeout"`
 	// BinDir holds nix-instantiate, nix-store and nix; empty means PATH.
 	BinDir string `toml:"bin_dir"`
+	// PushTo are Nix store URIs (binary caches: file://, http(s)://,
+	// s3://, ssh://) every built image's closure is copied to, in the
+	// background, for other nodes to substitute.
+	PushTo []string `toml:"push_to"`
+	// PushSecretKey is the file of the key (nix-store
+	// --generate-binary-cache-key) that signs what is pushed.
+	PushSecretKey string `toml:"push_secret_key"`
 	// MaxBuilds bounds how many different images are built at once; more
 	// requests for an image being built join that build.
 	MaxBuilds int `toml:"max_builds"`
@@ -308,6 +317,36 @@ func (c NixConfig) Builder(opts ...nixbuild.Opt) (*nixbuild.Builder, error) {
 		nixbuild.WithBinDir(c.BinDir),
 		nixbuild.WithRevisions(c.Revisions),
 	}, opts...)...), nil
+}
+
+// Pusher returns what pushes built closures to PushTo with nix: nothing
+// when PushTo is empty. Close it.
+func (c NixConfig) Pusher(nix push.Nix) (*push.Pusher, error) {
+	var to []string
+	for _, uri := range c.PushTo {
+		u, err := url.Parse(uri)
+		if err != nil || u.Scheme == "" {
+			return nil, fmt.Errorf("[nix] push_to: %q is not a Nix store URI (such as file:///srv/cache or https://cache.example.org): %w", uri, errdefs.ErrInvalidArgument)
+		}
+		if c.PushSecretKey != "" {
+			q := u.Query()
+			if q.Has("secret-key") {
+				return nil, fmt.Errorf("[nix] push_to: %q names a secret-key of its own, and push_secret_key is set too: %w", uri, errdefs.ErrInvalidArgument)
+			}
+			q.Set("secret-key", c.PushSecretKey)
+			u.RawQuery = q.Encode()
+		}
+		to = append(to, u.String())
+	}
+	if c.PushSecretKey != "" {
+		if len(c.PushTo) == 0 {
+			return nil, fmt.Errorf("[nix] push_secret_key is set but push_to is empty: %w", errdefs.ErrInvalidArgument)
+		}
+		if _, err := os.Stat(c.PushSecretKey); err != nil {
+			return nil, fmt.Errorf("[nix] push_secret_key: %w", err)
+		}
+	}
+	return push.New(nix, to), nil
 }
 
 // ImageBuilder returns the image builder for this configuration.

@@ -1,7 +1,9 @@
 package plugin
 
 import (
+	"context"
 	"fmt"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -100,6 +102,36 @@ func TestCommand(t *testing.T) {
 		}
 		if got := command(img, pkgs); !slices.Equal(got, tc.want) {
 			t.Errorf("%s: %v, want %v", tc.ref, got, tc.want)
+		}
+	}
+}
+
+// push_to URIs reach Nix with the signing key in their query, as Nix
+// reads it; what Nix cannot read is refused at start.
+func TestNixConfigPusher(t *testing.T) {
+	key := filepath.Join(t.TempDir(), "cache key.sec")
+	if err := os.WriteFile(key, []byte("k"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p, err := NixConfig{PushTo: []string{"file:///srv/cache?compression=zstd", "https://cache.example.org"}, PushSecretKey: key}.Pusher(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close(context.Background())
+	q := url.Values{"secret-key": {key}}.Encode()
+	want := []string{"file:///srv/cache?compression=zstd&" + q, "https://cache.example.org?" + q}
+	if got := p.Targets(); !slices.Equal(got, want) {
+		t.Errorf("targets %q, want %q", got, want)
+	}
+	for _, bad := range []NixConfig{
+		{PushTo: []string{"/srv/cache"}},
+		{PushTo: []string{"file:///srv/cache?secret-key=/a"}, PushSecretKey: key},
+		{PushSecretKey: key},
+		{PushTo: []string{"file:///srv/cache"}, PushSecretKey: filepath.Join(t.TempDir(), "missing")},
+	} {
+		if p, err := bad.Pusher(nil); err == nil {
+			p.Close(context.Background())
+			t.Errorf("%+v accepted", bad)
 		}
 	}
 }

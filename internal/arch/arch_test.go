@@ -39,6 +39,7 @@ var tiers = map[string]int{
 	"layering":               4,  // closure → layers
 	"layering/labels":        4,  // how layers and snapshots say what they hold
 	"internal/errkind":       4,  // what a failed request was, at every boundary
+	"plugin/push":            4,  // closure → the fleet's binary caches
 	"tarstream":              5,  // layers → tar
 	"plugin/cache":           5,  // what was expensive to find out, remembered
 	"plugin/snapshot/remote": 5,  // snapshots some of whose layers are made, not unpacked

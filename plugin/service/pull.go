@@ -59,7 +59,14 @@ func Pull(ctx context.Context, cfg plugin.Config, ref string) (name, dgst string
 	if err != nil {
 		return "", "", fmt.Errorf("%w (pull runs as root, as containerd does)", err)
 	}
-	images, err := cfg.ImageBuilder(builder, plugin.WithCache(layers), plugin.WithClaims(claims))
+	pusher, err := cfg.Nix.Pusher(builder)
+	if err != nil {
+		return "", "", err
+	}
+	// The image is registered before its closure has reached the caches:
+	// this process waits for that (an interrupt gives it up).
+	defer pusher.Close(ctx)
+	images, err := cfg.ImageBuilder(builder, plugin.WithCache(layers), plugin.WithClaims(claims), plugin.WithPusher(pusher))
 	if err != nil {
 		return "", "", err
 	}

@@ -67,7 +67,14 @@ func Serve(ctx context.Context, cfg plugin.Config) error {
 			return err
 		}
 		defer layers.Close()
-		images, err := cfg.ImageBuilder(builder, plugin.WithCache(layers), plugin.WithClaims(claims))
+		pusher, err := cfg.Nix.Pusher(builder)
+		if err != nil {
+			return err
+		}
+		// Pushes under way when the daemon stops are given up: the
+		// next build of the image pushes again.
+		defer pusher.Close(ctx)
+		images, err := cfg.ImageBuilder(builder, plugin.WithCache(layers), plugin.WithClaims(claims), plugin.WithPusher(pusher))
 		if err != nil {
 			return err
 		}
