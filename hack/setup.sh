@@ -9,7 +9,7 @@
 set -euo pipefail
 
 containerd_version=v2.4.2
-debs=(nix-bin runc patchelf skopeo htop nano moreutils git jq ca-certificates netbase debootstrap)
+debs=(nix-bin runc patchelf skopeo docker-registry htop nano moreutils git jq ca-certificates netbase debootstrap)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup: run as root (it installs Debian packages and /usr/local/bin/containerd)" >&2
@@ -69,7 +69,7 @@ fi
 debian13=${NIXERY_DEBIAN13_ROOT:-/var/cache/nixery-snapshotter/debian-13}
 # Debian's nix-bin needs libdbi-perl named: debootstrap cannot resolve its
 # perl-dbdabi dependency, so packages are installed after it.
-debs13=(nix-bin libdbi-perl runc patchelf skopeo htop nano moreutils git jq ca-certificates netbase)
+debs13=(nix-bin libdbi-perl runc patchelf skopeo docker-registry htop nano moreutils git jq ca-certificates netbase)
 if [ "$(cat "$debian13/.nixery-setup" 2>/dev/null)" != "${debs13[*]}" ]; then
   if [ ! -x "$debian13/usr/bin/apt-get" ]; then
     mirror=$(awk '/^URIs:/ {print $2; exit} /^deb / {print $2; exit}' \

@@ -24,9 +24,11 @@ import (
 const usage = `usage: nixery-snapshotter COMMAND [FLAGS] [ARGS]
 
 Commands:
-  pull REF    build the image for REF from Nix packages and register it in containerd
-  serve       serve the nix snapshotter to containerd
-  version     print the version (also --version)
+  pull REF          build the image for REF from Nix packages and register it in containerd
+  export REF FILE   build it and write it as an OCI image layout archive (for hosts without Nix)
+  push REF DEST     build it and push it to a registry
+  serve             serve the nix snapshotter to containerd
+  version           print the version (also --version)
 
 Run 'nixery-snapshotter COMMAND -h' for a command's flags.
 `
@@ -51,6 +53,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	switch args[0] {
 	case "pull":
 		return pull(ctx, args[1:], stdout, stderr)
+	case "export":
+		return export(ctx, args[1:], stdout, stderr)
+	case "push":
+		return push(ctx, args[1:], stdout, stderr)
 	case "serve":
 		return serve(ctx, args[1:], stderr)
 	case "--version", "-version", "version":
@@ -82,6 +88,18 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 		positional = append(positional, args[0])
 		args = args[1:]
 	}
+}
+
+// newFlagSet is the flag set of a command whose usage is usage (its
+// synopsis and what it does), followed by its flags.
+func newFlagSet(name, usage string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: nixery-snapshotter %s\n\nFlags:\n", usage)
+		fs.PrintDefaults()
+	}
+	return fs
 }
 
 // keyValues is a repeatable NAME=VALUE flag.
@@ -129,13 +147,20 @@ func addCommonFlags(fs *flag.FlagSet, logLevel string) *commonFlags {
 }
 
 // parse parses args, sets up logging and returns the positional arguments
-// and the configuration file (or the defaults) with the common flags that
-// were given applied over it.
-func (src *commonFlags) parse(fs *flag.FlagSet, args []string) ([]string, plugin.Config, error) {
+// (of which there must be as many as names) and the configuration file (or
+// the defaults) with the common flags that were given applied over it.
+func (src *commonFlags) parse(fs *flag.FlagSet, args []string, names ...string) ([]string, plugin.Config, error) {
 	cfg := plugin.DefaultConfig()
 	positional, err := parseInterspersed(fs, args)
 	if err != nil {
 		return nil, cfg, err
+	}
+	if len(positional) != len(names) {
+		fs.Usage()
+		if len(names) == 0 {
+			return nil, cfg, fmt.Errorf("%s takes no arguments, got %v", fs.Name(), positional)
+		}
+		return nil, cfg, fmt.Errorf("%s takes %s, got %d arguments", fs.Name(), strings.Join(names, " and "), len(positional))
 	}
 	if err := setLogLevel(*src.logLevel); err != nil {
 		return nil, cfg, err

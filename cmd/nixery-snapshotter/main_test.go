@@ -36,8 +36,14 @@ func TestRunUsage(t *testing.T) {
 	if err := run(context.Background(), []string{"frobnicate"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "unknown command") {
 		t.Errorf("unknown command: %v", err)
 	}
-	if err := run(context.Background(), []string{"pull"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "exactly one image reference") {
+	if err := run(context.Background(), []string{"pull"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "pull takes an image reference, got 0") {
 		t.Errorf("pull without a reference: %v", err)
+	}
+	if err := run(context.Background(), []string{"export", "nix.local/htop"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "export takes an image reference and a file, got 1") {
+		t.Errorf("export without a file: %v", err)
+	}
+	if err := run(context.Background(), []string{"serve", "x"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "serve takes no arguments") {
+		t.Errorf("serve with an argument: %v", err)
 	}
 	if err := run(context.Background(), []string{"pull", "--pkgs-path", "/a", "--pkgs-git", "b", "nix.local/htop"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "more than one package source") {
 		t.Errorf("two sources: %v", err)

@@ -11,12 +11,7 @@ import (
 )
 
 func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("pull", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: nixery-snapshotter pull [FLAGS] REF\n\nBuilds the image for REF (e.g. nix.local/shell/htop) from Nix packages and registers it in containerd.\n\nFlags:")
-		fs.PrintDefaults()
-	}
+	fs := newFlagSet("pull", "pull [FLAGS] REF\n\nBuilds the image for REF (e.g. nix.local/shell/htop) from Nix packages and registers it in containerd.", stderr)
 	var (
 		address     = fs.String("address", "", "containerd socket (default /run/containerd/containerd.sock)")
 		namespace   = fs.String("namespace", "", "containerd namespace (default $CONTAINERD_NAMESPACE or \"default\")")
@@ -24,13 +19,9 @@ func pull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		withLayers  = fs.Bool("with-layers", false, "write the tar layers into the content store too (for export or push), not only into snapshots")
 	)
 	common := addCommonFlags(fs, "warn")
-	positional, cfg, err := common.parse(fs, args)
+	positional, cfg, err := common.parse(fs, args, "an image reference")
 	if err != nil {
 		return err
-	}
-	if len(positional) != 1 {
-		fs.Usage()
-		return fmt.Errorf("pull takes exactly one image reference, got %d", len(positional))
 	}
 	fs.Visit(func(f *flag.Flag) {
 		switch f.Name {

@@ -3,19 +3,13 @@ package main
 import (
 	"context"
 	"flag"
-	"fmt"
 	"io"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/service"
 )
 
 func serve(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: nixery-snapshotter serve [FLAGS]\n\nServes the nix snapshotter to containerd ([proxy_plugins.nix] in its config).\n\nFlags:")
-		fs.PrintDefaults()
-	}
+	fs := newFlagSet("serve", "serve [FLAGS]\n\nServes the nix snapshotter to containerd ([proxy_plugins.nix] in its config).", stderr)
 	var (
 		address    = fs.String("address", "", "unix socket to serve on (default /run/nixery-snapshotter/nixery-snapshotter.sock)")
 		root       = fs.String("root", "", "state directory (default /var/lib/nixery-snapshotter)")
@@ -24,13 +18,9 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		metAddress = fs.String("metrics-address", "", "address of /metrics and /healthz (default 127.0.0.1:9484; \"\" disables them)")
 	)
 	common := addCommonFlags(fs, "info")
-	positional, cfg, err := common.parse(fs, args)
+	_, cfg, err := common.parse(fs, args)
 	if err != nil {
 		return err
-	}
-	if len(positional) != 0 {
-		fs.Usage()
-		return fmt.Errorf("serve takes no arguments, got %v", positional)
 	}
 	fs.Visit(func(f *flag.Flag) {
 		switch f.Name {
