@@ -343,6 +343,10 @@ func (b *Builder) evaluate(ctx context.Context, src Source, expr string, req Req
 	if err != nil {
 		return evaluated{}, err
 	}
+	if v := b.version(ctx); src.kind == "flake" && v != [2]int{} && !atLeast(v, flakesSince) {
+		return evaluated{}, fmt.Errorf("the package source is a flake, which needs Nix %d.%d or newer; this node's Nix is %d.%d: %w",
+			flakesSince[0], flakesSince[1], v[0], v[1], errdefs.ErrFailedPrecondition)
+	}
 	ev := evaluated{env: b.evalEnv(src, req.Tag)}
 	ev.args, err = b.evalArgs(src, expr, req.Tag,
 		"--argstr", "source", source,
@@ -357,6 +361,10 @@ func (b *Builder) evaluate(ctx context.Context, src Source, expr string, req Req
 	var be *BuildError
 	if lookup := b.source.lookup(); errors.As(err, &be) && lookup != "" && strings.Contains(be.Log, "'"+lookup+"' was not found in the Nix search path") {
 		return evaluated{}, &NoSourceError{Lookup: lookup}
+	}
+	if errors.As(err, &be) && src.kind == "flake" && req.Tag != "" && req.Tag != LatestTag && isNoRevision(be.Log) {
+		// Evaluation fetches a flake (builtins.getFlake).
+		return evaluated{}, &RevisionError{Source: src.String(), Tag: req.Tag, Reason: nixMessage(be.Log), Err: err}
 	}
 	if err != nil {
 		return evaluated{}, err
@@ -550,6 +558,11 @@ func (b *Builder) evalArgs(src Source, expr, tag string, args ...string) ([]stri
 		return nil, err
 	}
 	restrict := []string{"--option", "restrict-eval", "true"}
+	if src.kind == "flake" {
+		// Flakes are experimental in every Nix: enabled for this call
+		// only, not for the node.
+		restrict = append(restrict, "--option", "extra-experimental-features", "nix-command flakes")
+	}
 	if op := b.options["allowed-uris"]; op != "" {
 		uris = append([]string{op}, uris...)
 	}
@@ -716,6 +729,17 @@ const versionTimeout = time.Minute
 // pathInfoFormat is what to add to `nix path-info --json` for this
 // Builder's Nix: --json-format 2 where Nix knows it.
 func (b *Builder) pathInfoFormat(ctx context.Context) []string {
+	if atLeast(b.version(ctx), jsonFormatSince) {
+		return []string{"--json-format", "2"}
+	}
+	return nil
+}
+
+// flakesSince is the first Nix with flakes (experimental in every one).
+var flakesSince = [2]int{2, 4}
+
+// version is this Builder's Nix's version (major, minor), zero if unknown.
+func (b *Builder) version(ctx context.Context) [2]int {
 	b.nixVersionOnce.Do(func() {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), versionTimeout)
 		defer cancel()
@@ -724,10 +748,12 @@ func (b *Builder) pathInfoFormat(ctx context.Context) []string {
 			b.nixVersion, _ = parseNixVersion(string(out))
 		}
 	})
-	if v := b.nixVersion; v[0] > jsonFormatSince[0] || v[0] == jsonFormatSince[0] && v[1] >= jsonFormatSince[1] {
-		return []string{"--json-format", "2"}
-	}
-	return nil
+	return b.nixVersion
+}
+
+// atLeast reports whether version have is want or later.
+func atLeast(have, want [2]int) bool {
+	return have[0] > want[0] || have[0] == want[0] && have[1] >= want[1]
 }
 
 // parseNixVersion reads `nix --version` ("nix (Nix) 2.26.3").

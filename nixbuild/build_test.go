@@ -3,6 +3,7 @@ package nixbuild
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -773,5 +774,73 @@ func TestIsNoRevision(t *testing.T) {
 		if got := isNoRevision(log); got != want {
 			t.Errorf("isNoRevision(%q) = %v, want %v", log, got, want)
 		}
+	}
+}
+
+// A flake is a package source: names resolve in packages.<system> before
+// legacyPackages.<system>, missing ones are named as for any source, and
+// a tag selects a commit (git+file) that pins the package set.
+func TestBuildFlakeSource(t *testing.T) {
+	testutil.RequireNix(t)
+	testutil.RequireCommands(t, "git")
+	repo := t.TempDir()
+	first := testutil.FlakeRepo(t, repo, `htop = pkgs.jq; tool = pkgs.htop;`)
+	second := testutil.FlakeRepo(t, repo, `htop = pkgs.jq; tool = pkgs.jq;`)
+
+	outOf := func(b *Builder, tag, pkg string) (string, error) {
+		res, err := b.Build(context.Background(), Request{Packages: []string{pkg}, System: "x86_64-linux", Tag: tag})
+		if err != nil {
+			return "", err
+		}
+		defer res.Release()
+		for _, p := range res.Packages {
+			if p.Name == pkg {
+				return p.Out, nil
+			}
+		}
+		return "", fmt.Errorf("%s not in %+v", pkg, res.Packages)
+	}
+	for _, ref := range []string{"path:" + repo, "git+file://" + repo} {
+		src, err := FlakeSource(ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := New(src, WithOptions(testutil.NixOptions()), WithRevisions([]string{"latest", first}))
+		// packages.<system> first: its htop is jq.
+		if out, err := outOf(b, "latest", "htop"); err != nil || !strings.Contains(out, "-jq-") {
+			t.Errorf("%s: htop is %q, %v; want packages' (jq)", ref, out, err)
+		}
+		// Then legacyPackages.
+		if out, err := outOf(b, "latest", "git"); err != nil || !strings.Contains(out, "-git-") {
+			t.Errorf("%s: git is %q, %v", ref, out, err)
+		}
+		if _, err := outOf(b, "latest", "nosuchpackage"); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "nosuchpackage") {
+			t.Errorf("%s: a missing package: %v", ref, err)
+		}
+		b.Close()
+	}
+
+	src, _ := FlakeSource("git+file://" + repo)
+	if src.Pinned("latest") || !src.Pinned(first) {
+		t.Errorf("pinned: latest %v, %s %v", src.Pinned("latest"), first, src.Pinned(first))
+	}
+	b := New(src, WithOptions(testutil.NixOptions()), WithRevisions([]string{"latest", first, second}))
+	defer b.Close()
+	if out, err := outOf(b, first, "tool"); err != nil || !strings.Contains(out, "-htop-") {
+		t.Errorf("tool at %s is %q, %v; want htop", first, out, err)
+	}
+	if out, err := outOf(b, second, "tool"); err != nil || !strings.Contains(out, "-jq-") {
+		t.Errorf("tool at %s is %q, %v; want jq", second, out, err)
+	}
+	// A revision the operator allows but the flake lacks is not found,
+	// naming it, as for git.
+	for _, tag := range []string{"feature-nope", "0123456789abcdef0123456789abcdef01234567"} {
+		b := New(src, WithOptions(testutil.NixOptions()), WithRevisions([]string{tag}))
+		_, err := outOf(b, tag, "htop")
+		var re *RevisionError
+		if !errdefs.IsNotFound(err) || !errors.As(err, &re) || !strings.Contains(err.Error(), tag) {
+			t.Errorf("tag %s that the flake lacks: %v", tag, err)
+		}
+		b.Close()
 	}
 }

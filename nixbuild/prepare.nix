@@ -12,6 +12,11 @@ let
     listToAttrs map match replaceStrings split;
 
   src = fromJSON source;
+  flake = builtins.getFlake src.flake;
+  # A flake's packages, then what only its legacyPackages have.
+  flakePackages =
+    let sys = if system == "" then builtins.currentSystem else system;
+    in (flake.legacyPackages.${sys} or { }) // (flake.packages.${sys} or { });
 
   tree =
     if src.type == "path" then /. + src.path
@@ -22,6 +27,7 @@ let
     else if src.type == "channel" then
       (if src ? lookup then builtins.findFile builtins.nixPath src.lookup
        else builtins.fetchTarball src.url)
+    else if src.type == "flake" then flake.outPath
     else throw "unknown package source type ${src.type}";
 
   imported = import tree;
@@ -31,7 +37,8 @@ let
   args = { inherit system; }
     // (if given ? config then { inherit (given) config; } else { })
     // (if given ? overlays then { overlays = map (p: import (/. + p)) given.overlays; } else { });
-  pkgs = if isFunction imported then imported args else imported;
+  pkgs = if src.type == "flake" then flakePackages
+    else if isFunction imported then imported args else imported;
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/url"
 	"os"
 	"os/exec"
 	"path"
@@ -34,7 +35,7 @@ var DefaultRevisions = []string{LatestTag}
 // `latest` replaces the channel; a path has a single revision. Which tags
 // are served at all is the operator's choice (WithRevisions).
 type Source struct {
-	kind string // "path", "git" or "channel"
+	kind string // "path", "git", "channel" or "flake"
 	loc  string
 }
 
@@ -55,6 +56,38 @@ func GitSource(url string) Source { return Source{kind: "git", loc: url} }
 // a tarball URL) or a Nix search path entry such as "<nixpkgs>".
 func ChannelSource(name string) Source { return Source{kind: "channel", loc: name} }
 
+// FlakeSource is a flake (a flake reference such as path:/srv/flake,
+// git+file:///srv/flake or github:owner/repo) whose packages.<system>,
+// then legacyPackages.<system>, are the package set. An image tag selects
+// a revision as for git (rev= or ref= in the reference), except for a
+// path: flake, which has one.
+func FlakeSource(ref string) (Source, error) {
+	u, err := url.Parse(ref)
+	if err != nil || u.Scheme == "" || strings.ContainsAny(ref, " \t\n") {
+		return Source{}, fmt.Errorf("flake %q is not a flake reference (such as path:/srv/flake, git+file:///srv/flake or github:owner/repo): %w", ref, errdefs.ErrInvalidArgument)
+	}
+	return Source{kind: "flake", loc: ref}, nil
+}
+
+// flakeRef is the flake reference of tag: the configured one, or it with
+// the tag as its rev (a commit id) or ref.
+func (s Source) flakeRef(tag string) string {
+	u, err := url.Parse(s.loc)
+	if err != nil || tag == "" || tag == LatestTag || u.Scheme == "path" {
+		return s.loc
+	}
+	q := u.Query()
+	q.Del("rev")
+	q.Del("ref")
+	if commitHash.MatchString(tag) {
+		q.Set("rev", tag)
+	} else {
+		q.Set("ref", tag)
+	}
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
 func (s Source) String() string { return s.kind + ":" + s.loc }
 
 // IsZero reports whether no source was configured.
@@ -68,6 +101,10 @@ func (s Source) Pinned(tag string) bool {
 		return commitHash.MatchString(tag)
 	case "channel":
 		return commitHash.MatchString(s.revision(tag))
+	case "flake":
+		// A commit, or a reference locked by its content.
+		u, err := url.Parse(s.flakeRef(tag))
+		return err == nil && (commitHash.MatchString(u.Query().Get("rev")) || u.Query().Get("narHash") != "")
 	}
 	return false
 }
@@ -199,6 +236,10 @@ func (s Source) locate(tag string) (map[string]string, error) {
 		default:
 			arg["url"] = "https://github.com/NixOS/nixpkgs/archive/" + rev + ".tar.gz"
 		}
+	case "flake":
+		// Fetched by evaluation itself (builtins.getFlake), which locks
+		// it and its inputs.
+		arg["flake"] = s.flakeRef(tag)
 	default:
 		return nil, fmt.Errorf("no package source configured: %w", errdefs.ErrFailedPrecondition)
 	}

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/containerd/errdefs"
+
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
 
@@ -119,6 +121,43 @@ func TestSourcePin(t *testing.T) {
 		}
 		if got := src.pin(ctx, LatestTag, "", store); got != "git:"+head {
 			t.Errorf("a user's clean work tree: pinned by %q, want git:%s", got, head)
+		}
+	}
+}
+
+// A flake reference takes a tag as its rev (a commit id) or ref, except a
+// path: flake; a commit or a content hash pins it.
+func TestFlakeSource(t *testing.T) {
+	for _, bad := range []string{"", "/srv/flake", "path:/srv/my flake", "git+file:///srv/flake\n"} {
+		if _, err := FlakeSource(bad); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("FlakeSource(%q): %v", bad, err)
+		}
+	}
+	const commit = "0123456789abcdef0123456789abcdef01234567"
+	git, _ := FlakeSource("git+file:///srv/flake?ref=main&dir=sub")
+	path, _ := FlakeSource("path:/srv/flake")
+	locked, _ := FlakeSource("path:/srv/flake?narHash=sha256-AAAA")
+	for _, c := range []struct {
+		src    Source
+		tag    string
+		ref    string
+		pinned bool
+	}{
+		{git, "latest", "git+file:///srv/flake?ref=main&dir=sub", false},
+		{git, "feature", "git+file:///srv/flake?dir=sub&ref=feature", false},
+		{git, commit, "git+file:///srv/flake?dir=sub&rev=" + commit, true},
+		{path, commit, "path:/srv/flake", false},
+		{locked, "latest", "path:/srv/flake?narHash=sha256-AAAA", true},
+	} {
+		arg, err := c.src.locate(c.tag)
+		if err != nil || arg["flake"] != c.ref || arg["type"] != "flake" {
+			t.Errorf("%s at %s: %v, %v; want %s", c.src, c.tag, arg, err, c.ref)
+		}
+		if c.src.fetchedFrom(c.tag) {
+			t.Errorf("%s is fetched before evaluation", c.src)
+		}
+		if got := c.src.Pinned(c.tag); got != c.pinned {
+			t.Errorf("%s at %s pinned: %v, want %v", c.src, c.tag, got, c.pinned)
 		}
 	}
 }

@@ -132,6 +132,7 @@ type NixConfig struct {
 	PkgsPath    string `toml:"pkgs_path"`
 	PkgsGit     string `toml:"pkgs_git"`
 	PkgsChannel string `toml:"pkgs_channel"`
+	PkgsFlake   string `toml:"pkgs_flake"`
 	// Revisions are the tags served (path.Match patterns such as
 	// "nixos-*", or commit ids): a tag selects a revision of the package
 	// source, which the node fetches and evaluates, so only the operator
@@ -274,15 +275,20 @@ func LoadConfig(path string) (Config, error) {
 // Source is the configured package source.
 func (c NixConfig) Source() (nixbuild.Source, error) {
 	set := 0
-	for _, s := range []string{c.PkgsPath, c.PkgsGit, c.PkgsChannel} {
+	for _, s := range []string{c.PkgsPath, c.PkgsGit, c.PkgsChannel, c.PkgsFlake} {
 		if s != "" {
 			set++
 		}
 	}
 	switch {
 	case set > 1:
-		return nixbuild.Source{}, fmt.Errorf("more than one package source (pkgs_path %q, pkgs_git %q, pkgs_channel %q): choose one: %w",
-			c.PkgsPath, c.PkgsGit, c.PkgsChannel, errdefs.ErrInvalidArgument)
+		return nixbuild.Source{}, fmt.Errorf("more than one package source (pkgs_path %q, pkgs_git %q, pkgs_channel %q, pkgs_flake %q): choose one: %w",
+			c.PkgsPath, c.PkgsGit, c.PkgsChannel, c.PkgsFlake, errdefs.ErrInvalidArgument)
+	case c.PkgsFlake != "":
+		if len(c.Config) > 0 || len(c.Overlays) > 0 {
+			return nixbuild.Source{}, fmt.Errorf("[nix] config and overlays are nixpkgs' arguments, which a flake (pkgs_flake) fixes itself: remove them or change the flake: %w", errdefs.ErrInvalidArgument)
+		}
+		return nixbuild.FlakeSource(c.PkgsFlake)
 	case c.PkgsPath != "":
 		if _, err := os.Stat(c.PkgsPath + "/default.nix"); err != nil {
 			return nixbuild.Source{}, fmt.Errorf("package set %s: %w", c.PkgsPath, err)

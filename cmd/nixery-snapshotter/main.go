@@ -128,6 +128,7 @@ func setLogLevel(level string) error {
 type commonFlags struct {
 	configPath, logLevel           *string
 	pkgsPath, pkgsGit, pkgsChannel *string
+	pkgsFlake                      *string
 	timeout                        *time.Duration
 	nixOptions                     keyValues
 }
@@ -139,6 +140,7 @@ func addCommonFlags(fs *flag.FlagSet, logLevel string) *commonFlags {
 		pkgsPath:    fs.String("pkgs-path", "", "package set: a directory whose default.nix is a nixpkgs-like set"),
 		pkgsGit:     fs.String("pkgs-git", "", "package set: a git repository (the tag selects a commit or ref)"),
 		pkgsChannel: fs.String("pkgs-channel", "", "package set: a nixpkgs channel or commit, or <nixpkgs> (default)"),
+		pkgsFlake:   fs.String("pkgs-flake", "", "package set: a flake (path:/srv/flake, git+file:///srv/flake, ...): its packages, then legacyPackages"),
 		timeout:     fs.Duration("timeout", 0, "bound on the Nix prepare step (default 30m)"),
 		nixOptions:  keyValues{},
 	}
@@ -172,9 +174,9 @@ func (src *commonFlags) parse(fs *flag.FlagSet, args []string, names ...string) 
 	}
 	fs.Visit(func(f *flag.Flag) {
 		switch f.Name {
-		case "pkgs-path", "pkgs-git", "pkgs-channel":
+		case "pkgs-path", "pkgs-git", "pkgs-channel", "pkgs-flake":
 			// A source on the command line replaces the configured one.
-			cfg.Nix.PkgsPath, cfg.Nix.PkgsGit, cfg.Nix.PkgsChannel = *src.pkgsPath, *src.pkgsGit, *src.pkgsChannel
+			cfg.Nix.PkgsPath, cfg.Nix.PkgsGit, cfg.Nix.PkgsChannel, cfg.Nix.PkgsFlake = *src.pkgsPath, *src.pkgsGit, *src.pkgsChannel, *src.pkgsFlake
 		case "timeout":
 			cfg.Nix.Timeout = plugin.Duration(*src.timeout)
 		}

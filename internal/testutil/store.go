@@ -114,3 +114,32 @@ func Cache(t testing.TB) *cache.Cache {
 	t.Cleanup(func() { c.Close() })
 	return c
 }
+
+// FlakeRepo commits, in the git repository repo (made on first use), a
+// flake without inputs whose legacyPackages.x86_64-linux is the test
+// package set and whose packages.x86_64-linux are extra (Nix attribute set
+// entries, with the package set as pkgs); it returns the commit.
+func FlakeRepo(t testing.TB, repo, extra string) string {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join(repo, ".git")); err != nil {
+		Git(t, repo, "init", "-q", "-b", "main")
+		if out, err := exec.Command("cp", "-r", TestPkgs(), filepath.Join(repo, "pkgs")).CombinedOutput(); err != nil {
+			t.Fatalf("cp: %v\n%s", err, out)
+		}
+	}
+	flake := `{
+  outputs = { self }:
+    let pkgs = import ./pkgs { system = "x86_64-linux"; };
+    in {
+      legacyPackages.x86_64-linux = pkgs;
+      packages.x86_64-linux = {` + extra + `};
+    };
+}
+`
+	if err := os.WriteFile(filepath.Join(repo, "flake.nix"), []byte(flake), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	Git(t, repo, "add", ".")
+	Git(t, repo, "commit", "-q", "-m", "flake")
+	return Git(t, repo, "rev-parse", "HEAD")
+}
