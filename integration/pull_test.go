@@ -398,15 +398,7 @@ func TestPullArm64(t *testing.T) {
 	var checked int
 	for _, l := range m.Layers {
 		for _, p := range storePaths(l.Annotations) {
-			drv, err := exec.Command("nix-store", "--query", "--deriver", p).Output()
-			if err != nil {
-				t.Fatal(err)
-			}
-			system, err := exec.Command("nix-store", "--query", "--binding", "system", strings.TrimSpace(string(drv))).Output()
-			if err != nil {
-				t.Fatalf("system of %s: %v", drv, err)
-			}
-			if s := strings.TrimSpace(string(system)); s != "aarch64-linux" {
+			if s := builtFor(t, p); s != "aarch64-linux" {
 				t.Errorf("%s was built for %s", p, s)
 			}
 			checked++
@@ -415,6 +407,20 @@ func TestPullArm64(t *testing.T) {
 	if checked == 0 {
 		t.Error("no store paths checked")
 	}
+}
+
+// builtFor is the Nix system of the derivation that built store path p.
+func builtFor(t *testing.T, p string) string {
+	t.Helper()
+	drv, err := exec.Command("nix-store", "--query", "--deriver", p).Output()
+	if err != nil {
+		t.Fatalf("deriver of %s: %v", p, err)
+	}
+	system, err := exec.Command("nix-store", "--query", "--binding", "system", strings.TrimSpace(string(drv))).Output()
+	if err != nil {
+		t.Fatalf("system of %s: %v", drv, err)
+	}
+	return strings.TrimSpace(string(system))
 }
 
 // unchanged fails the test unless the image records and the content store

@@ -45,8 +45,15 @@ type Image struct {
 	Manifest ocispec.Descriptor
 	Config   ocispec.Descriptor
 	Layers   []*layer.Layer
-	// Blobs holds manifest, config and in-memory layers by digest.
+	// Blobs holds manifest, config and in-memory layers by digest, and
+	// an index's and its other images' manifests, configs and in-memory
+	// layers.
 	Blobs map[digest.Digest][]byte
+	// Target is what the reference names: Manifest, or an image index
+	// ([image] platforms) of this image and Others, those of the other
+	// platforms.
+	Target ocispec.Descriptor
+	Others []*Image
 }
 
 // Chain is the chain ID of the image's layers: its top snapshot's name.
@@ -80,6 +87,9 @@ func (img *Image) Paths() []string {
 	}
 	return paths
 }
+
+// Images are img and the other images of its index, if it has one.
+func (img *Image) Images() []*Image { return append([]*Image{img}, img.Others...) }
 
 // Nix is what the ImageBuilder needs of Nix: the prepare step of one package
 // source (a *nixbuild.Builder).
@@ -128,6 +138,7 @@ type ImageBuilder struct {
 	pinnedSource bool
 	user         tarstream.User
 	pusher       Pusher
+	platforms    []resolver.Platform
 }
 
 // Pusher takes the closures of built images to where other nodes find
@@ -183,6 +194,12 @@ func WithUser(u tarstream.User) BuildOpt { return func(b *ImageBuilder) { b.user
 // User is whom the ImageBuilder's images run as.
 func (b *ImageBuilder) User() tarstream.User { return b.user }
 
+// WithPlatforms makes references that name no platform image indexes of
+// one image per platform (default: an image of the node's platform).
+func WithPlatforms(platforms []resolver.Platform) BuildOpt {
+	return func(b *ImageBuilder) { b.platforms = platforms }
+}
+
 // WithCache remembers layer descriptors (and images of pinned sources) in c.
 func WithCache(c *cache.Cache) BuildOpt { return func(b *ImageBuilder) { b.cache = c } }
 
@@ -217,7 +234,7 @@ func (b *ImageBuilder) cachedImage(ctx context.Context, key cache.ImageKey, img 
 	if !ok {
 		return nil, false
 	}
-	built := &Image{Image: img, Manifest: rec.Manifest, Config: rec.Config, Blobs: map[digest.Digest][]byte{
+	built := &Image{Image: img, Manifest: rec.Manifest, Target: rec.Manifest, Config: rec.Config, Blobs: map[digest.Digest][]byte{
 		rec.Manifest.Digest: rec.ManifestBytes, rec.Config.Digest: rec.ConfigBytes,
 	}}
 	var recorded []ocispec.Descriptor
@@ -344,6 +361,11 @@ func (d *describing) Describe(ctx context.Context, parent digest.Digest, l *laye
 // paths are kept from Nix's garbage collector while Build runs: callers
 // that read them later make them roots of their own (nixbuild.Hold), or
 // rely on those of whatever holds them (snapshots).
+//
+// With [image] platforms, a reference that names no platform is the image
+// index of one image per platform: the one of img's platform (the node's)
+// is returned, described by describe, the others (Others) by their
+// digests alone; Target is the index.
 func (b *ImageBuilder) Build(ctx context.Context, ref string, describe layer.Describer) (*Image, error) {
 	if b.maxLayers < 2 {
 		return nil, fmt.Errorf("max layers %d: need at least 2 (store paths and symlinks): %w", b.maxLayers, errdefs.ErrInvalidArgument)
@@ -352,6 +374,48 @@ func (b *ImageBuilder) Build(ctx context.Context, ref string, describe layer.Des
 	if err != nil {
 		return nil, err
 	}
+	if !b.indexes(img) {
+		return b.buildImage(ctx, img, describe)
+	}
+	var mine *Image
+	var all []*Image
+	for _, p := range b.platforms {
+		pimg, d := img, b.DigestDescriber()
+		pimg.Platform = p
+		if p == img.Platform {
+			d = describe
+		}
+		built, err := b.buildImage(ctx, pimg, d)
+		if err != nil {
+			return nil, fmt.Errorf("%s for %s: %w", img.Ref(), p, err)
+		}
+		if p == img.Platform {
+			mine = built
+		}
+		all = append(all, built)
+	}
+	if mine == nil {
+		mine = all[0] // not this node's platform: for others to pull
+	}
+	return newIndex(mine, all)
+}
+
+// indexes reports whether img is an image index (Build).
+func (b *ImageBuilder) indexes(img resolver.Image) bool {
+	return len(b.platforms) > 0 && !img.PlatformNamed
+}
+
+// TargetType is the media type of what Build makes of ref: an image
+// manifest, or an image index.
+func (b *ImageBuilder) TargetType(ref string) string {
+	if img, err := b.Parse(ref); err == nil && b.indexes(img) {
+		return ocispec.MediaTypeImageIndex
+	}
+	return ocispec.MediaTypeImageManifest
+}
+
+// buildImage builds img for its platform (Build, without an index).
+func (b *ImageBuilder) buildImage(ctx context.Context, img resolver.Image, describe layer.Describer) (*Image, error) {
 	key := fmt.Sprintf("%s %s %s/%s", img.Platform.NixSystem, img.Tag, strings.Join(img.Packages, " "), strings.Join(img.Requested, " "))
 	dk := describe.Key()
 	described := key + " " + dk.Kind
@@ -371,6 +435,7 @@ func (b *ImageBuilder) Build(ctx context.Context, ref string, describe layer.Des
 		return flightResult{built, hit}, err
 	})
 	var res flightResult
+	var err error
 	select {
 	case r := <-done:
 		err = r.Err
@@ -389,7 +454,7 @@ func (b *ImageBuilder) Build(ctx context.Context, ref string, describe layer.Des
 		// The client whose request led the shared build went away, not
 		// this one's: build again.
 		leave()
-		return b.Build(ctx, ref, describe)
+		return b.buildImage(ctx, img, describe)
 	}
 	result := buildResult(err)
 	if res.cached {

@@ -23,6 +23,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/layering/labels"
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
+	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
@@ -511,5 +512,53 @@ func TestBuilderUser(t *testing.T) {
 	}
 	if cached.Manifest.Digest != aliceImg.Manifest.Digest || cached.Layers[top].User != alice {
 		t.Errorf("alice's cached image: manifest %s (want %s), top layer's user %+v", cached.Manifest.Digest, aliceImg.Manifest.Digest, cached.Layers[top].User)
+	}
+}
+
+// With platforms, a reference is an image index of one image per
+// platform, the node's returned; a reference that names its platform is
+// that platform's image alone.
+func TestBuilderPlatforms(t *testing.T) {
+	ctx := context.Background()
+	amd64, _ := resolver.ParsePlatform("linux/amd64")
+	arm64, _ := resolver.ParsePlatform("linux/arm64")
+	b := NewImageBuilder(&fakeNix{store: t.TempDir()}, WithPlatforms([]resolver.Platform{arm64, amd64}))
+	img, err := b.Build(ctx, "nix.local/htop", pathsDescriber{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img.Platform != resolver.HostPlatform() || len(img.Others) != 1 || img.Others[0].Platform == img.Platform {
+		t.Fatalf("image for %s with others %v", img.Platform, img.Others)
+	}
+	if img.Target.MediaType != ocispec.MediaTypeImageIndex || b.TargetType("nix.local/htop") != ocispec.MediaTypeImageIndex {
+		t.Errorf("target %+v", img.Target)
+	}
+	var index ocispec.Index
+	if err := json.Unmarshal(img.Blobs[img.Target.Digest], &index); err != nil || digest.FromBytes(img.Blobs[img.Target.Digest]) != img.Target.Digest {
+		t.Fatalf("index: %v", err)
+	}
+	var got []string
+	for _, m := range index.Manifests {
+		got = append(got, m.Platform.OS+"/"+m.Platform.Architecture)
+		var cfg ocispec.Image
+		for _, i := range img.Images() {
+			if i.Manifest.Digest == m.Digest {
+				json.Unmarshal(img.Blobs[i.Config.Digest], &cfg)
+			}
+		}
+		if cfg.Architecture != m.Platform.Architecture {
+			t.Errorf("manifest for %s has a config for %q", m.Platform.Architecture, cfg.Architecture)
+		}
+	}
+	if !slices.Equal(got, []string{"linux/arm64", "linux/amd64"}) {
+		t.Errorf("index of %v, want the configured order", got)
+	}
+
+	one, err := b.Build(ctx, "nix.local/arm64/htop", pathsDescriber{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if one.Target.Digest != one.Manifest.Digest || len(one.Others) != 0 || one.Platform != arm64 {
+		t.Errorf("arm64/htop: target %+v, %d others, platform %s", one.Target, len(one.Others), one.Platform)
 	}
 }

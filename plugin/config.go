@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -191,6 +192,10 @@ type ImageConfig struct {
 	// for (path.Match patterns such as "python3Packages.*"), for nodes
 	// whose users should not build arbitrary packages.
 	Allow []string `toml:"allow"`
+	// Platforms, when set, make a reference that names no platform an
+	// image index of one image per platform ("linux/amd64",
+	// "linux/arm64"); empty: an image of the node's platform.
+	Platforms []string `toml:"platforms"`
 	// User is whom images run as: "root" (the default), a name (uid and
 	// gid 1000), "uid:gid" or "name:uid:gid" (tarstream.ParseUser).
 	User string `toml:"user"`
@@ -373,8 +378,20 @@ func (c Config) ImageBuilder(nix Nix, opts ...BuildOpt) (*ImageBuilder, error) {
 	if err != nil {
 		return nil, fmt.Errorf("[image] user: %w", err)
 	}
+	var platforms []resolver.Platform
+	for _, s := range c.Image.Platforms {
+		p, err := resolver.ParsePlatform(s)
+		if err != nil {
+			return nil, fmt.Errorf("[image] platforms: %w", err)
+		}
+		if slices.Contains(platforms, p) {
+			return nil, fmt.Errorf("[image] platforms: %s twice: %w", p, errdefs.ErrInvalidArgument)
+		}
+		platforms = append(platforms, p)
+	}
 	return NewImageBuilder(nix, append([]BuildOpt{
 		WithUser(user),
+		WithPlatforms(platforms),
 		WithHost(c.Image.Host),
 		WithMaxLayers(c.Image.MaxLayers),
 		WithMaxBuilds(c.Nix.MaxBuilds),

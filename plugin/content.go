@@ -13,7 +13,8 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
 )
 
-// Content is img as a content store that holds its blobs, for what takes
+// Content is img as a content store that holds its blobs (and, for an
+// index, those of every image of it), for what takes
 // one (containerd's exporter and pusher): manifest and config from memory,
 // tar layers re-made from the store as they are read — the bytes the
 // endpoint serves. The caller holds img's store paths while it reads.
@@ -41,11 +42,14 @@ func (c imageContent) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (co
 	return nil, fmt.Errorf("blob %s of %s: %w", desc.Digest, c.img.Ref(), errdefs.ErrNotFound)
 }
 
-// layer is the image's layer with digest d that is not held in memory.
+// layer is the layer with digest d, not held in memory, of the image or
+// of another image of its index.
 func (c imageContent) layer(d digest.Digest) *layer.Layer {
-	for _, l := range c.img.Layers {
-		if l.Desc.Digest == d && l.Blob == nil {
-			return l
+	for _, img := range c.img.Images() {
+		for _, l := range img.Layers {
+			if l.Desc.Digest == d && l.Blob == nil {
+				return l
+			}
 		}
 	}
 	return nil

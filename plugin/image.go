@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"encoding/json"
+	"maps"
 	"slices"
 
 	"github.com/opencontainers/go-digest"
@@ -90,5 +91,29 @@ func newImage(img resolver.Image, cfg ocispec.Image, layers []*layer.Layer) (*Im
 	mDesc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: digest.FromBytes(mBytes), Size: int64(len(mBytes))}
 	blobs[mDesc.Digest] = mBytes
 	blobs[cfgDesc.Digest] = cfgBytes
-	return &Image{Image: img, Manifest: mDesc, Config: cfgDesc, Layers: layers, Blobs: blobs}, nil
+	return &Image{Image: img, Manifest: mDesc, Config: cfgDesc, Layers: layers, Blobs: blobs, Target: mDesc}, nil
+}
+
+// newIndex is image mine of all, under the image index of all.
+func newIndex(mine *Image, all []*Image) (*Image, error) {
+	index := ocispec.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageIndex}
+	out := *mine
+	out.Blobs = map[digest.Digest][]byte{}
+	out.Others = nil
+	for _, img := range all {
+		d := img.Manifest
+		d.Platform = &ocispec.Platform{OS: img.Platform.OS, Architecture: img.Platform.Architecture}
+		index.Manifests = append(index.Manifests, d)
+		maps.Copy(out.Blobs, img.Blobs)
+		if img != mine {
+			out.Others = append(out.Others, img)
+		}
+	}
+	b, err := json.Marshal(index)
+	if err != nil {
+		return nil, err
+	}
+	out.Target = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageIndex, Digest: digest.FromBytes(b), Size: int64(len(b))}
+	out.Blobs[out.Target.Digest] = b
+	return &out, nil
 }

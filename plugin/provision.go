@@ -8,6 +8,7 @@ package plugin
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"time"
@@ -124,7 +125,8 @@ func NewProvisioner(client *containerd.Client, builder *ImageBuilder, opts ...Pr
 // behind that was not there before.
 func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image, retErr error) {
 	start := time.Now()
-	if _, err := p.builder.Parse(ref); err != nil {
+	parsed, err := p.builder.Parse(ref)
+	if err != nil {
 		return images.Image{}, err
 	}
 	snapshotter, err := p.resolveSnapshotter(ctx)
@@ -142,6 +144,9 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	img, err := p.builder.Build(ctx, ref, describe)
 	if err != nil {
 		return images.Image{}, err
+	}
+	if img.Platform != parsed.Platform {
+		return images.Image{}, fmt.Errorf("%s: [image] platforms has no image for this node's platform %s: %w", img.Ref(), parsed.Platform, errdefs.ErrFailedPrecondition)
 	}
 	record, created, err := p.register(ctx, img, snapshotter)
 	if err != nil {
@@ -234,7 +239,7 @@ func (p *Provisioner) register(ctx context.Context, img *Image, snapshotter stri
 // that knows only this image and unpacking into snapshotter.
 func (p *Provisioner) pullRecord(ctx context.Context, img *Image, snapshotter string, cri bool) (images.Image, error) {
 	pullOpts := []containerd.RemoteOpt{
-		containerd.WithResolver(fixed.New(img.Ref(), img.Manifest, img.Blobs, p.client.ContentStore())),
+		containerd.WithResolver(fixed.New(img.Ref(), img.Target, img.Blobs, p.client.ContentStore())),
 		containerd.WithPullUnpack,
 		containerd.WithPlatformMatcher(platforms.Only(ocispec.Platform{OS: img.Platform.OS, Architecture: img.Platform.Architecture})),
 		containerd.WithPullSnapshotter(snapshotter),
@@ -280,7 +285,22 @@ func (p *Provisioner) writeImage(ctx context.Context, img *Image, snapshotter, n
 	if err := writeBlob(ctx, cs, img.Manifest, img.Blobs[img.Manifest.Digest], children); err != nil {
 		return images.Image{}, fmt.Errorf("write manifest: %w", err)
 	}
-	record := images.Image{Name: name, Target: img.Manifest}
+	if img.Target.Digest != img.Manifest.Digest {
+		// An index: its other platforms' images are not this node's, and
+		// are left out as containerd's pull for this platform leaves them.
+		var index ocispec.Index
+		if err := json.Unmarshal(img.Blobs[img.Target.Digest], &index); err != nil {
+			return images.Image{}, fmt.Errorf("image index: %w", err)
+		}
+		children := map[string]string{}
+		for i, m := range index.Manifests {
+			children[fmt.Sprintf("containerd.io/gc.ref.content.m.%d", i)] = m.Digest.String()
+		}
+		if err := writeBlob(ctx, cs, img.Target, img.Blobs[img.Target.Digest], children); err != nil {
+			return images.Image{}, fmt.Errorf("write image index: %w", err)
+		}
+	}
+	record := images.Image{Name: name, Target: img.Target}
 	if cri {
 		record.Labels = criLabels
 	}
@@ -352,7 +372,7 @@ func recordNames(img *Image, cri bool) []string {
 	names := []string{img.Ref()}
 	switch {
 	case cri:
-		names = append(names, img.Name+"@"+img.Manifest.Digest.String(), img.Config.Digest.String())
+		names = append(names, img.Name+"@"+img.Target.Digest.String(), img.Config.Digest.String())
 	case img.Tag == resolver.DefaultTag:
 		names = append(names, img.Name)
 	}
@@ -368,7 +388,7 @@ func (p *Provisioner) current(ctx context.Context, records []images.Image, img *
 		return false // they may want writing
 	}
 	for _, rec := range records {
-		if rec.Target.Digest != img.Manifest.Digest {
+		if rec.Target.Digest != img.Target.Digest {
 			return false
 		}
 		for k, v := range criLabels {
@@ -378,8 +398,10 @@ func (p *Provisioner) current(ctx context.Context, records []images.Image, img *
 		}
 	}
 	cs := p.client.ContentStore()
-	if _, err := cs.Info(ctx, img.Manifest.Digest); err != nil {
-		return false
+	for _, d := range []digest.Digest{img.Target.Digest, img.Manifest.Digest} {
+		if _, err := cs.Info(ctx, d); err != nil {
+			return false
+		}
 	}
 	info, err := cs.Info(ctx, img.Config.Digest)
 	if err != nil {

@@ -42,6 +42,21 @@ var (
 	arm64 = Platform{NixSystem: "aarch64-linux", Architecture: "arm64", OS: "linux"}
 )
 
+// ParsePlatform reads an OCI platform ("linux/amd64", "linux/arm64",
+// "linux/arm64/v8") as one Nix builds for.
+func ParsePlatform(s string) (Platform, error) {
+	switch strings.TrimSuffix(s, "/v8") {
+	case "linux/amd64":
+		return amd64, nil
+	case "linux/arm64":
+		return arm64, nil
+	}
+	return Platform{}, fmt.Errorf("platform %q: images are built for linux/amd64 (x86_64-linux) and linux/arm64 (aarch64-linux): %w", s, errdefs.ErrInvalidArgument)
+}
+
+// String is p as an OCI platform, os/architecture.
+func (p Platform) String() string { return p.OS + "/" + p.Architecture }
+
 // Image is what a reference asks for.
 type Image struct {
 	// Name is the reference's repository as written, e.g. "nix.local/shell/htop".
@@ -55,6 +70,9 @@ type Image struct {
 	// meta-packages, nothing added.
 	Requested []string
 	Platform  Platform
+	// PlatformNamed says the reference chose its platform (the arm64
+	// meta-package), rather than taking the default.
+	PlatformNamed bool
 }
 
 // Ref is the image's fully qualified name, as image records are named.
@@ -122,7 +140,7 @@ func Parse(ref string, opts ...Opt) (Image, error) {
 		return invalid("%d package names, at most %d allowed", len(segments), maxPackages)
 	}
 
-	platform := o.platform
+	platform, platformNamed := o.platform, false
 	var pkgs, requested []string
 	meta := true
 	for _, seg := range segments {
@@ -134,7 +152,7 @@ func Parse(ref string, opts ...Opt) (Image, error) {
 				pkgs = append(pkgs, shellPackages...)
 				continue
 			case "arm64":
-				platform = arm64
+				platform, platformNamed = arm64, true
 				continue
 			}
 			meta = false
@@ -149,10 +167,11 @@ func Parse(ref string, opts ...Opt) (Image, error) {
 	pkgs = slices.Compact(pkgs)
 
 	return Image{
-		Name:      named.Name(),
-		Tag:       tag,
-		Packages:  pkgs,
-		Requested: requested,
-		Platform:  platform,
+		Name:          named.Name(),
+		Tag:           tag,
+		Packages:      pkgs,
+		Requested:     requested,
+		Platform:      platform,
+		PlatformNamed: platformNamed,
 	}, nil
 }

@@ -17,7 +17,6 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 
@@ -299,7 +298,7 @@ func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref 
 		// manifest, which joins this build; a GET gets its body (whose
 		// digest the client computes) when the build is done. A failure
 		// from here on can only abort the response.
-		w.Header().Set("Content-Type", ocispec.MediaTypeImageManifest)
+		w.Header().Set("Content-Type", r.builder.TargetType(r.builder.Host()+"/"+name+":"+ref))
 		w.WriteHeader(http.StatusOK)
 		if req.Method == http.MethodHead {
 			return
@@ -315,7 +314,7 @@ func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref 
 			panic(http.ErrAbortHandler)
 		}
 		r.remember(res.img)
-		_, _ = w.Write(res.img.Blobs[res.img.Manifest.Digest])
+		_, _ = w.Write(res.img.Blobs[res.img.Target.Digest])
 		return
 	}
 	if res.err != nil {
@@ -324,29 +323,30 @@ func (r *Registry) manifest(w http.ResponseWriter, req *http.Request, name, ref 
 	}
 	img := res.img
 	r.remember(img)
-	writeBlob(w, req, img.Manifest.MediaType, img.Manifest.Digest, img.Blobs[img.Manifest.Digest])
+	writeBlob(w, req, img.Target.MediaType, img.Target.Digest, img.Blobs[img.Target.Digest])
 }
 
-// remember makes img's blobs servable by digest.
+// remember makes img's blobs servable by digest: its target's, and those
+// of each image under it.
 func (r *Registry) remember(img *plugin.Image) {
 	r.mu.Lock()
+	defer r.mu.Unlock()
+	mediaTypes := map[digest.Digest]string{img.Target.Digest: img.Target.MediaType}
+	for _, i := range img.Images() {
+		mediaTypes[i.Manifest.Digest] = i.Manifest.MediaType
+		mediaTypes[i.Config.Digest] = i.Config.MediaType
+	}
 	for d, b := range img.Blobs {
-		mt := ""
-		switch d {
-		case img.Manifest.Digest:
-			mt = img.Manifest.MediaType
-		case img.Config.Digest:
-			mt = img.Config.MediaType
-		}
-		r.blobs[d] = servedBlob{mediaType: mt, data: b}
+		r.blobs[d] = servedBlob{mediaType: mediaTypes[d], data: b}
 	}
-	hold := &imageHold{nix: r.builder.Nix(), paths: img.Paths()}
-	for _, l := range img.Layers {
-		if l.Blob == nil {
-			r.blobs[l.Desc.Digest] = servedBlob{mediaType: l.Desc.MediaType, layer: l, hold: hold}
+	for _, i := range img.Images() {
+		hold := &imageHold{nix: r.builder.Nix(), paths: i.Paths()}
+		for _, l := range i.Layers {
+			if l.Blob == nil {
+				r.blobs[l.Desc.Digest] = servedBlob{mediaType: l.Desc.MediaType, layer: l, hold: hold}
+			}
 		}
 	}
-	r.mu.Unlock()
 }
 
 func (r *Registry) lookup(d digest.Digest) (servedBlob, bool) {

@@ -69,7 +69,11 @@ func buildHere(ctx context.Context, cfg plugin.Config, ref string) (_ *built, er
 	if err != nil {
 		return nil, err
 	}
-	roots, err := builder.Hold(ctx, img.Paths())
+	var paths []string
+	for _, i := range img.Images() {
+		paths = append(paths, i.Paths()...)
+	}
+	roots, err := builder.Hold(ctx, paths)
 	if err != nil {
 		return nil, fmt.Errorf("holding the store paths of %s: %w", img.Ref(), err)
 	}
@@ -108,7 +112,7 @@ func Export(ctx context.Context, cfg plugin.Config, ref, file string, w io.Write
 		}()
 	}
 	progress.Step(ctx, "%s: writing %s", b.img.Ref(), file)
-	if err := archive.Export(ctx, b.img.Content(), w, archive.WithManifest(b.img.Manifest, b.img.Ref())); err != nil {
+	if err := archive.Export(ctx, b.img.Content(), w, archive.WithManifest(b.img.Target, b.img.Ref())); err != nil {
 		return fmt.Errorf("export %s: %w", b.img.Ref(), err)
 	}
 	return nil
@@ -152,8 +156,8 @@ func Push(ctx context.Context, cfg plugin.Config, ref, dest string, opts PushOpt
 		return nil, nil
 	}
 	wrap := func(h images.Handler) images.Handler { return images.Handlers(h, handler) }
-	if err := remotes.PushContent(ctx, pusher, b.img.Manifest, b.img.Content(), nil, platforms.All, wrap); err != nil {
+	if err := remotes.PushContent(ctx, pusher, b.img.Target, b.img.Content(), nil, platforms.All, wrap); err != nil {
 		return "", fmt.Errorf("push %s to %s: %w", b.img.Ref(), named, err)
 	}
-	return b.img.Manifest.Digest.String(), nil
+	return b.img.Target.Digest.String(), nil
 }

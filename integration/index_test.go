@@ -1,0 +1,82 @@
+package integration
+
+import (
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// With [image] platforms a reference is an image index, one image per
+// platform, each of its platform's derivations: pull registers it and the
+// node's image runs, ctr pulls it through the endpoint and runs it, and
+// its arm64 image names aarch64-linux store paths.
+func TestPullIndex(t *testing.T) {
+	e := newNixEnv(t, func(e *env) { e.extraImage = map[string]any{"platforms": []string{"linux/amd64", "linux/arm64"}} })
+	const ref = "nix.local/shell/htop"
+	dgst := e.mustPull("--snapshotter", "overlayfs", ref)
+	_, rec := e.manifest(t, ref+":latest")
+	if rec.Target.MediaType != ocispec.MediaTypeImageIndex || rec.Target.Digest.String() != dgst {
+		t.Errorf("record target %+v, pull printed %s", rec.Target, dgst)
+	}
+	if out := e.runOn("overlayfs", ref, "htop", "--version"); !strings.Contains(out, htopVersion()) {
+		t.Errorf("htop --version printed %q", out)
+	}
+
+	// The nix snapshotter's registration (containerd's pull) takes it too
+	// (another index: its layers are store-path references).
+	e.mustPull("--snapshotter", "nix", ref)
+	if _, rec := e.manifest(t, ref+":latest"); rec.Target.MediaType != ocispec.MediaTypeImageIndex {
+		t.Errorf("record target on nix %+v", rec.Target)
+	}
+	if out := e.runOn("nix", ref, "htop", "--version"); !strings.Contains(out, htopVersion()) {
+		t.Errorf("htop --version on nix printed %q", out)
+	}
+
+	// The endpoint serves the overlayfs pull's index (tar layers); its
+	// arm64 image is of aarch64 derivations.
+	served, body := e.fetchManifest(t, "shell/htop", "latest")
+	if served.String() != dgst {
+		t.Errorf("the endpoint serves %s, pull registered %s", served, dgst)
+	}
+	var index ocispec.Index
+	if err := json.Unmarshal(body, &index); err != nil || len(index.Manifests) != 2 {
+		t.Fatalf("index %s: %v", body, err)
+	}
+	for _, m := range index.Manifests {
+		if m.Platform.Architecture != "arm64" {
+			continue
+		}
+		resp, err := http.Get("http://" + e.daemon.http + "/v2/shell/htop/manifests/" + m.Digest.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var manifest ocispec.Manifest
+		err = json.NewDecoder(resp.Body).Decode(&manifest)
+		resp.Body.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		checked := 0
+		for _, l := range manifest.Layers {
+			for _, p := range storePaths(l.Annotations) {
+				if s := builtFor(t, p); s != "aarch64-linux" {
+					t.Errorf("%s of the arm64 image was built for %q", p, s)
+				}
+				checked++
+			}
+		}
+		if checked == 0 {
+			t.Error("the arm64 image names no store paths")
+		}
+	}
+
+	// A client that picks the platform itself: ctr, through the endpoint.
+	e.removeImages(t, ref)
+	e.ctrPull("overlayfs", ref+":latest")
+	if out := e.runOn("overlayfs", ref+":latest", "htop", "--version"); !strings.Contains(out, htopVersion()) {
+		t.Errorf("htop --version after ctr pull printed %q", out)
+	}
+}
