@@ -180,12 +180,12 @@ func New(source Source, opts ...Opt) *Builder {
 	if b.timeout <= 0 {
 		b.timeout = DefaultTimeout
 	}
-	if _, set := b.options["fallback"]; !set {
-		// A substitute that cannot be fetched is built instead: a
-		// binary cache only ever saves work.
+	b.caches = newCaches(b.options)
+	if _, set := b.options["fallback"]; !set && b.caches.configured() {
+		// Where the operator names binary caches, a substitute that
+		// cannot be fetched is built instead: a cache only saves work.
 		b.options["fallback"] = "true"
 	}
-	b.caches = newCaches(b.options)
 	return b
 }
 

@@ -2,6 +2,7 @@ package nixbuild
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/url"
 	"slices"
@@ -9,13 +10,14 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 )
 
 // substituterKeys are the Nix settings that list binary caches.
-var substituterKeys = []string{"substituters", "extra-substituters"}
+var substituterKeys = []string{"substituters", "extra-substituters", "binary-caches", "extra-binary-caches"}
 
 // cacheRecheck is how long a binary cache that did not answer is left
 // out: as long as Nix itself disables a cache that failed. One that
@@ -40,23 +42,50 @@ type caches struct {
 
 	mu   sync.Mutex
 	down map[string]time.Time // since when a cache has not answered
+	// checking is closed when the check under way is done; nil when none
+	// is: callers at once share one.
+	checking chan struct{}
 }
 
 func newCaches(options map[string]string) *caches {
 	c := &caches{lists: map[string][]string{}, down: map[string]time.Time{}}
 	for _, k := range substituterKeys {
 		if v, ok := options[k]; ok {
-			c.lists[k] = strings.Fields(v)
+			c.lists[k] = nixFields(v)
 		}
 	}
 	return c
 }
 
-// check asks the HTTP caches whether they answer: those that did, and
-// those that did not a cacheRecheck ago.
+// configured reports whether the options name any binary cache.
+func (c *caches) configured() bool {
+	for _, list := range c.lists {
+		if len(list) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// nixFields splits a list setting as Nix does: at spaces, tabs and line
+// ends only.
+func nixFields(v string) []string {
+	return strings.FieldsFunc(v, func(r rune) bool { return r == ' ' || r == '\t' || r == '\n' || r == '\r' })
+}
+
+// check asks the HTTP caches whether they answer (one round trip each, at
+// once): those that did, and those that did not a cacheRecheck ago. A
+// check under way is joined, not repeated; no lock is held while asking.
 func (c *caches) check(ctx context.Context) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	if wait := c.checking; wait != nil {
+		c.mu.Unlock()
+		select {
+		case <-wait:
+		case <-ctx.Done():
+		}
+		return
+	}
 	var uris []string
 	for _, list := range c.lists {
 		for _, uri := range list {
@@ -68,6 +97,20 @@ func (c *caches) check(ctx context.Context) {
 			}
 		}
 	}
+	if len(uris) == 0 {
+		c.mu.Unlock()
+		return
+	}
+	done := make(chan struct{})
+	c.checking = done
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		c.checking = nil
+		c.mu.Unlock()
+		close(done)
+	}()
+
 	slices.Sort(uris)
 	uris = slices.Compact(uris)
 	errs := make([]error, len(uris))
@@ -79,8 +122,10 @@ func (c *caches) check(ctx context.Context) {
 	if ctx.Err() != nil {
 		return // the caller's end, not the caches'
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	for i, uri := range uris {
-		l := log.G(ctx).WithField("substituter", uri)
+		l := log.G(ctx).WithField("substituter", redacted(uri))
 		_, wasDown := c.down[uri]
 		switch {
 		case errs[i] != nil:
@@ -94,13 +139,24 @@ func (c *caches) check(ctx context.Context) {
 	}
 }
 
-// probeCache asks the binary cache at uri for its nix-cache-info.
+// redacted is uri without a password, for logs.
+func redacted(uri string) string {
+	if u, err := url.Parse(uri); err == nil {
+		return u.Redacted()
+	}
+	return "(a substituter that is not a URL)"
+}
+
+// probeCache asks the binary cache at uri for its nix-cache-info. Only no
+// answer, or a server error, is down: a cache that wants credentials (401,
+// 403, which Nix has from netrc-file) answers.
 func probeCache(ctx context.Context, uri string) error {
 	u, err := url.Parse(uri)
 	if err != nil {
 		return err
 	}
 	u.RawQuery = "" // Nix's own parameters (priority=...)
+	u.User = nil
 	u = u.JoinPath("nix-cache-info")
 	ctx, cancel := context.WithTimeout(ctx, cacheProbeTimeout)
 	defer cancel()
@@ -113,16 +169,10 @@ func probeCache(ctx context.Context, uri string) error {
 		return err
 	}
 	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return &url.Error{Op: "GET", URL: u.String(), Err: errStatus(resp.Status)}
+	if resp.StatusCode >= 500 {
+		return fmt.Errorf("GET %s: %s: %w", u, resp.Status, errdefs.ErrUnavailable)
 	}
 	return nil
-}
-
-type errStatus string
-
-func (e errStatus) Error() string {
-	return "answered " + string(e) + ", not a binary cache's nix-cache-info"
 }
 
 // settings are the substituter settings without the caches that are down,
@@ -132,7 +182,10 @@ func (c *caches) settings() map[string]string {
 	defer c.mu.Unlock()
 	out := map[string]string{}
 	for k, list := range c.lists {
-		up := slices.DeleteFunc(slices.Clone(list), func(uri string) bool { _, down := c.down[uri]; return down })
+		up := slices.DeleteFunc(slices.Clone(list), func(uri string) bool {
+			_, down := c.down[uri]
+			return down
+		})
 		if len(up) != len(list) {
 			out[k] = strings.Join(up, " ")
 		}

@@ -46,15 +46,15 @@ func (a *activity) line(line string) {
 	}
 }
 
-// report logs what a command built: at warning level where substituters
-// may be configured (building was the fallback, and costs the node time),
-// else as information.
+// report logs what a command built: at warning level where the options
+// name binary caches (building was the fallback, and costs the node
+// time), else as information.
 func (a *activity) report(ctx context.Context, b *Builder) {
 	if a.built == 0 && a.substituted == 0 {
 		return
 	}
 	l := log.G(ctx).WithField("built", a.built).WithField("substituted", a.substituted)
-	if subs, set := b.options["substituters"]; a.built > 0 && (!set || strings.TrimSpace(subs) != "") {
+	if a.built > 0 && b.caches.configured() {
 		l.Warn("Nix built derivations here that no substituter had")
 		return
 	}

@@ -340,14 +340,21 @@ func (c NixConfig) Pusher(nix push.Nix) (*push.Pusher, error) {
 			return nil, fmt.Errorf("[nix] push_to: %q is not a Nix store URI (such as file:///srv/cache or https://cache.example.org): %w", uri, errdefs.ErrInvalidArgument)
 		}
 		if c.PushSecretKey != "" {
-			q := u.Query()
-			if q.Has("secret-key") {
+			if !binaryCacheSchemes[u.Scheme] {
+				return nil, fmt.Errorf("[nix] push_to: %q is not a binary cache (file, http, https, s3), which alone sign what they are sent with push_secret_key: %w", uri, errdefs.ErrInvalidArgument)
+			}
+			if u.Query().Has("secret-key") {
 				return nil, fmt.Errorf("[nix] push_to: %q names a secret-key of its own, and push_secret_key is set too: %w", uri, errdefs.ErrInvalidArgument)
 			}
-			q.Set("secret-key", c.PushSecretKey)
-			u.RawQuery = q.Encode()
+			// Appended to the query as written: Nix decodes %XX only (not
+			// + for a space), and the rest is the operator's.
+			sep := "?"
+			if strings.Contains(uri, "?") {
+				sep = "&"
+			}
+			uri += sep + "secret-key=" + strings.ReplaceAll(url.QueryEscape(c.PushSecretKey), "+", "%20")
 		}
-		to = append(to, u.String())
+		to = append(to, uri)
 	}
 	if c.PushSecretKey != "" {
 		if len(c.PushTo) == 0 {
@@ -357,8 +364,15 @@ func (c NixConfig) Pusher(nix push.Nix) (*push.Pusher, error) {
 			return nil, fmt.Errorf("[nix] push_secret_key: %w", err)
 		}
 	}
-	return push.New(nix, to), nil
+	timeout := time.Duration(c.Timeout)
+	if timeout <= 0 {
+		timeout = nixbuild.DefaultTimeout
+	}
+	return push.New(nix, to, timeout), nil
 }
+
+// binaryCacheSchemes are Nix's stores that take a secret-key to sign with.
+var binaryCacheSchemes = map[string]bool{"file": true, "http": true, "https": true, "s3": true}
 
 // ImageBuilder returns the image builder for this configuration.
 func (c Config) ImageBuilder(nix Nix, opts ...BuildOpt) (*ImageBuilder, error) {

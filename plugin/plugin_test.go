@@ -3,7 +3,6 @@ package plugin
 import (
 	"context"
 	"fmt"
-	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -118,15 +117,27 @@ func TestNixConfigPusher(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p.Close(context.Background())
-	q := url.Values{"secret-key": {key}}.Encode()
-	want := []string{"file:///srv/cache?compression=zstd&" + q, "https://cache.example.org?" + q}
+	// Nix decodes %XX only: a space is %20, never +; the rest as written.
+	esc := strings.ReplaceAll(strings.ReplaceAll(key, "/", "%2F"), " ", "%20")
+	want := []string{"file:///srv/cache?compression=zstd&secret-key=" + esc, "https://cache.example.org?secret-key=" + esc}
+	if !strings.Contains(key, " ") {
+		t.Fatal("the key's path has no space to escape")
+	}
 	if got := p.Targets(); !slices.Equal(got, want) {
 		t.Errorf("targets %q, want %q", got, want)
+	}
+	// Unsigned, any store Nix copies to.
+	unsigned, err := NixConfig{PushTo: []string{"ssh://cache-host"}}.Pusher(nil)
+	if err != nil || !slices.Equal(unsigned.Targets(), []string{"ssh://cache-host"}) {
+		t.Errorf("unsigned ssh push: %v", err)
+	} else {
+		unsigned.Close(context.Background())
 	}
 	for _, bad := range []NixConfig{
 		{PushTo: []string{"/srv/cache"}},
 		{PushTo: []string{"file:///srv/cache?secret-key=/a"}, PushSecretKey: key},
 		{PushSecretKey: key},
+		{PushTo: []string{"ssh://cache-host"}, PushSecretKey: key},
 		{PushTo: []string{"file:///srv/cache"}, PushSecretKey: filepath.Join(t.TempDir(), "missing")},
 	} {
 		if p, err := bad.Pusher(nil); err == nil {

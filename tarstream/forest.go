@@ -8,6 +8,7 @@ import (
 	"path"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"github.com/containerd/errdefs"
 )
@@ -64,10 +65,12 @@ var skipped = map[string]bool{"nix-support": true}
 func WriteSymlinkForest(w io.Writer, packages []string, opts ...Opt) error {
 	o := newOptions(opts)
 	root := &node{}
+	storeDir := "" // the packages' store directory, /nix/store
 	for _, pkg := range packages {
 		if !path.IsAbs(pkg) || path.Clean(pkg) != pkg {
 			return fmt.Errorf("package path %q is not a clean absolute path: %w", pkg, errdefs.ErrInvalidArgument)
 		}
+		storeDir = path.Dir(pkg)
 		info, err := os.Lstat(o.onDisk(pkg))
 		if err != nil {
 			return fmt.Errorf("package %s: %w", pkg, err)
@@ -97,7 +100,7 @@ func WriteSymlinkForest(w io.Writer, packages []string, opts ...Opt) error {
 		tmp.shared, tmp.mode = true, 0o1777
 	}
 	if !o.user.Root() {
-		if err := addAccounts(root, o); err != nil {
+		if err := addAccounts(root, o, storeDir); err != nil {
 			return err
 		}
 	}
@@ -208,11 +211,11 @@ func collapse(n *node, depth int) bool {
 // addAccounts gives the forest the account files and home of o.user. A
 // package's /etc or /home that is a symlink is unfolded first, so that its
 // other entries stay.
-func addAccounts(root *node, o options) error {
+func addAccounts(root *node, o options, storeDir string) error {
 	u := o.user
 	etc, home := root.child("etc"), root.child("home")
 	for _, n := range []*node{etc, home} {
-		if err := unfold(n, o); err != nil {
+		if err := unfold(n, o, storeDir); err != nil {
 			return err
 		}
 		n.shared = true
@@ -225,32 +228,52 @@ func addAccounts(root *node, o options) error {
 }
 
 // unfold turns n, a symlink to a directory of the store, into a directory
-// of symlinks to that directory's entries; a symlink to anything else
-// goes.
-func unfold(n *node, o options) error {
+// of symlinks to that directory's entries. A symlink to anything else, or
+// out of the store (through any of its components), goes: the image must
+// not depend on the host.
+func unfold(n *node, o options, storeDir string) error {
 	if n.target == "" {
 		return nil
 	}
-	dir := resolve(o, n.target)
+	dir, ok := resolveInStore(o, storeDir, n.target)
 	n.target = ""
-	if info, err := os.Stat(o.onDisk(dir)); err != nil || !info.IsDir() {
+	if !ok {
 		return nil
 	}
 	return merge(n, o.onDisk(dir), dir, false)
 }
 
-// resolve follows p, while it is a symlink, below o's root (where an
-// absolute target means the store's own location, not the host's).
-func resolve(o options, p string) string {
+// resolveInStore follows p, while it is a symlink, below o's root (where an
+// absolute target means the store's own location, not the host's), and
+// reports where it leads if that is a directory inside storeDir reached
+// through no further symlink.
+func resolveInStore(o options, storeDir, p string) (string, bool) {
+	inStore := func(p string) bool { return strings.HasPrefix(p, storeDir+"/") }
 	for range 40 { // as the kernel's bound on nested symlinks
 		target, err := os.Readlink(o.onDisk(p))
 		if err != nil {
-			return p
+			break
 		}
 		if !path.IsAbs(target) {
 			target = path.Join(path.Dir(p), target)
 		}
-		p = path.Clean(target)
+		if p = path.Clean(target); !inStore(p) {
+			return "", false
+		}
 	}
-	return p
+	if !inStore(p) {
+		return "", false
+	}
+	cur := storeDir
+	for _, c := range strings.Split(strings.TrimPrefix(p, storeDir+"/"), "/") {
+		cur = path.Join(cur, c)
+		info, err := os.Lstat(o.onDisk(cur))
+		if err != nil || info.Mode()&os.ModeSymlink != 0 {
+			return "", false
+		}
+		if cur == p {
+			return p, info.IsDir()
+		}
+	}
+	return "", false
 }

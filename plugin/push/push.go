@@ -7,6 +7,7 @@ package push
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -43,9 +44,10 @@ var pushes = promauto.NewCounterVec(prometheus.CounterOpts{
 // Pusher pushes closures to its caches one after the other, never in the
 // way of the pull that built them: a failure is logged and counted.
 type Pusher struct {
-	nix  Nix
-	to   []string
-	jobs chan job
+	nix     Nix
+	to      []string
+	timeout time.Duration
+	jobs    chan job
 	// ctx ends the pushes under way when the Pusher closes.
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -64,11 +66,12 @@ type job struct {
 	log   *log.Entry
 }
 
-// New returns a Pusher to the Nix store URIs to; with none it pushes
-// nothing.
-func New(nix Nix, to []string) *Pusher {
+// New returns a Pusher to the Nix store URIs to, each push to one of them
+// bounded by timeout (a cache that stalls must not stop the queue); with
+// none it pushes nothing.
+func New(nix Nix, to []string, timeout time.Duration) *Pusher {
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &Pusher{nix: nix, to: to, jobs: make(chan job, queueLength), ctx: ctx, cancel: cancel,
+	p := &Pusher{nix: nix, to: to, timeout: timeout, jobs: make(chan job, queueLength), ctx: ctx, cancel: cancel,
 		done: make(chan struct{}), seen: map[string]bool{}}
 	go p.work()
 	return p
@@ -110,7 +113,9 @@ func (p *Pusher) work() {
 	for {
 		select {
 		case j := <-p.jobs:
-			p.push(j)
+			if p.ctx.Err() == nil { // else given up, as those still queued
+				p.push(j)
+			}
 			p.pending.Done()
 		case <-p.ctx.Done():
 			for range len(p.jobs) { // Close refuses more
@@ -134,7 +139,13 @@ func (p *Pusher) push(j job) {
 	defer roots.Release()
 	for _, uri := range p.to {
 		start := time.Now()
-		if err := p.nix.Push(ctx, uri, j.paths); err != nil {
+		pctx, cancel := context.WithTimeoutCause(ctx, p.timeout, fmt.Errorf("the push took longer than %s: %w", p.timeout, context.DeadlineExceeded))
+		err := p.nix.Push(pctx, uri, j.paths)
+		if err != nil && pctx.Err() != nil && ctx.Err() == nil {
+			err = fmt.Errorf("%w (%w)", context.Cause(pctx), err)
+		}
+		cancel()
+		if err != nil {
 			p.failed(ctx, j, uri, err)
 			continue
 		}
@@ -163,7 +174,7 @@ func (p *Pusher) failed(ctx context.Context, j job, uri string, err error) {
 
 // Close waits for the pushes queued until ctx ends, then stops those
 // still going; later pushes are refused.
-func (p *Pusher) Close(ctx context.Context) error {
+func (p *Pusher) Close(ctx context.Context) {
 	p.mu.Lock()
 	p.closed = true
 	p.mu.Unlock()
@@ -176,5 +187,4 @@ func (p *Pusher) Close(ctx context.Context) error {
 	p.cancel()
 	<-p.done
 	<-idle
-	return nil
 }

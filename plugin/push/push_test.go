@@ -16,17 +16,26 @@ import (
 type fakeNix struct {
 	mu     sync.Mutex
 	pushed []string // "uri paths..."
+	ended  []error  // why the pushes that waited for gate ended
 	gate   chan struct{}
-	fail   error
+	// entered, if set, hears of each push that starts.
+	entered chan struct{}
+	fail    error
 }
 
 func (f *fakeNix) Hold(context.Context, []string) (*nixbuild.Roots, error) { return nil, nil }
 
 func (f *fakeNix) Push(ctx context.Context, uri string, paths []string) error {
+	if f.entered != nil {
+		f.entered <- struct{}{}
+	}
 	if f.gate != nil {
 		select {
 		case <-f.gate:
 		case <-ctx.Done():
+			f.mu.Lock()
+			f.ended = append(f.ended, context.Cause(ctx))
+			f.mu.Unlock()
 			return ctx.Err()
 		}
 	}
@@ -52,7 +61,7 @@ const htop, git = "/nix/store/aaaa-htop", "/nix/store/bbbb-git"
 func TestPusher(t *testing.T) {
 	ctx := context.Background()
 	nix := &fakeNix{}
-	p := New(nix, []string{"file:///a", "file:///b"})
+	p := New(nix, []string{"file:///a", "file:///b"}, time.Minute)
 	p.Push(ctx, []string{htop})
 	p.Push(ctx, []string{htop})
 	waitIdle(t, p)
@@ -66,9 +75,7 @@ func TestPusher(t *testing.T) {
 	nix.mu.Unlock()
 	p.Push(ctx, []string{git})
 	p.Push(ctx, []string{htop})
-	if err := p.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
+	p.Close(ctx)
 	want := []string{"file:///a " + htop, "file:///b " + htop, "file:///a " + git, "file:///b " + git}
 	if got := nix.pushes(); !slices.Equal(got, want) {
 		t.Errorf("pushed %q, want %q", got, want)
@@ -84,17 +91,18 @@ func TestPusher(t *testing.T) {
 func TestPusherCloseGivesUp(t *testing.T) {
 	ctx := context.Background()
 	none := &fakeNix{}
-	p := New(none, nil)
+	p := New(none, nil, time.Minute)
 	p.Push(ctx, []string{htop})
 	p.Close(ctx)
 	if got := none.pushes(); len(got) != 0 {
 		t.Errorf("pushed without caches: %q", got)
 	}
 
-	stuck := &fakeNix{gate: make(chan struct{})}
-	p = New(stuck, []string{"http://127.0.0.1:1"})
+	stuck := &fakeNix{gate: make(chan struct{}), entered: make(chan struct{}, 2)}
+	p = New(stuck, []string{"http://127.0.0.1:1"}, time.Minute)
 	p.Push(ctx, []string{htop})
 	p.Push(ctx, []string{git})
+	<-stuck.entered
 	done, cancel := context.WithCancel(ctx)
 	cancel()
 	closed := make(chan struct{})
@@ -104,8 +112,26 @@ func TestPusherCloseGivesUp(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("Close waits for a push that does not end")
 	}
-	if got := stuck.pushes(); len(got) != 0 {
-		t.Errorf("pushed %q", got)
+	stuck.mu.Lock()
+	defer stuck.mu.Unlock()
+	if len(stuck.ended) != 1 || !errors.Is(stuck.ended[0], context.Canceled) {
+		t.Errorf("the push under way ended by %v, want cancelled once (the queued one not started)", stuck.ended)
+	}
+}
+
+// A cache that stalls costs one push its timeout, not the queue.
+func TestPusherTimeout(t *testing.T) {
+	ctx := context.Background()
+	stuck := &fakeNix{gate: make(chan struct{})}
+	p := New(stuck, []string{"ssh://stalls"}, 10*time.Millisecond)
+	defer p.Close(ctx)
+	p.Push(ctx, []string{htop})
+	p.Push(ctx, []string{git})
+	waitIdle(t, p)
+	stuck.mu.Lock()
+	defer stuck.mu.Unlock()
+	if len(stuck.ended) != 2 || !errors.Is(stuck.ended[0], context.DeadlineExceeded) || !errors.Is(stuck.ended[1], context.DeadlineExceeded) {
+		t.Errorf("pushes ended by %v, want two timeouts", stuck.ended)
 	}
 }
 
