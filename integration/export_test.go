@@ -72,13 +72,20 @@ func TestExport(t *testing.T) {
 		t.Errorf("htop --version printed %q", out)
 	}
 
-	// A failed export leaves no file.
+	// A failed export leaves no file: before writing (a missing package)
+	// and after (the file cannot be put in place: a directory is there).
 	bad := filepath.Join(t.TempDir(), "bad.tar")
 	if _, err := exec.Command(binary, "export", "--config", e.config, "nix.local/no-such-package", bad).Output(); err == nil {
 		t.Error("export of a missing package succeeded")
 	}
-	if entries, _ := os.ReadDir(filepath.Dir(bad)); len(entries) != 0 {
-		t.Errorf("a failed export left %v", entries)
+	if err := os.Mkdir(bad, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := exec.Command(binary, "export", "--config", e.config, ref, bad).Output(); err == nil {
+		t.Error("export onto a directory succeeded")
+	}
+	if entries, _ := os.ReadDir(filepath.Dir(bad)); len(entries) != 1 || entries[0].Name() != "bad.tar" || !entries[0].IsDir() {
+		t.Errorf("failed exports left %v", entries)
 	}
 }
 

@@ -3,9 +3,11 @@ package integration
 import (
 	"encoding/json"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
@@ -72,6 +74,21 @@ func TestPullIndex(t *testing.T) {
 			t.Error("the arm64 image names no store paths")
 		}
 	}
+
+	// Export and push carry the index, every platform's blobs, under the
+	// digest the endpoint serves; the registry's tag names the index.
+	file := filepath.Join(t.TempDir(), "index.tar")
+	e.cli("export", ref, file)
+	if raw := skopeo(t, "inspect", "--raw", "oci-archive:"+file); digest.FromBytes(raw) != served {
+		t.Errorf("the archive's index is %s, the endpoint's %s", digest.FromBytes(raw), served)
+	}
+	skopeo(t, "copy", "--all", "oci-archive:"+file, "oci:"+filepath.Join(t.TempDir(), "layout")+":x")
+	dest := startRegistry(t) + "/tools/htop:multi"
+	e.cli("push", "--plain-http", ref, dest)
+	if raw := skopeo(t, "inspect", "--tls-verify=false", "--raw", "docker://"+dest); digest.FromBytes(raw) != served {
+		t.Errorf("the registry's tag names %s, the endpoint's index is %s", digest.FromBytes(raw), served)
+	}
+	skopeo(t, "copy", "--all", "--src-tls-verify=false", "docker://"+dest, "oci:"+filepath.Join(t.TempDir(), "layout")+":x")
 
 	// A client that picks the platform itself: ctr, through the endpoint.
 	e.removeImages(t, ref)

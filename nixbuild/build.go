@@ -362,6 +362,9 @@ func (b *Builder) evaluate(ctx context.Context, src Source, expr string, req Req
 	if lookup := b.source.lookup(); errors.As(err, &be) && lookup != "" && strings.Contains(be.Log, "'"+lookup+"' was not found in the Nix search path") {
 		return evaluated{}, &NoSourceError{Lookup: lookup}
 	}
+	if errors.As(err, &be) && src.kind == "flake" && strings.Contains(be.Log, "forbidden in restricted mode") {
+		return evaluated{}, fmt.Errorf("%w\n(the flake's inputs are fetched by an evaluation restricted to what it may read: allow their URIs with [nix.options] allowed-uris, e.g. \"github:\" or \"git+https://\")", err)
+	}
 	if errors.As(err, &be) && src.kind == "flake" && req.Tag != "" && req.Tag != LatestTag && isNoRevision(be.Log) {
 		// Evaluation fetches a flake (builtins.getFlake).
 		return evaluated{}, &RevisionError{Source: src.String(), Tag: req.Tag, Reason: nixMessage(be.Log), Err: err}

@@ -66,6 +66,10 @@ func FlakeSource(ref string) (Source, error) {
 	if err != nil || u.Scheme == "" || strings.ContainsAny(ref, " \t\n") {
 		return Source{}, fmt.Errorf("flake %q is not a flake reference (such as path:/srv/flake, git+file:///srv/flake or github:owner/repo): %w", ref, errdefs.ErrInvalidArgument)
 	}
+	if (u.Scheme == "path" || strings.HasSuffix(u.Scheme, "+file")) && (u.Opaque != "" || !path.IsAbs(u.Path)) {
+		// Relative to what? The daemon's directory is not the CLI's.
+		return Source{}, fmt.Errorf("flake %q: a local flake needs an absolute path (path:/srv/flake, git+file:///srv/flake): %w", ref, errdefs.ErrInvalidArgument)
+	}
 	return Source{kind: "flake", loc: ref}, nil
 }
 

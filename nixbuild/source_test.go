@@ -128,7 +128,7 @@ func TestSourcePin(t *testing.T) {
 // A flake reference takes a tag as its rev (a commit id) or ref, except a
 // path: flake; a commit or a content hash pins it.
 func TestFlakeSource(t *testing.T) {
-	for _, bad := range []string{"", "/srv/flake", "path:/srv/my flake", "git+file:///srv/flake\n"} {
+	for _, bad := range []string{"", "/srv/flake", "path:/srv/my flake", "git+file:///srv/flake\n", "path:./flake", "path:flake", "git+file:flake"} {
 		if _, err := FlakeSource(bad); !errdefs.IsInvalidArgument(err) {
 			t.Errorf("FlakeSource(%q): %v", bad, err)
 		}

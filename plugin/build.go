@@ -405,6 +405,20 @@ func (b *ImageBuilder) indexes(img resolver.Image) bool {
 	return len(b.platforms) > 0 && !img.PlatformNamed
 }
 
+// Platforms are the platforms of the ImageBuilder's image indexes, as
+// configured ("linux/amd64,linux/arm64"), or "" when it makes images of
+// one platform.
+func (b *ImageBuilder) Platforms() string { return resolver.JoinPlatforms(b.platforms) }
+
+// CheckPlatform refuses, before anything is built, a reference whose
+// image index would have no image for img's platform (this node's).
+func (b *ImageBuilder) CheckPlatform(img resolver.Image) error {
+	if b.indexes(img) && !slices.Contains(b.platforms, img.Platform) {
+		return fmt.Errorf("%s: [image] platforms (%s) has no image for this node's platform %s: add it there: %w", img.Ref(), b.Platforms(), img.Platform, errdefs.ErrFailedPrecondition)
+	}
+	return nil
+}
+
 // TargetType is the media type of what Build makes of ref: an image
 // manifest, or an image index.
 func (b *ImageBuilder) TargetType(ref string) string {

@@ -554,6 +554,21 @@ func TestBuilderPlatforms(t *testing.T) {
 		t.Errorf("index of %v, want the configured order", got)
 	}
 
+	// A node whose platform is not listed is refused before anything is
+	// built, naming the platforms.
+	other := amd64
+	if resolver.HostPlatform() == amd64 {
+		other = arm64
+	}
+	only := NewImageBuilder(&fakeNix{}, WithPlatforms([]resolver.Platform{other}))
+	parsed, _ := only.Parse("nix.local/htop")
+	if err := only.CheckPlatform(parsed); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), other.String()) {
+		t.Errorf("a node's platform not listed: %v", err)
+	}
+	if err := b.CheckPlatform(parsed); err != nil {
+		t.Errorf("a listed platform: %v", err)
+	}
+
 	one, err := b.Build(ctx, "nix.local/arm64/htop", pathsDescriber{})
 	if err != nil {
 		t.Fatal(err)

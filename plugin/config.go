@@ -201,6 +201,22 @@ type ImageConfig struct {
 	User string `toml:"user"`
 }
 
+// ParsedPlatforms are Platforms as images are built for them.
+func (c ImageConfig) ParsedPlatforms() ([]resolver.Platform, error) {
+	var platforms []resolver.Platform
+	for _, s := range c.Platforms {
+		p, err := resolver.ParsePlatform(s)
+		if err != nil {
+			return nil, fmt.Errorf("[image] platforms: %w", err)
+		}
+		if slices.Contains(platforms, p) {
+			return nil, fmt.Errorf("[image] platforms: %s twice: %w", p, errdefs.ErrInvalidArgument)
+		}
+		platforms = append(platforms, p)
+	}
+	return platforms, nil
+}
+
 // Duration is a time.Duration written as "30m" in TOML.
 type Duration time.Duration
 
@@ -392,16 +408,9 @@ func (c Config) ImageBuilder(nix Nix, opts ...BuildOpt) (*ImageBuilder, error) {
 	if err != nil {
 		return nil, fmt.Errorf("[image] user: %w", err)
 	}
-	var platforms []resolver.Platform
-	for _, s := range c.Image.Platforms {
-		p, err := resolver.ParsePlatform(s)
-		if err != nil {
-			return nil, fmt.Errorf("[image] platforms: %w", err)
-		}
-		if slices.Contains(platforms, p) {
-			return nil, fmt.Errorf("[image] platforms: %s twice: %w", p, errdefs.ErrInvalidArgument)
-		}
-		platforms = append(platforms, p)
+	platforms, err := c.Image.ParsedPlatforms()
+	if err != nil {
+		return nil, err
 	}
 	return NewImageBuilder(nix, append([]BuildOpt{
 		WithUser(user),

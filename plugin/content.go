@@ -37,7 +37,7 @@ func (c imageContent) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (co
 		return bytesReaderAt{bytes.NewReader(b)}, nil
 	}
 	if l := c.layer(desc.Digest); l != nil {
-		return layer.ReaderAt(l), nil
+		return layer.ReaderAt(ctx, l), nil
 	}
 	return nil, fmt.Errorf("blob %s of %s: %w", desc.Digest, c.img.Ref(), errdefs.ErrNotFound)
 }

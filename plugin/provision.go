@@ -129,6 +129,9 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	if err != nil {
 		return images.Image{}, err
 	}
+	if err := p.builder.CheckPlatform(parsed); err != nil {
+		return images.Image{}, err
+	}
 	snapshotter, err := p.resolveSnapshotter(ctx)
 	if err != nil {
 		return images.Image{}, err
@@ -144,9 +147,6 @@ func (p *Provisioner) Provision(ctx context.Context, ref string) (_ images.Image
 	img, err := p.builder.Build(ctx, ref, describe)
 	if err != nil {
 		return images.Image{}, err
-	}
-	if img.Platform != parsed.Platform {
-		return images.Image{}, fmt.Errorf("%s: [image] platforms has no image for this node's platform %s: %w", img.Ref(), parsed.Platform, errdefs.ErrFailedPrecondition)
 	}
 	record, created, err := p.register(ctx, img, snapshotter)
 	if err != nil {

@@ -57,6 +57,15 @@ func ParsePlatform(s string) (Platform, error) {
 // String is p as an OCI platform, os/architecture.
 func (p Platform) String() string { return p.OS + "/" + p.Architecture }
 
+// JoinPlatforms is ps as a list: "linux/amd64,linux/arm64".
+func JoinPlatforms(ps []Platform) string {
+	out := make([]string, len(ps))
+	for i, p := range ps {
+		out[i] = p.String()
+	}
+	return strings.Join(out, ",")
+}
+
 // Image is what a reference asks for.
 type Image struct {
 	// Name is the reference's repository as written, e.g. "nix.local/shell/htop".

@@ -25,6 +25,9 @@ type Info struct {
 	Host          string `json:"host"`
 	// User is whom its images run as (tarstream.User's Key), "" for root.
 	User string `json:"user,omitempty"`
+	// Platforms are the platforms of its image indexes, comma-separated
+	// ([image] platforms); "" for images of the node's platform alone.
+	Platforms string `json:"platforms,omitempty"`
 }
 
 // Differs says how a daemon that answers i builds other images than one
@@ -37,6 +40,8 @@ func (i Info) Differs(want Info) string {
 		return fmt.Sprintf("its image host is %s, not %s", i.Host, want.Host)
 	case i.User != want.User:
 		return fmt.Sprintf("its images run as %s, not %s", orRoot(i.User), orRoot(want.User))
+	case i.Platforms != want.Platforms:
+		return fmt.Sprintf("its images are for platforms %q, not %q", i.Platforms, want.Platforms)
 	}
 	return ""
 }

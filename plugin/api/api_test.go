@@ -101,6 +101,11 @@ func TestInfo(t *testing.T) {
 	if d := other.Differs(want); !strings.Contains(d, "run as alice:1000:1000, not root") {
 		t.Errorf("root wanted: %q", d)
 	}
+	other = want
+	other.Platforms = "linux/amd64,linux/arm64"
+	if d := got.Differs(other); !strings.Contains(d, "linux/amd64,linux/arm64") {
+		t.Errorf("other platforms: %q", d)
+	}
 }
 
 // The progress of a build reaches the client while the build runs, before

@@ -2,6 +2,7 @@ package layer
 
 import (
 	"context"
+	"io"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -40,7 +41,7 @@ func digestOf(ctx context.Context, c *cache.Cache, l *Layer) (ocispec.Descriptor
 	if desc, ok := c.Layer(l.CacheKey()); ok {
 		return desc, nil
 	}
-	m := tarstream.Measure(ctxWriter{ctx})
+	m := tarstream.Measure(ctxWriter{ctx, io.Discard})
 	if err := l.WriteTar(m); err != nil {
 		return ocispec.Descriptor{}, err
 	}
@@ -50,13 +51,20 @@ func digestOf(ctx context.Context, c *cache.Cache, l *Layer) (ocispec.Descriptor
 }
 
 // ctxWriter discards what is written until ctx ends, then fails.
-type ctxWriter struct{ ctx context.Context }
+type ctxWriter struct {
+	ctx context.Context
+	w   io.Writer
+}
+
+// UntilDone is w until ctx ends (an interrupt, a client gone), then a
+// writer that fails: a layer streamed into it stops reading the store.
+func UntilDone(ctx context.Context, w io.Writer) io.Writer { return ctxWriter{ctx, w} }
 
 func (w ctxWriter) Write(p []byte) (int, error) {
 	if err := w.ctx.Err(); err != nil {
 		return 0, err
 	}
-	return len(p), nil
+	return w.w.Write(p)
 }
 
 // referenceDescriber describes store-path layers by identity, for the nix

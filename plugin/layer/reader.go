@@ -1,7 +1,10 @@
 package layer
 
 import (
+	"context"
+	"errors"
 	"io"
+	"sync"
 
 	"github.com/containerd/containerd/v2/core/content"
 )
@@ -9,27 +12,43 @@ import (
 // ReaderAt reads l's tar as a content store blob, re-made from the store as
 // it is read: reads in order (as content.NewReader and every copy do) are
 // one stream, and a read elsewhere starts the stream there without reading
-// the files before it. Nothing of the layer is held in memory.
-func ReaderAt(l *Layer) content.ReaderAt { return &readerAt{l: l} }
+// the files before it. Nothing of the layer is held in memory. Reading
+// fails once ctx ends.
+func ReaderAt(ctx context.Context, l *Layer) content.ReaderAt { return &readerAt{ctx: ctx, l: l} }
 
 type readerAt struct {
+	ctx context.Context
 	l   *Layer
-	pr  *io.PipeReader
-	off int64 // where pr is
+
+	mu   sync.Mutex // ReadAt may be called at once; the stream is one
+	pr   *io.PipeReader
+	off  int64 // where pr is
+	done chan struct{}
 }
 
 func (r *readerAt) Size() int64 { return r.l.Desc.Size }
 
 func (r *readerAt) ReadAt(p []byte, off int64) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	size := r.l.Desc.Size
-	if off >= size {
+	switch {
+	case off < 0:
+		return 0, errors.New("layer: negative offset")
+	case r.ctx.Err() != nil:
+		return 0, r.ctx.Err()
+	case off >= size:
 		return 0, io.EOF
 	}
 	if r.pr == nil || off != r.off {
-		r.Close()
+		r.stop()
 		pr, pw := io.Pipe()
-		go func() { pw.CloseWithError(r.l.WriteTarFrom(pw, off)) }()
-		r.pr, r.off = pr, off
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			pw.CloseWithError(r.l.WriteTarFrom(ctxWriter{r.ctx, pw}, off))
+		}()
+		r.pr, r.off, r.done = pr, off, done
 	}
 	want := min(int64(len(p)), size-off)
 	n, err := io.ReadFull(r.pr, p[:want])
@@ -45,11 +64,20 @@ func (r *readerAt) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// Close ends the stream under way.
-func (r *readerAt) Close() error {
+// stop ends the stream under way and waits until it reads the store no
+// more.
+func (r *readerAt) stop() {
 	if r.pr != nil {
 		r.pr.Close()
+		<-r.done
 		r.pr = nil
 	}
+}
+
+// Close ends the stream under way.
+func (r *readerAt) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.stop()
 	return nil
 }

@@ -2,6 +2,8 @@ package layer
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -20,7 +22,7 @@ func TestReaderAt(t *testing.T) {
 		t.Fatal(err)
 	}
 	l.Desc.Size = int64(whole.Len())
-	r := ReaderAt(l)
+	r := ReaderAt(context.Background(), l)
 	defer r.Close()
 	got, err := io.ReadAll(content.NewReader(r))
 	if err != nil || !bytes.Equal(got, whole.Bytes()) {
@@ -38,10 +40,20 @@ func TestReaderAt(t *testing.T) {
 		t.Errorf("ReadAt at the end: %d, %v", n, err)
 	}
 
+	if _, err := r.ReadAt(make([]byte, 1), -1); err == nil {
+		t.Error("a negative offset read")
+	}
+	// A reader whose context ended reads no more.
+	gone, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := io.ReadAll(content.NewReader(ReaderAt(gone, l))); !errors.Is(err, context.Canceled) {
+		t.Errorf("read after the context ended: %v", err)
+	}
+
 	if err := os.WriteFile(filepath.Join(l.Paths[0], "bin", "pkg"), nil, 0o555); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := io.ReadAll(content.NewReader(ReaderAt(l))); err == nil {
+	if _, err := io.ReadAll(content.NewReader(ReaderAt(context.Background(), l))); err == nil {
 		t.Error("a layer shorter than described read without an error")
 	}
 }

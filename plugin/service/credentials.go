@@ -5,8 +5,10 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/containerd/log"
@@ -60,15 +62,20 @@ func dockerCredentials(ctx context.Context) func(host string) (string, string, e
 }
 
 func (cfg dockerConfig) credentials(ctx context.Context, file, host string) (string, string, error) {
-	keys := []string{host, "https://" + host, "http://" + host}
+	hosts := []string{host}
 	if host == "registry-1.docker.io" {
-		keys = append(keys, "https://index.docker.io/v1/", "docker.io")
+		hosts = append(hosts, "index.docker.io", "docker.io")
 	}
-	for _, k := range keys {
-		a, ok := cfg.Auths[k]
-		if !ok {
+	// As docker matches them: the host, whatever scheme and path the key
+	// was written with (https://host/v1/).
+	for _, k := range slices.Sorted(maps.Keys(cfg.Auths)) {
+		a := cfg.Auths[k]
+		keyHost := strings.TrimPrefix(strings.TrimPrefix(k, "https://"), "http://")
+		keyHost, _, _ = strings.Cut(keyHost, "/")
+		if !slices.Contains(hosts, keyHost) {
 			continue
 		}
+		log.G(ctx).WithField("host", host).WithField("config", file).WithField("key", k).Debug("registry credentials")
 		switch {
 		case a.IdentityToken != "":
 			return "", a.IdentityToken, nil

@@ -20,6 +20,7 @@ func TestDockerCredentials(t *testing.T) {
 		"registry.example.org": {"auth": "YWxpY2U6czNjcjN0Og=="},
 		"https://other.example.org": {"username": "bob", "password": "pw"},
 		"token.example.org": {"identitytoken": "refresh"},
+		"https://pathed.example.org/v1/": {"username": "carol", "password": "pw2"},
 		"bad.example.org": {"auth": "not base64"}
 	}, "credHelpers": {"helped.example.org": "ecr-login"}}`
 	if err := os.WriteFile(filepath.Join(dir, "config.json"), []byte(cfg), 0o600); err != nil {
@@ -29,6 +30,7 @@ func TestDockerCredentials(t *testing.T) {
 		"registry.example.org": {"alice", "s3cr3t:"},
 		"other.example.org":    {"bob", "pw"},
 		"token.example.org":    {"", "refresh"},
+		"pathed.example.org":   {"carol", "pw2"},
 		"helped.example.org":   {"", ""},
 		"unknown.example.org":  {"", ""},
 	} {

@@ -91,7 +91,7 @@ func (s *provisioners) stager(targets []plugin.StageTarget) func(context.Context
 
 // Info implements api.Daemon.
 func (s *daemonAPI) Info(context.Context) (api.Info, error) {
-	return api.Info{Version: version.Version(), PackageSource: s.builder.Nix().Source().String(), Host: s.builder.Host(), User: s.builder.User().Key()}, nil
+	return api.Info{Version: version.Version(), PackageSource: s.builder.Nix().Source().String(), Host: s.builder.Host(), User: s.builder.User().Key(), Platforms: s.builder.Platforms()}, nil
 }
 
 // Build implements api.Daemon.

@@ -23,6 +23,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/nixbuild"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/layer"
 )
 
 // built is an image of tar layers built in this process, for hosts without
@@ -84,36 +85,44 @@ func buildHere(ctx context.Context, cfg plugin.Config, ref string) (_ *built, er
 // (with docker's manifest.json too), which `ctr images import`, `podman
 // load`, `docker load` and `skopeo copy oci-archive:` read; "-" writes to
 // w. A failed export leaves no file.
-func Export(ctx context.Context, cfg plugin.Config, ref, file string, w io.Writer) (err error) {
+func Export(ctx context.Context, cfg plugin.Config, ref, file string, w io.Writer) error {
 	b, err := buildHere(ctx, cfg, ref)
 	if err != nil {
 		return err
 	}
 	defer b.release()
-	if file != "-" {
-		f, err := os.CreateTemp(filepath.Dir(file), "."+filepath.Base(file)+".*")
-		if err != nil {
-			return fmt.Errorf("export: %w", err)
+	opts := []archive.ExportOpt{archive.WithManifest(b.img.Target, b.img.Ref())}
+	if b.img.Target.MediaType == ocispec.MediaTypeImageIndex {
+		// Every platform's blobs, and docker's manifest.json naming the
+		// node's image (docker load takes one).
+		opts = append(opts, archive.WithAllPlatforms(),
+			archive.WithPlatform(platforms.OnlyStrict(ocispec.Platform{OS: b.img.Platform.OS, Architecture: b.img.Platform.Architecture})))
+	}
+	if file == "-" {
+		progress.Step(ctx, "%s: writing the archive to standard output", b.img.Ref())
+		if err := archive.Export(ctx, b.img.Content(), layer.UntilDone(ctx, w), opts...); err != nil {
+			return fmt.Errorf("export %s: %w", b.img.Ref(), err)
 		}
-		defer func() {
-			if err != nil {
-				f.Close()
-				os.Remove(f.Name())
-			}
-		}()
-		w = f
-		defer func() {
-			if err == nil {
-				err = f.Close()
-			}
-			if err == nil {
-				err = os.Rename(f.Name(), file)
-			}
-		}()
+		return nil
+	}
+	f, err := os.CreateTemp(filepath.Dir(file), "."+filepath.Base(file)+".*")
+	if err != nil {
+		return fmt.Errorf("export: %w", err)
 	}
 	progress.Step(ctx, "%s: writing %s", b.img.Ref(), file)
-	if err := archive.Export(ctx, b.img.Content(), w, archive.WithManifest(b.img.Target, b.img.Ref())); err != nil {
-		return fmt.Errorf("export %s: %w", b.img.Ref(), err)
+	err = archive.Export(ctx, b.img.Content(), layer.UntilDone(ctx, f), opts...)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Chmod(f.Name(), 0o644) // as a file the user writes, not a temporary one
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), file)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return fmt.Errorf("export %s to %s: %w", b.img.Ref(), file, err)
 	}
 	return nil
 }
@@ -138,7 +147,14 @@ func Push(ctx context.Context, cfg plugin.Config, ref, dest string, opts PushOpt
 		return "", err
 	}
 	defer b.release()
-	hosts := config.HostOptions{Credentials: dockerCredentials(ctx)}
+	creds := dockerCredentials(ctx)
+	hosts := config.HostOptions{Credentials: func(host string) (string, string, error) {
+		user, secret, err := creds(host)
+		if opts.PlainHTTP && secret != "" {
+			log.G(ctx).WithField("host", host).Warn("sending registry credentials over plain HTTP (--plain-http): anyone on the path reads them")
+		}
+		return user, secret, err
+	}}
 	if opts.HostsDir != "" {
 		hosts.HostDir = config.HostDirFromRoot(opts.HostsDir)
 	}
@@ -146,7 +162,9 @@ func Push(ctx context.Context, cfg plugin.Config, ref, dest string, opts PushOpt
 		hosts.DefaultScheme = "http"
 	}
 	resolver := docker.NewResolver(docker.ResolverOptions{Hosts: config.ConfigureHosts(ctx, hosts)})
-	pusher, err := resolver.Pusher(ctx, named.String())
+	// By digest, as containerd's client pushes: the tag is written once,
+	// with the target, not with each manifest of an index on the way.
+	pusher, err := resolver.Pusher(ctx, named.String()+"@"+b.img.Target.Digest.String())
 	if err != nil {
 		return "", fmt.Errorf("push to %s: %w", named, err)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/api"
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
+	"github.com/nixery-snapshotter/nixery-snapshotter/resolver"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
@@ -113,7 +114,11 @@ func pullInDaemon(ctx context.Context, cfg plugin.Config, ref string) (*api.Buil
 	if err != nil {
 		return nil, true, fmt.Errorf("[image] user: %w", err)
 	}
-	if why := info.Differs(api.Info{PackageSource: src.String(), Host: cfg.Image.Host, User: user.Key()}); why != "" {
+	platforms, err := cfg.Image.ParsedPlatforms()
+	if err != nil {
+		return nil, true, err
+	}
+	if why := info.Differs(api.Info{PackageSource: src.String(), Host: cfg.Image.Host, User: user.Key(), Platforms: resolver.JoinPlatforms(platforms)}); why != "" {
 		progress.Step(ctx, "%s: building here, not in the daemon on %s: %s", ref, socket, why)
 		return nil, true, nil
 	}
