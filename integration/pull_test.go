@@ -395,17 +395,24 @@ func TestPullArm64(t *testing.T) {
 		t.Errorf("platform %s/%s, want linux/arm64", cfg.OS, cfg.Architecture)
 	}
 	m, _ := e.manifest(t, "nix.local/shell/arm64:latest")
+	checkBuiltFor(t, m, "aarch64-linux")
+}
+
+// checkBuiltFor fails the test unless m names store paths and each was
+// built by a derivation for system.
+func checkBuiltFor(t *testing.T, m ocispec.Manifest, system string) {
+	t.Helper()
 	var checked int
 	for _, l := range m.Layers {
 		for _, p := range storePaths(l.Annotations) {
-			if s := builtFor(t, p); s != "aarch64-linux" {
-				t.Errorf("%s was built for %s", p, s)
+			if s := builtFor(t, p); s != system {
+				t.Errorf("%s was built for %q, want %s", p, s, system)
 			}
 			checked++
 		}
 	}
 	if checked == 0 {
-		t.Error("no store paths checked")
+		t.Error("the image names no store paths")
 	}
 }
 
