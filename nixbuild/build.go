@@ -104,10 +104,13 @@ type Builder struct {
 
 	// beside are the goroutines a build starts beside its evaluation,
 	// which Close waits for; none starts once closed (under mu).
-	beside         sync.WaitGroup
-	closed         bool
-	nixVersionOnce sync.Once
-	nixVersion     [2]int // major, minor; zero if unknown
+	beside sync.WaitGroup
+	closed bool
+	// versionMu guards nixVersion, asked of Nix until it answers
+	// (versionAnswered).
+	versionMu       sync.Mutex
+	versionAnswered bool
+	nixVersion      [2]int // major, minor; zero if unknown
 
 	mu    sync.Mutex
 	roots map[string]struct{} // GC root directories not released
@@ -741,17 +744,39 @@ func (b *Builder) pathInfoFormat(ctx context.Context) []string {
 // flakesSince is the first Nix with flakes (experimental in every one).
 var flakesSince = [2]int{2, 4}
 
-// version is this Builder's Nix's version (major, minor), zero if unknown.
+// version is this Builder's Nix's version (major, minor), zero if unknown:
+// asked once it answers, and again by the next caller while it does not
+// (Nix may be installed or mounted after the daemon starts).
 func (b *Builder) version(ctx context.Context) [2]int {
-	b.nixVersionOnce.Do(func() {
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), versionTimeout)
-		defer cancel()
-		out, err := b.run(ctx, "query", "nix", "--version")
-		if err == nil {
-			b.nixVersion, _ = parseNixVersion(string(out))
-		}
-	})
+	b.versionMu.Lock()
+	defer b.versionMu.Unlock()
+	if b.versionAnswered {
+		return b.nixVersion
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), versionTimeout)
+	defer cancel()
+	if out, err := b.run(ctx, "query", "nix", "--version"); err == nil {
+		b.versionAnswered = true
+		b.nixVersion, _ = parseNixVersion(string(out))
+	}
 	return b.nixVersion
+}
+
+// Warm does, in the background, what the first build would wait for
+// before its evaluation: opening the store and asking Nix's version. A
+// daemon calls it as it starts, so that its first request (a node's first
+// pod) does not pay for them; what fails here is tried again by that
+// request, which reports it.
+func (b *Builder) Warm(ctx context.Context) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return
+	}
+	b.beside.Go(func() {
+		b.storeInit.open(ctx, b)
+		b.version(ctx)
+	})
 }
 
 // atLeast reports whether version have is want or later.

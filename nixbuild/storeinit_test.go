@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -49,5 +50,51 @@ echo "end $(basename $0) $*" >> ` + log + `
 	}
 	if strings.Count(string(out), "--check-validity") != 2 {
 		t.Errorf("the store opened more than once:\n%s", out)
+	}
+}
+
+// Warm opens the store and asks Nix's version ahead of the first build,
+// once; a version Nix did not give (not installed yet) is asked again by
+// the build that needs it, and then no more.
+func TestWarm(t *testing.T) {
+	bin := t.TempDir()
+	log, ready := filepath.Join(bin, "log"), filepath.Join(bin, "ready")
+	script := `#!/bin/sh
+echo "$(basename $0) $*" >> ` + log + `
+if [ "$*" = --version ]; then
+  [ -e ` + ready + ` ] || exit 1
+  echo "nix (Nix) 2.33.1"
+fi
+`
+	for _, name := range []string{"nix-store", "nix"} {
+		if err := os.WriteFile(filepath.Join(bin, name), []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	calls := func(args string) int {
+		out, _ := os.ReadFile(log)
+		return strings.Count(string(out), args+"\n")
+	}
+	ctx := context.Background()
+	b := New(Source{}, WithBinDir(bin))
+	defer b.Close()
+	b.Warm(ctx)
+	b.beside.Wait()
+	if n, v := calls("nix-store --check-validity"), calls("nix --version"); n != 1 || v != 1 {
+		t.Fatalf("warming opened the store %d times and asked the version %d times, want once each", n, v)
+	}
+	if got := b.pathInfoFormat(ctx); got != nil {
+		t.Fatalf("path-info format %q from a Nix that gave no version", got)
+	}
+	if err := os.WriteFile(ready, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if got := b.pathInfoFormat(ctx); !slices.Equal(got, []string{"--json-format", "2"}) {
+			t.Fatalf("path-info format %q from Nix 2.33", got)
+		}
+	}
+	if n, v := calls("nix-store --check-validity"), calls("nix --version"); n != 1 || v != 3 {
+		t.Errorf("the store opened %d times (want 1), the version asked %d times (want 3: twice unanswered, once answered)", n, v)
 	}
 }

@@ -31,6 +31,7 @@ func Serve(ctx context.Context, cfg plugin.Config) error {
 		return err
 	}
 	defer builder.Close()
+	builder.Warm(ctx)
 	claims, err := cfg.Claims()
 	if err != nil {
 		return err
