@@ -30,6 +30,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/internal/snapmount"
@@ -97,7 +98,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	// committed, containerd adopts it. Tried again only if it was removed
 	// in between (a prefill released, nothing having taken it).
 	for try := 0; try < 3; try++ {
-		if err := s.ensure(ctx, key, l, opts, nil); err != nil {
+		if err := s.ensure(ctx, key, l, opts, nil, parentCommitted); err != nil {
 			return nil, err
 		}
 		if ok, err := s.answer(ctx, l); err != nil {
@@ -120,16 +121,16 @@ type fillable struct {
 func (l fillable) name() string { return CommitName(l.target, l.parent) }
 
 // ensure makes the committed snapshot of l, filled and committed in
-// active snapshot key, unless it exists already. Calls for one layer at
-// once share one fill; one that prefill run by makes is recorded as its
-// until the run is released.
-func (s *Snapshotter) ensure(ctx context.Context, key string, l fillable, opts []snapshots.Opt, by *prefillRun) error {
+// active snapshot key (once below returns: see fill), unless it exists
+// already. Calls for one layer at once share one fill; one that prefill
+// run by makes is recorded as its until the run is released.
+func (s *Snapshotter) ensure(ctx context.Context, key string, l fillable, opts []snapshots.Opt, by *prefillRun, below func() error) error {
 	for try := 1; ; try++ {
 		ch := s.fills.DoChan(l.name(), func() (any, error) {
 			if found, err := s.committed(ctx, l); err != nil || found {
 				return nil, err
 			}
-			if err := s.fill(ctx, key, l, opts); err != nil {
+			if err := s.fill(ctx, key, l, opts, below); err != nil {
 				if by != nil {
 					err = prefillFailed{err}
 				}
@@ -174,10 +175,15 @@ type prefillFailed struct{ err error }
 func (e prefillFailed) Error() string { return "prefilling: " + e.err.Error() }
 func (e prefillFailed) Unwrap() error { return e.err }
 
-// fill makes the committed snapshot of l: prepared as key on its parent,
-// filled by the Filler, committed under its name.
-func (s *Snapshotter) fill(ctx context.Context, key string, l fillable, opts []snapshots.Opt) error {
-	mounts, err := s.Snapshotter.Prepare(ctx, key, l.parent, opts...)
+// fill makes the committed snapshot of l: prepared as key without a
+// parent, filled by the Filler, and committed under its name onto its
+// parent once below returns (rebased: the overlay snapshotter commits an
+// active snapshot made without a parent onto the one named at commit; a
+// filled layer holds no whiteout that a parent would have needed). So a
+// prefill fills the layers of an image beside each other and commits them
+// bottom first; a Prepare's parent is committed already (parentCommitted).
+func (s *Snapshotter) fill(ctx context.Context, key string, l fillable, opts []snapshots.Opt, below func() error) error {
+	mounts, err := s.Snapshotter.Prepare(ctx, key, "", opts...)
 	if err != nil {
 		return err
 	}
@@ -187,13 +193,20 @@ func (s *Snapshotter) fill(ctx context.Context, key string, l fillable, opts []s
 		return fmt.Errorf("no writable directory in mounts %+v: %w", mounts, errdefs.ErrInternal)
 	}
 	got, err := s.filler.Fill(ctx, key, dir, l.labels)
+	if err == nil {
+		err = below()
+	}
 	if err != nil {
 		snapmount.Discard(ctx, s, key, mounts)
 		return err
 	}
 	labels := maps.Clone(l.labels)
 	maps.Copy(labels, got)
-	if err := s.Snapshotter.Commit(ctx, l.name(), key, snapshots.WithLabels(labels)); err != nil {
+	commitOpts := []snapshots.Opt{snapshots.WithLabels(labels)}
+	if l.parent != "" {
+		commitOpts = append(commitOpts, snapshots.WithParent(l.parent))
+	}
+	if err := s.Snapshotter.Commit(ctx, l.name(), key, commitOpts...); err != nil {
 		_ = s.Remove(context.WithoutCancel(ctx), key)
 		if !errdefs.IsAlreadyExists(err) {
 			return fmt.Errorf("commit %s: %w", l.name(), err)
@@ -202,6 +215,10 @@ func (s *Snapshotter) fill(ctx context.Context, key string, l fillable, opts []s
 	}
 	return nil
 }
+
+// parentCommitted is what a Prepare's fill waits for: nothing, since
+// containerd prepares a layer once the one below is committed.
+func parentCommitted() error { return nil }
 
 // answer reports whether the committed snapshot of l is there for a
 // Prepare to be answered with, and if a prefill made it, marks it taken so
@@ -272,11 +289,24 @@ type prefilledLayer struct {
 // layer with the chain below it.
 const labelParentChainID = "containerd.io/snapshot/parent-chain-id"
 
-// prefillChain makes the layers of Prefill run.
+// prefillFills bounds the layers a prefill fills at once (each waits for
+// the one below to be committed before it is committed itself): enough
+// that the symlink layer, the slowest to write and the last, starts early,
+// and that filling keeps ahead of containerd's metadata writes.
+const prefillFills = 8
+
+// prefillChain makes the layers of Prefill run: filled beside each other,
+// committed bottom first. The first layer that is not the Filler's or
+// that fails ends it; those above it are discarded.
 func (s *Snapshotter) prefillChain(ctx context.Context, run *prefillRun, layers []ocispec.Descriptor, diffIDs []digest.Digest) {
 	if len(layers) != len(diffIDs) {
 		return
 	}
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
+	g := new(errgroup.Group)
+	g.SetLimit(prefillFills) // started bottom first: the lowest running layer waits for none
+	below := parentCommitted
 	parent := ""
 	for i, desc := range layers {
 		// As the unpacker labels its Prepare of the layer.
@@ -296,19 +326,34 @@ func (s *Snapshotter) prefillChain(ctx context.Context, run *prefillRun, layers 
 		// twice: the daemon prefills only images it built, which it
 		// does not refuse.)
 		if fills, err := s.filler.Fills(ctx, labels); err != nil || !fills {
-			return
+			break
 		}
 		key := fmt.Sprintf("prefill-%d-%s", time.Now().UnixNano(), target)
 		l := fillable{target: target, parent: parent, labels: labels}
-		if err := s.ensure(ctx, key, l, []snapshots.Opt{snapshots.WithLabels(labels)}, run); err != nil {
-			if ctx.Err() == nil {
-				log.G(ctx).WithError(err).WithField("target", target).Debug("prefilling a layer: its Prepare makes it")
+		committed := make(chan error, 1)
+		waitBelow := below
+		g.Go(func() error {
+			err := s.ensure(ctx, key, l, []snapshots.Opt{snapshots.WithLabels(labels)}, run, waitBelow)
+			if err != nil {
+				if ctx.Err() == nil && !errors.Is(err, errBelowUnfilled) {
+					log.G(ctx).WithError(err).WithField("target", target).Debug("prefilling a layer: its Prepare makes it")
+				}
+				stop() // nothing above it can be committed
+				err = errBelowUnfilled
 			}
-			return
-		}
+			committed <- err
+			close(committed)
+			return nil
+		})
+		below = func() error { return <-committed }
 		parent = l.name()
 	}
+	_ = g.Wait()
 }
+
+// errBelowUnfilled stops the prefill of a layer whose layer below was not
+// prefilled.
+var errBelowUnfilled = fmt.Errorf("the layer below was not prefilled: %w", errdefs.ErrAborted)
 
 // committed reports whether the committed snapshot of l exists: looked
 // up by its name, which says what it holds, and not by a walk through

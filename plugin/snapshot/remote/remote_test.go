@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
@@ -30,8 +31,12 @@ type greeter struct {
 	fills    int
 	released []string
 	fail     error
-	// started, if set, hears the key of each fill as it starts.
+	// failOn fails the fill of the layer with this greeting.
+	failOn string
+	// started, if set, hears the key of each fill as it starts; the fill
+	// of a layer whose greeting gates names then waits for that gate.
 	started chan string
+	gates   map[string]chan struct{}
 }
 
 func (g *greeter) Fills(_ context.Context, labels map[string]string) (bool, error) {
@@ -45,12 +50,20 @@ func (g *greeter) Fills(_ context.Context, labels map[string]string) (bool, erro
 func (g *greeter) Fill(_ context.Context, key, dir string, labels map[string]string) (map[string]string, error) {
 	g.mu.Lock()
 	g.fills++
+	fail := g.fail
+	if labels[greeting] == g.failOn {
+		fail = errors.New("greeting refused")
+	}
+	gate := g.gates[labels[greeting]]
 	g.mu.Unlock()
 	if g.started != nil {
 		g.started <- key
 	}
-	if g.fail != nil {
-		return nil, g.fail
+	if gate != nil {
+		<-gate
+	}
+	if fail != nil {
+		return nil, fail
 	}
 	return map[string]string{"filled-by": key}, os.WriteFile(filepath.Join(dir, "greeting"), []byte(labels[greeting]), 0o444)
 }
@@ -62,19 +75,27 @@ func (g *greeter) Release(_ context.Context, key string, labels map[string]strin
 	return nil
 }
 
+// newGreeted returns a Snapshotter whose layers g fills, as root (it
+// mounts), closed when the test ends.
+func newGreeted(t *testing.T, g *greeter) *Snapshotter {
+	t.Helper()
+	testutil.RequireRoot(t)
+	s, err := New(t.TempDir(), g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
 func layer(target, says string) snapshots.Opt {
 	return snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotRef: target, greeting: says})
 }
 
 func TestFilledLayers(t *testing.T) {
-	testutil.RequireRoot(t)
 	ctx := context.Background()
 	g := &greeter{}
-	s, err := New(t.TempDir(), g)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := newGreeted(t, g)
 
 	// A layer the filler makes: filled, committed under the target's
 	// name, and answered AlreadyExists as the protocol wants.
@@ -198,14 +219,9 @@ func backendNames(t *testing.T, s *Snapshotter) []string {
 }
 
 func TestPrefill(t *testing.T) {
-	testutil.RequireRoot(t)
 	ctx := context.Background()
 	g := &greeter{started: make(chan string, 16)}
-	s, err := New(t.TempDir(), g)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := newGreeted(t, g)
 
 	// Prefilled, then asked for as containerd would once the prefill
 	// fills the top layer: each layer is filled once, by the prefill
@@ -254,5 +270,62 @@ func TestPrefill(t *testing.T) {
 	defer g.mu.Unlock()
 	if len(g.released) != 2 {
 		t.Errorf("released %q, want the two layers made", g.released)
+	}
+}
+
+// The layers of a prefill are filled beside each other, and committed
+// bottom first, each onto the one below; where one fails, those above it
+// are not committed, and the Prepares of containerd's unpacker fill them.
+func TestPrefillBeside(t *testing.T) {
+	ctx := context.Background()
+	gate := make(chan struct{})
+	g := &greeter{started: make(chan string, 16), gates: map[string]chan struct{}{"one": gate}}
+	s := newGreeted(t, g)
+
+	layers, diffIDs := image("one", "two", "three")
+	release := s.Prefill(ctx, layers, diffIDs)
+	for i := range 3 { // the bottom layer's fill waits until all have begun
+		select {
+		case <-g.started:
+		case <-time.After(time.Minute):
+			t.Fatalf("%d of 3 fills began while the bottom layer's was under way", i)
+		}
+	}
+	close(gate)
+	names := unpack(t, s, layers, diffIDs)
+	release()
+	for i, name := range names {
+		info, _ := s.Stat(ctx, name)
+		if want := []string{"", names[0], names[1]}[i]; info.Parent != want {
+			t.Errorf("layer %d on %q, want %q", i, info.Parent, want)
+		}
+		if !strings.HasPrefix(info.Labels["filled-by"], "prefill-") {
+			t.Errorf("layer %d filled by %q, want the prefill", i, info.Labels["filled-by"])
+		}
+	}
+
+	g.mu.Lock()
+	g.failOn, g.gates = "four", nil
+	g.mu.Unlock()
+	layers, diffIDs = image("four", "five", "six")
+	release = s.Prefill(ctx, layers, diffIDs)
+	for range 3 {
+		<-g.started
+	}
+	release()
+	if got, want := backendNames(t, s), slices.Sorted(slices.Values(names)); !slices.Equal(got, want) {
+		t.Errorf("after a prefill whose bottom layer failed: %v, want %v", got, want)
+	}
+	g.mu.Lock()
+	g.failOn = ""
+	g.mu.Unlock()
+	go func() { // the Prepares' own fills
+		for range g.started {
+		}
+	}()
+	for i, name := range unpack(t, s, layers, diffIDs) {
+		if info, _ := s.Stat(ctx, name); !strings.HasPrefix(info.Labels["filled-by"], "extract-") {
+			t.Errorf("layer %d filled by %q after a failed prefill, want its Prepare", i, info.Labels["filled-by"])
+		}
 	}
 }
