@@ -273,6 +273,7 @@ var errNotAsRecorded = errors.New("the layer is not as recorded")
 // of those below it, and shows each. With recorded descriptors, a layer
 // that describes otherwise stops it (errNotAsRecorded).
 func describeLayers(ctx context.Context, img resolver.Image, layers []*layer.Layer, describe layer.Describer, recorded []ocispec.Descriptor) error {
+	defer describe.Ahead(ctx, layers)()
 	var chain digest.Digest
 	for i, l := range layers {
 		if err := describe.Describe(ctx, chain, l); err != nil {

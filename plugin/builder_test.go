@@ -107,6 +107,8 @@ type pathsDescriber struct{ kind string }
 
 func (pathsDescriber) Finish(context.Context) error { return nil }
 
+func (pathsDescriber) Ahead(context.Context, []*layer.Layer) func() { return func() {} }
+
 func (d pathsDescriber) Key() layer.DescriberKey {
 	return layer.DescriberKey{Kind: "test-paths/1" + d.kind, Layers: "test-paths/1" + d.kind}
 }
@@ -409,6 +411,8 @@ func (d *finishDescriber) Describe(ctx context.Context, _ digest.Digest, _ *laye
 }
 
 func (d *finishDescriber) Finish(context.Context) error { d.finished.Add(1); return nil }
+
+func (*finishDescriber) Ahead(context.Context, []*layer.Layer) func() { return func() {} }
 
 // The build finishes its describer, also when it fails; a caller whose
 // describing is its own gets Build's answer only once that is done, so

@@ -128,6 +128,11 @@ func (s *stager) Key() layer.DescriberKey {
 	return layer.DescriberKey{Kind: "staged/2:" + strings.Join(names, ",") + "+" + d.Kind, Layers: d.Layers}
 }
 
+// Ahead implements layer.Describer: the layers' digests come first.
+func (s *stager) Ahead(ctx context.Context, layers []*layer.Layer) func() {
+	return s.digests.Ahead(ctx, layers)
+}
+
 func (s *stager) Describe(ctx context.Context, parent digest.Digest, l *layer.Layer) error {
 	if err := s.digests.Describe(ctx, parent, l); err != nil {
 		return err

@@ -152,6 +152,13 @@ func (c *Cache) Layer(k LayerKey) (ocispec.Descriptor, bool) {
 	return desc, true
 }
 
+// HasLayer reports whether a descriptor of the layer k is remembered,
+// counting no lookup: for work done ahead of one (layer.Describer's Ahead).
+func (c *Cache) HasLayer(k LayerKey) bool {
+	var desc ocispec.Descriptor
+	return c != nil && c.get(layersBucket, key("layer", k), &desc)
+}
+
 // PutLayer remembers the descriptor of the layer k (without annotations).
 func (c *Cache) PutLayer(k LayerKey, desc ocispec.Descriptor) error {
 	if c == nil {

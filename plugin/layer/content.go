@@ -111,6 +111,10 @@ func Content(cs content.Store, c *cache.Cache) Describer {
 // as they are written.
 func (contentDescriber) Finish(context.Context) error { return nil }
 
+// Ahead implements Describer: each layer is hashed as its blob is
+// written, which only its Describe can do.
+func (contentDescriber) Ahead(context.Context, []*Layer) func() { return func() {} }
+
 func (c contentDescriber) Key() DescriberKey {
 	return DescriberKey{Kind: "content/1", Layers: tarLayers, Scope: c.scope}
 }

@@ -2,10 +2,15 @@ package layer
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
+	"runtime"
+	"sync"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
@@ -29,15 +34,77 @@ const tarLayers = "tar/1"
 // Finish implements Describer: nothing is stored.
 func (hashDescriber) Finish(context.Context) error { return nil }
 
+// Ahead implements Describer: every layer is hashed.
+func (h hashDescriber) Ahead(ctx context.Context, layers []*Layer) func() {
+	return hashAhead(ctx, h.cache, layers)
+}
+
 func (h hashDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) error {
 	desc, err := digestOf(ctx, h.cache, l)
 	l.Desc = desc
 	return err
 }
 
+// hashing joins those that ask for the digest of one layer at once (an
+// image's describer and its Ahead; the builds of images that share the
+// layer), by the layer's cache key.
+var hashing singleflight.Group
+
 // digestOf describes tar layer l from the cache, or by streaming it once
-// through sha256 (stopping when ctx ends) and remembering the result.
+// through sha256 (stopping when ctx ends) and remembering the result:
+// once, however many ask at once. One whose caller gave up (its context
+// ended) is not the failure of those that joined it: they hash for
+// themselves.
 func digestOf(ctx context.Context, c *cache.Cache, l *Layer) (ocispec.Descriptor, error) {
+	key := fmt.Sprint(l.CacheKey())
+	for {
+		ch := hashing.DoChan(key, func() (any, error) { return hashLayer(ctx, c, l) })
+		var r singleflight.Result
+		select {
+		case r = <-ch:
+		case <-ctx.Done():
+			return ocispec.Descriptor{}, ctx.Err()
+		}
+		if r.Err != nil && r.Shared && ctx.Err() == nil && (errors.Is(r.Err, context.Canceled) || errors.Is(r.Err, context.DeadlineExceeded)) {
+			continue
+		}
+		desc, _ := r.Val.(ocispec.Descriptor)
+		return desc, r.Err
+	}
+}
+
+// hashAhead hashes layers (those the cache does not know) beside each
+// other, a core each, bottom first, as a describer's Ahead; stop ends it
+// and waits for it. What fails here is the Describe's to report: it
+// hashes the layer again.
+func hashAhead(ctx context.Context, c *cache.Cache, layers []*Layer) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	next := make(chan *Layer, len(layers))
+	for _, l := range layers {
+		if !c.HasLayer(l.CacheKey()) {
+			next <- l
+		}
+	}
+	close(next)
+	var wg sync.WaitGroup
+	for range min(runtime.GOMAXPROCS(0), len(next)) {
+		wg.Go(func() {
+			for l := range next {
+				if ctx.Err() != nil {
+					return
+				}
+				_, _ = digestOf(ctx, c, l)
+			}
+		})
+	}
+	return func() {
+		cancel()
+		wg.Wait()
+	}
+}
+
+// hashLayer is digestOf, alone.
+func hashLayer(ctx context.Context, c *cache.Cache, l *Layer) (ocispec.Descriptor, error) {
 	if desc, ok := c.Layer(l.CacheKey()); ok {
 		return desc, nil
 	}
@@ -77,6 +144,17 @@ func References(next Describer) Describer { return referenceDescriber{next} }
 
 // Finish implements Describer.
 func (r referenceDescriber) Finish(ctx context.Context) error { return r.next.Finish(ctx) }
+
+// Ahead implements Describer: next describes the symlink layer.
+func (r referenceDescriber) Ahead(ctx context.Context, layers []*Layer) func() {
+	var symlinks []*Layer
+	for _, l := range layers {
+		if l.Symlinks {
+			symlinks = append(symlinks, l)
+		}
+	}
+	return r.next.Ahead(ctx, symlinks)
+}
 
 func (r referenceDescriber) Key() DescriberKey {
 	next := r.next.Key()

@@ -84,6 +84,12 @@ type Describer interface {
 	// finished Describer may describe the image again from its first
 	// layer (a build that is retried).
 	Finish(ctx context.Context) error
+	// Ahead is given every layer of the image before the first is
+	// described, to begin what needs no chain below it: a describer that
+	// reads layers to hash them hashes them beside each other, and each
+	// Describe finds its digest made or under way. stop ends what it
+	// began and waits for it.
+	Ahead(ctx context.Context, layers []*Layer) (stop func())
 }
 
 // DescriberKey says what a Describer does, as the keys of shared and

@@ -170,6 +170,17 @@ func (s *snapshotDescriber) describe(ctx context.Context, parent digest.Digest, 
 	return s.unpack(ctx, parent, l)
 }
 
+// Ahead implements Describer: layers are hashed beside each other, but
+// for those that, unpacked one by one, have their tar hashed as it is
+// applied (the symlink layer; others where they cannot be linked, which
+// are then read twice).
+func (s *snapshotDescriber) Ahead(ctx context.Context, layers []*Layer) func() {
+	if !s.rebased {
+		layers = slices.DeleteFunc(slices.Clone(layers), func(l *Layer) bool { return l.Symlinks })
+	}
+	return hashAhead(ctx, s.cache, layers)
+}
+
 // Finish implements Describer: it waits for the layers still being
 // unpacked (Rebased), and holds the snapshot last found.
 func (s *snapshotDescriber) Finish(ctx context.Context) error {

@@ -1,0 +1,59 @@
+package layer
+
+import (
+	"context"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
+	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
+)
+
+// Ahead hashes an image's layers by itself, beside each other, and
+// describing them then reads none again; each layer is read once, whether
+// Ahead or Describe gets to it first.
+func TestDigestsAhead(t *testing.T) {
+	ctx := context.Background()
+	c, err := cache.Open(t.TempDir(), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var layers []*Layer
+	for range 6 {
+		layers = append(layers, testLayer(t))
+	}
+	d := Digests(c)
+	before := testutil.ToFloat64(layersPacked)
+	stop := d.Ahead(ctx, layers[:3])
+	for deadline := time.Now().Add(time.Minute); !(c.HasLayer(layers[0].CacheKey()) && c.HasLayer(layers[1].CacheKey()) && c.HasLayer(layers[2].CacheKey())); {
+		if time.Now().After(deadline) {
+			t.Fatal("Ahead hashed nothing by itself")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	stop()
+	stop = d.Ahead(ctx, layers) // the first three known: the others, beside describing
+	var chain digest.Digest
+	for _, l := range layers {
+		if err := d.Describe(ctx, chain, l); err != nil {
+			t.Fatal(err)
+		}
+		m := tarstream.Measure(io.Discard)
+		if err := l.WriteTar(m); err != nil {
+			t.Fatal(err)
+		}
+		if l.Desc.Digest != m.Digest() || l.Desc.Size != m.Size() {
+			t.Errorf("layer described as %s (%d bytes), its tar is %s (%d bytes)", l.Desc.Digest, l.Desc.Size, m.Digest(), m.Size())
+		}
+		chain = ChainID(chain, l.Desc.Digest)
+	}
+	stop()
+	if n := testutil.ToFloat64(layersPacked) - before; n != float64(len(layers)) {
+		t.Errorf("%v layers read to be hashed, want each of %d once", n, len(layers))
+	}
+}
