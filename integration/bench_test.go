@@ -337,7 +337,8 @@ func BenchmarkReuseSequence(b *testing.B) {
 // iterations, and reports each pull as a multiple of it and what each
 // layer costs beyond it; and, as the floor of that cost, what containerd
 // itself takes to prepare and commit as many empty snapshots, each on the
-// last, through its API (its metadata writes, synced, and round trips).
+// last, through its API (its metadata writes, synced, and round trips),
+// and what the disk takes to make a directory (newInodes).
 func BenchmarkManyLayers(b *testing.B) {
 	const ref = "nix.local/shell/git"
 	img, err := resolver.Parse(ref)
@@ -360,7 +361,8 @@ func BenchmarkManyLayers(b *testing.B) {
 		res.Release()
 	}
 	prepare() // built once, before anything is timed
-	var prepareT, overlayT, nixT, floorT time.Duration
+	var prepareT, overlayT, nixT, floorT, inodeT time.Duration
+	const inodes = 64
 	layers := 0
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -380,6 +382,7 @@ func BenchmarkManyLayers(b *testing.B) {
 		m, _ := e.manifest(b, ref+":latest")
 		layers = len(m.Layers)
 		floorT += emptyChain(b, e, "overlayfs", layers)
+		inodeT += newInodes(b, e.ctd.Dir, inodes)
 		b.StartTimer()
 	}
 	n := float64(b.N)
@@ -392,6 +395,27 @@ func BenchmarkManyLayers(b *testing.B) {
 	b.ReportMetric(float64((overlayT-prepareT).Milliseconds())/n/float64(layers), "overlayfs-ms/layer")
 	b.ReportMetric(float64((nixT-prepareT).Milliseconds())/n/float64(layers), "nix-ms/layer")
 	b.ReportMetric(float64(floorT.Milliseconds())/n/float64(layers), "containerd-floor-ms/layer")
+	b.ReportMetric(float64(inodeT.Microseconds())/1000/n/inodes, "mkdir-ms")
+}
+
+// newInodes is how long this machine's disk takes to make n empty
+// directories, one after another, in dir (removed after): what every
+// directory and symlink of a layer costs (the symlink layer is mostly
+// symlinks; a linked store path's files cost no inode, its directories
+// do), and containerd for each snapshot it prepares.
+func newInodes(b *testing.B, dir string, n int) time.Duration {
+	dir, err := os.MkdirTemp(dir, "inodes-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	start := time.Now()
+	for i := range n {
+		if err := os.Mkdir(filepath.Join(dir, strconv.Itoa(i)), 0o755); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return time.Since(start)
 }
 
 // emptyChain is how long containerd takes to prepare and commit n empty
