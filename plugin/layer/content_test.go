@@ -15,7 +15,7 @@ import (
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
 
-func testLayer(t *testing.T) *Layer {
+func testLayer(t testing.TB) *Layer {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "nix", "store", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-pkg")
 	if err := os.MkdirAll(filepath.Join(dir, "bin"), 0o755); err != nil {
