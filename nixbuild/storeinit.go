@@ -2,6 +2,7 @@ package nixbuild
 
 import (
 	"context"
+	"errors"
 	"os/exec"
 	"sync"
 	"sync/atomic"
@@ -22,7 +23,9 @@ type storeInit struct {
 
 // open runs `nix-store --check-validity` with no path (it opens the store
 // and checks nothing) unless that ran already; whatever it says, the
-// command that follows reports the store's trouble.
+// command that follows reports the store's trouble. Where it could not
+// run at all (Nix not installed yet, as when the daemon starts first) or
+// was stopped, the next command opens the store again.
 func (s *storeInit) open(ctx context.Context, b *Builder) {
 	if s.done.Load() {
 		return
@@ -36,5 +39,6 @@ func (s *storeInit) open(ctx context.Context, b *Builder) {
 	if err != nil {
 		log.G(ctx).WithError(err).WithField("output", string(out)).Debug("opening the Nix store")
 	}
-	s.done.Store(ctx.Err() == nil)
+	var exited *exec.ExitError
+	s.done.Store(ctx.Err() == nil && (err == nil || errors.As(err, &exited)))
 }

@@ -47,8 +47,11 @@ func (h hashDescriber) Describe(ctx context.Context, _ digest.Digest, l *Layer) 
 
 // hashing joins those that ask for the digest of one layer at once (an
 // image's describer and its Ahead; the builds of images that share the
-// layer), by the layer's cache key.
+// layer), by the layer's cache key (hashKey).
 var hashing singleflight.Group
+
+// hashKey keys l in hashing.
+func hashKey(l *Layer) string { return fmt.Sprint(l.CacheKey()) }
 
 // digestOf describes tar layer l from the cache, or by streaming it once
 // through sha256 (stopping when ctx ends) and remembering the result:
@@ -56,9 +59,8 @@ var hashing singleflight.Group
 // ended) is not the failure of those that joined it: they hash for
 // themselves.
 func digestOf(ctx context.Context, c *cache.Cache, l *Layer) (ocispec.Descriptor, error) {
-	key := fmt.Sprint(l.CacheKey())
 	for {
-		ch := hashing.DoChan(key, func() (any, error) { return hashLayer(ctx, c, l) })
+		ch := hashing.DoChan(hashKey(l), func() (any, error) { return hashLayer(ctx, c, l) })
 		var r singleflight.Result
 		select {
 		case r = <-ch:
@@ -73,30 +75,35 @@ func digestOf(ctx context.Context, c *cache.Cache, l *Layer) (ocispec.Descriptor
 	}
 }
 
+// aheadSlots bounds the layers hashed ahead at once, by every build of
+// this process: a core each.
+var aheadSlots = make(chan struct{}, runtime.GOMAXPROCS(0))
+
 // hashAhead hashes layers (those the cache does not know) beside each
-// other, a core each, bottom first, as a describer's Ahead; stop ends it
-// and waits for it. What fails here is the Describe's to report: it
-// hashes the layer again.
+// other, bottom first, as a describer's Ahead; stop ends it and waits for
+// it, and for the hashing of the layers it joined. What fails here is the
+// Describe's to report: it hashes the layer again.
 func hashAhead(ctx context.Context, c *cache.Cache, layers []*Layer) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
-	next := make(chan *Layer, len(layers))
-	for _, l := range layers {
-		if !c.HasLayer(l.CacheKey()) {
-			next <- l
-		}
-	}
-	close(next)
 	var wg sync.WaitGroup
-	for range min(runtime.GOMAXPROCS(0), len(next)) {
-		wg.Go(func() {
-			for l := range next {
-				if ctx.Err() != nil {
-					return
-				}
-				_, _ = digestOf(ctx, c, l)
+	wg.Go(func() {
+		var each sync.WaitGroup
+		defer each.Wait()
+		for _, l := range layers {
+			if c.HasLayer(l.CacheKey()) {
+				continue
 			}
-		})
-	}
+			select {
+			case aheadSlots <- struct{}{}:
+			case <-ctx.Done():
+				return
+			}
+			each.Go(func() {
+				defer func() { <-aheadSlots }()
+				_, _, _ = hashing.Do(hashKey(l), func() (any, error) { return hashLayer(ctx, c, l) })
+			})
+		}
+	})
 	return func() {
 		cancel()
 		wg.Wait()

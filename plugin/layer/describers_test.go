@@ -27,8 +27,12 @@ func TestDigestsAhead(t *testing.T) {
 	}
 	defer c.Close()
 	var layers []*Layer
-	for range 6 {
-		layers = append(layers, testLayer(t))
+	for i := range 6 {
+		l := testLayer(t)
+		if i >= 3 { // read for long enough that Ahead and Describe overlap
+			bigLayer(t, l, 16<<20)
+		}
+		layers = append(layers, l)
 	}
 	d := Digests(c)
 	before := testutil.ToFloat64(layersPacked)
@@ -61,18 +65,55 @@ func TestDigestsAhead(t *testing.T) {
 	}
 }
 
+// bigLayer makes l's one file size bytes.
+func bigLayer(t testing.TB, l *Layer, size int) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(l.Paths[0], "bin", "pkg"), bytes.Repeat([]byte{1}, size), 0o555); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A Describe that joined the hashing Ahead began is not failed by Ahead
+// being stopped: it hashes the layer itself.
+func TestDigestsAheadStopped(t *testing.T) {
+	ctx := context.Background()
+	l := testLayer(t)
+	bigLayer(t, l, 64<<20)
+	want := tarstream.Measure(io.Discard)
+	if err := l.WriteTar(want); err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		c, err := cache.Open(t.TempDir(), time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := Digests(c)
+		stop := d.Ahead(ctx, []*Layer{l})
+		time.Sleep(20 * time.Millisecond) // Ahead hashing (for about 100 ms)
+		described := make(chan error, 1)
+		go func() { described <- d.Describe(ctx, "", l) }()
+		time.Sleep(20 * time.Millisecond) // Describe joined it
+		stop()
+		if err := <-described; err != nil {
+			t.Fatalf("Describe failed as Ahead stopped: %v", err)
+		}
+		if l.Desc.Digest != want.Digest() {
+			t.Errorf("described as %s, its tar is %s", l.Desc.Digest, want.Digest())
+		}
+		c.Close()
+	}
+}
+
 // BenchmarkDigestsAhead describes the 8 layers of an image (16 MiB
 // each, nothing cached) in order, as a first pull does, with Ahead and,
 // side by side in each iteration, without it (a digest at a time), and
 // reports the first as a multiple of the second.
 func BenchmarkDigestsAhead(b *testing.B) {
 	var layers []*Layer
-	for i := range 8 {
+	for range 8 {
 		l := testLayer(b)
-		data := bytes.Repeat([]byte{byte(i)}, 16<<20)
-		if err := os.WriteFile(filepath.Join(l.Paths[0], "bin", "pkg"), data, 0o555); err != nil {
-			b.Fatal(err)
-		}
+		bigLayer(b, l, 16<<20)
 		layers = append(layers, l)
 	}
 	describe := func(ahead bool) time.Duration {

@@ -297,18 +297,21 @@ const prefillFills = 8
 
 // prefillChain makes the layers of Prefill run: filled beside each other,
 // committed bottom first. The first layer that is not the Filler's or
-// that fails ends it; those above it are discarded.
+// that fails ends it: those above it are stopped and discarded, those
+// below are made (each layer's context is the one below's, stopped by its
+// own failure).
 func (s *Snapshotter) prefillChain(ctx context.Context, run *prefillRun, layers []ocispec.Descriptor, diffIDs []digest.Digest) {
 	if len(layers) != len(diffIDs) {
 		return
 	}
-	ctx, stop := context.WithCancel(ctx)
-	defer stop()
 	g := new(errgroup.Group)
 	g.SetLimit(prefillFills) // started bottom first: the lowest running layer waits for none
 	below := parentCommitted
 	parent := ""
 	for i, desc := range layers {
+		if ctx.Err() != nil {
+			break // a layer below failed, or the run was released
+		}
 		// As the unpacker labels its Prepare of the layer.
 		target := identity.ChainID(diffIDs[:i+1]).String()
 		labels := snapshots.FilterInheritedLabels(desc.Annotations)
@@ -330,22 +333,25 @@ func (s *Snapshotter) prefillChain(ctx context.Context, run *prefillRun, layers 
 		}
 		key := fmt.Sprintf("prefill-%d-%s", time.Now().UnixNano(), target)
 		l := fillable{target: target, parent: parent, labels: labels}
+		var stop context.CancelFunc
+		ctx, stop = context.WithCancel(ctx)
+		defer stop()
 		committed := make(chan error, 1)
 		waitBelow := below
+		layerCtx := ctx
 		g.Go(func() error {
-			err := s.ensure(ctx, key, l, []snapshots.Opt{snapshots.WithLabels(labels)}, run, waitBelow)
+			err := s.ensure(layerCtx, key, l, []snapshots.Opt{snapshots.WithLabels(labels)}, run, waitBelow)
 			if err != nil {
-				if ctx.Err() == nil && !errors.Is(err, errBelowUnfilled) {
-					log.G(ctx).WithError(err).WithField("target", target).Debug("prefilling a layer: its Prepare makes it")
+				if layerCtx.Err() == nil && !errors.Is(err, errBelowUnfilled) {
+					log.G(layerCtx).WithError(err).WithField("target", target).Debug("prefilling a layer: its Prepare makes it")
 				}
 				stop() // nothing above it can be committed
 				err = errBelowUnfilled
 			}
 			committed <- err
-			close(committed)
 			return nil
 		})
-		below = func() error { return <-committed }
+		below = sync.OnceValue(func() error { return <-committed })
 		parent = l.name()
 	}
 	_ = g.Wait()

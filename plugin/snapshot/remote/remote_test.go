@@ -31,8 +31,10 @@ type greeter struct {
 	fills    int
 	released []string
 	fail     error
-	// failOn fails the fill of the layer with this greeting.
-	failOn string
+	// failOn fails the fill of the layer with this greeting; refused,
+	// if set, hears that greeting as it fails.
+	failOn  string
+	refused chan string
 	// started, if set, hears the key of each fill as it starts; the fill
 	// of a layer whose greeting gates names then waits for that gate.
 	started chan string
@@ -47,7 +49,7 @@ func (g *greeter) Fills(_ context.Context, labels map[string]string) (bool, erro
 	return ok, nil
 }
 
-func (g *greeter) Fill(_ context.Context, key, dir string, labels map[string]string) (map[string]string, error) {
+func (g *greeter) Fill(ctx context.Context, key, dir string, labels map[string]string) (map[string]string, error) {
 	g.mu.Lock()
 	g.fills++
 	fail := g.fail
@@ -61,6 +63,11 @@ func (g *greeter) Fill(_ context.Context, key, dir string, labels map[string]str
 	}
 	if gate != nil {
 		<-gate
+	}
+	if fail == nil {
+		fail = ctx.Err() // as a Filler stops when its Prepare gives up
+	} else if g.refused != nil && labels[greeting] == g.failOn {
+		g.refused <- g.failOn
 	}
 	if fail != nil {
 		return nil, fail
@@ -86,6 +93,19 @@ func newGreeted(t *testing.T, g *greeter) *Snapshotter {
 	}
 	t.Cleanup(func() { s.Close() })
 	return s
+}
+
+// drain empties started until the test ends.
+func drain(t *testing.T, started chan string) {
+	go func() {
+		for {
+			select {
+			case <-started:
+			case <-t.Context().Done():
+				return
+			}
+		}
+	}()
 }
 
 func layer(target, says string) snapshots.Opt {
@@ -319,13 +339,37 @@ func TestPrefillBeside(t *testing.T) {
 	g.mu.Lock()
 	g.failOn = ""
 	g.mu.Unlock()
-	go func() { // the Prepares' own fills
-		for range g.started {
-		}
-	}()
+	drain(t, g.started) // the Prepares' own fills
 	for i, name := range unpack(t, s, layers, diffIDs) {
 		if info, _ := s.Stat(ctx, name); !strings.HasPrefix(info.Labels["filled-by"], "extract-") {
 			t.Errorf("layer %d filled by %q after a failed prefill, want its Prepare", i, info.Labels["filled-by"])
+		}
+	}
+}
+
+// A layer of a prefill that fails stops those above it, not those below,
+// which are still being filled: they are made, and found by the Prepares.
+func TestPrefillUpperLayerFails(t *testing.T) {
+	ctx := context.Background()
+	gate := make(chan struct{})
+	g := &greeter{started: make(chan string, 16), failOn: "two", refused: make(chan string, 1), gates: map[string]chan struct{}{"one": gate}}
+	s := newGreeted(t, g)
+	layers, diffIDs := image("one", "two", "three")
+	release := s.Prefill(ctx, layers, diffIDs)
+	defer release()
+	drain(t, g.started)
+	<-g.refused // two failed while one is held at its gate
+	// (The prefill stops what is above two just after: given the time,
+	// a prefill that stopped everything would stop one too.)
+	time.Sleep(50 * time.Millisecond)
+	g.mu.Lock()
+	g.failOn = ""
+	g.mu.Unlock()
+	close(gate)
+	names := unpack(t, s, layers, diffIDs)
+	for i, want := range []string{"prefill-", "extract-", "extract-"} {
+		if info, _ := s.Stat(ctx, names[i]); !strings.HasPrefix(info.Labels["filled-by"], want) {
+			t.Errorf("layer %d filled by %q, want %s…", i, info.Labels["filled-by"], want)
 		}
 	}
 }
