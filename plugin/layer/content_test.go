@@ -2,18 +2,28 @@ package layer
 
 import (
 	"context"
+	"io"
 	"os"
 	"path/filepath"
 	"testing"
-	"time"
 
 	"github.com/containerd/containerd/v2/plugins/content/local"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
 )
+
+// tarDescriptor describes l's tar by reading it.
+func tarDescriptor(t testing.TB, l *Layer) ocispec.Descriptor {
+	t.Helper()
+	m := tarstream.Measure(io.Discard)
+	if err := l.WriteTar(m); err != nil {
+		t.Fatal(err)
+	}
+	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: m.Digest(), Size: m.Size()}
+}
 
 func testLayer(t testing.TB) *Layer {
 	t.Helper()
@@ -37,11 +47,7 @@ func testLayer(t testing.TB) *Layer {
 // otherwise) is checked against what is written, and replaced.
 func TestContentDescriberStaleRecord(t *testing.T) {
 	ctx := context.Background()
-	layers, err := cache.Open(t.TempDir(), time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer layers.Close()
+	layers := testutil.Cache(t)
 	cs, err := local.NewStore(t.TempDir())
 	if err != nil {
 		t.Fatal(err)

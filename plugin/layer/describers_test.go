@@ -3,17 +3,15 @@ package layer
 import (
 	"bytes"
 	"context"
-	"io"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/nixery-snapshotter/nixery-snapshotter/plugin/cache"
-	"github.com/nixery-snapshotter/nixery-snapshotter/tarstream"
+	"github.com/nixery-snapshotter/nixery-snapshotter/internal/testutil"
 )
 
 // Ahead hashes an image's layers by itself, beside each other, and
@@ -21,11 +19,7 @@ import (
 // Ahead or Describe gets to it first.
 func TestDigestsAhead(t *testing.T) {
 	ctx := context.Background()
-	c, err := cache.Open(t.TempDir(), time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := testutil.Cache(t)
 	var layers []*Layer
 	for i := range 6 {
 		l := testLayer(t)
@@ -35,7 +29,7 @@ func TestDigestsAhead(t *testing.T) {
 		layers = append(layers, l)
 	}
 	d := Digests(c)
-	before := testutil.ToFloat64(layersPacked)
+	before := promtest.ToFloat64(layersPacked)
 	stop := d.Ahead(ctx, layers[:3])
 	for deadline := time.Now().Add(time.Minute); !(c.HasLayer(layers[0].CacheKey()) && c.HasLayer(layers[1].CacheKey()) && c.HasLayer(layers[2].CacheKey())); {
 		if time.Now().After(deadline) {
@@ -50,17 +44,13 @@ func TestDigestsAhead(t *testing.T) {
 		if err := d.Describe(ctx, chain, l); err != nil {
 			t.Fatal(err)
 		}
-		m := tarstream.Measure(io.Discard)
-		if err := l.WriteTar(m); err != nil {
-			t.Fatal(err)
-		}
-		if l.Desc.Digest != m.Digest() || l.Desc.Size != m.Size() {
-			t.Errorf("layer described as %s (%d bytes), its tar is %s (%d bytes)", l.Desc.Digest, l.Desc.Size, m.Digest(), m.Size())
+		if want := tarDescriptor(t, l); l.Desc.Digest != want.Digest || l.Desc.Size != want.Size {
+			t.Errorf("layer described as %s (%d bytes), its tar is %s (%d bytes)", l.Desc.Digest, l.Desc.Size, want.Digest, want.Size)
 		}
 		chain = ChainID(chain, l.Desc.Digest)
 	}
 	stop()
-	if n := testutil.ToFloat64(layersPacked) - before; n != float64(len(layers)) {
+	if n := promtest.ToFloat64(layersPacked) - before; n != float64(len(layers)) {
 		t.Errorf("%v layers read to be hashed, want each of %d once", n, len(layers))
 	}
 }
@@ -79,16 +69,9 @@ func TestDigestsAheadStopped(t *testing.T) {
 	ctx := context.Background()
 	l := testLayer(t)
 	bigLayer(t, l, 64<<20)
-	want := tarstream.Measure(io.Discard)
-	if err := l.WriteTar(want); err != nil {
-		t.Fatal(err)
-	}
+	want := tarDescriptor(t, l)
 	for range 5 {
-		c, err := cache.Open(t.TempDir(), time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		d := Digests(c)
+		d := Digests(testutil.Cache(t))
 		stop := d.Ahead(ctx, []*Layer{l})
 		time.Sleep(20 * time.Millisecond) // Ahead hashing (for about 100 ms)
 		described := make(chan error, 1)
@@ -98,10 +81,9 @@ func TestDigestsAheadStopped(t *testing.T) {
 		if err := <-described; err != nil {
 			t.Fatalf("Describe failed as Ahead stopped: %v", err)
 		}
-		if l.Desc.Digest != want.Digest() {
-			t.Errorf("described as %s, its tar is %s", l.Desc.Digest, want.Digest())
+		if l.Desc.Digest != want.Digest {
+			t.Errorf("described as %s, its tar is %s", l.Desc.Digest, want.Digest)
 		}
-		c.Close()
 	}
 }
 
@@ -117,12 +99,7 @@ func BenchmarkDigestsAhead(b *testing.B) {
 		layers = append(layers, l)
 	}
 	describe := func(ahead bool) time.Duration {
-		c, err := cache.Open(b.TempDir(), time.Second)
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer c.Close()
-		d := Digests(c)
+		d := Digests(testutil.Cache(b))
 		start := time.Now()
 		if ahead {
 			defer d.Ahead(context.Background(), layers)()

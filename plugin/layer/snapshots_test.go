@@ -79,12 +79,8 @@ func TestSnapshotDescriber(t *testing.T) {
 	if err := d.Describe(lctx, "", base); err != nil {
 		t.Fatal(err)
 	}
-	m := tarstream.Measure(io.Discard)
-	if err := base.WriteTar(m); err != nil {
-		t.Fatal(err)
-	}
-	if base.Desc.Digest != m.Digest() || base.Desc.Size != m.Size() {
-		t.Fatalf("described %s (%d bytes), the tar is %s (%d bytes)", base.Desc.Digest, base.Desc.Size, m.Digest(), m.Size())
+	if want := tarDescriptor(t, base); base.Desc.Digest != want.Digest || base.Desc.Size != want.Size {
+		t.Fatalf("described %s (%d bytes), the tar is %s (%d bytes)", base.Desc.Digest, base.Desc.Size, want.Digest, want.Size)
 	}
 	if err := d.Describe(lctx, base.Desc.Digest, top); err != nil {
 		t.Fatal(err)
